@@ -1,0 +1,363 @@
+"""Per-layer gradient statistics in one pass over the gradients (pure torch, no Lightning).
+
+:class:`GradStats` groups the parameters of an optimizer into *layers* and computes, for every
+optimizer step, one small float64 vector holding each layer's squared L2 gradient norm. Everything
+GradGuard decides (global norm, non-finite layers, clipping, LR guard, diagnostics) is derived from
+that vector after a single device-to-host transfer; nothing is read per parameter on the host.
+
+How the pass works:
+
+* gradients are bucketed by ``(device, dtype)`` once per sparsity pattern (which parameters have a
+  gradient) and the bucket plans are cached, so a step costs one ``torch._foreach_norm`` per bucket,
+  one ``stack`` and one ``index_add_`` into the per-layer vector;
+* low-precision gradients (fp16/bf16) are normed in float32 and squared in float64, so large layers
+  neither overflow nor lose the small ones;
+* sharded gradients (``DTensor``, as FSDP2's ``fully_shard`` produces) contribute the squared norm of
+  their local shard; :mod:`lightning_gradguard.distributed` sums the vector across ranks;
+* a non-finite value anywhere in a layer makes that layer's entry NaN or inf, which is how
+  non-finite layers are found without a second pass.
+
+Histograms (:meth:`GradStats.histogram_ranges` and :meth:`GradStats.histogram_counts`) are built on
+the device with fixed-width bins between each layer's min and max and shipped as bin counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GradStats",
+    "GroupBy",
+    "HistogramData",
+    "StepStats",
+    "layer_name",
+]
+
+GroupBy = Literal["module", "param"] | int | Callable[[str], str]
+
+# Offsets of the per-layer histogram row built by `histogram_counts`.
+_H_NUM, _H_SUM, _H_SUMSQ, _H_BINS = 0, 1, 2, 3
+
+
+def layer_name(param_name: str, group_by: GroupBy) -> str:
+    """Name of the layer a parameter belongs to.
+
+    Args:
+        param_name: dotted parameter name, as ``named_parameters()`` yields it.
+        group_by: ``"module"`` (owning module: ``enc.0.linear.weight`` -> ``enc.0.linear``),
+            ``"param"`` (the parameter itself), an ``int`` depth (the first ``depth`` components of the
+            owning module's path) or a callable mapping the parameter name to a layer name.
+
+    Example::
+
+        >>> layer_name("encoder.layers.3.linear1.weight", "module")
+        'encoder.layers.3.linear1'
+        >>> layer_name("encoder.layers.3.linear1.weight", 2)
+        'encoder.layers'
+    """
+    if callable(group_by):
+        return str(group_by(param_name))
+    if group_by == "param":
+        return param_name
+    module, _, _ = param_name.rpartition(".")
+    if group_by == "module":
+        return module or param_name
+    parts = module.split(".") if module else []
+    return ".".join(parts[:group_by]) if parts else param_name
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Host-side view of one step's statistics (built from the single transferred vector).
+
+    Attributes:
+        layers: layer names, in model order.
+        sq_norms: each layer's squared L2 gradient norm (``nan``/``inf`` where non-finite; ``0.0``
+            for a layer none of whose parameters has a gradient this step).
+        extras: values appended to the vector by the caller (for example the AMP loss scale).
+    """
+
+    layers: Sequence[str]
+    sq_norms: Sequence[float]
+    extras: Sequence[float] = ()
+
+    @property
+    def global_norm(self) -> float:
+        """L2 norm over all layers; ``nan`` or ``inf`` when any layer is non-finite."""
+        return math.sqrt(math.fsum(self.sq_norms)) if self.finite else self._nonfinite_total()
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.sq_norms)
+
+    @property
+    def nonfinite_layers(self) -> list[str]:
+        return [name for name, v in zip(self.layers, self.sq_norms, strict=True) if not math.isfinite(v)]
+
+    def layer_norms(self) -> dict[str, float]:
+        """Layer name -> L2 norm (``nan``/``inf`` kept as they are)."""
+        return {
+            name: math.sqrt(v) if v >= 0 else v for name, v in zip(self.layers, self.sq_norms, strict=True)
+        }
+
+    def _nonfinite_total(self) -> float:
+        return math.nan if any(math.isnan(v) for v in self.sq_norms) else math.inf
+
+
+@dataclass(frozen=True)
+class HistogramData:
+    """One layer's histogram, ready for ``SummaryWriter.add_histogram_raw``."""
+
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+    bucket_limits: list[float]
+    bucket_counts: list[float]
+
+
+@dataclass
+class _Bucket:
+    device: torch.device
+    dtype: torch.dtype
+    positions: list[int]  # indices into GradStats._params
+    index: Tensor  # layer index of each position, on the main device
+
+
+@dataclass
+class _Plan:
+    dense: list[_Bucket] = field(default_factory=list)
+    sparse: list[int] = field(default_factory=list)  # positions with sparse gradients
+    grad_layer: list[int] = field(default_factory=list)  # layer of each present grad, in order
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local part of a (possibly sharded) tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _is_sharded(t: Tensor) -> bool:
+    placements = getattr(t, "placements", None)
+    if placements is None:
+        return False
+    return any(not p.is_replicate() for p in placements)
+
+
+class GradStats:
+    """Groups parameters into layers and computes per-layer gradient statistics on the device.
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs, in model order. Parameters that do not require
+            gradients are left out. A parameter listed twice (tied weights) counts once.
+        group_by: how parameters are grouped into layers, see :func:`layer_name`.
+
+    Example::
+
+        >>> model = torch.nn.Linear(2, 1)
+        >>> stats = GradStats(model.named_parameters())
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> stats.read(stats.squared_norms()).layers
+        ['']
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, Tensor]], group_by: GroupBy = "module") -> None:
+        self._params: list[Tensor] = []
+        self._param_names: list[str] = []
+        self._param_layer: list[int] = []
+        self.layers: list[str] = []
+        self.numels: list[int] = []
+        layer_index: dict[str, int] = {}
+        seen: set[int] = set()
+        for name, param in named_parameters:
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            layer = layer_name(name, group_by)
+            if layer not in layer_index:
+                layer_index[layer] = len(self.layers)
+                self.layers.append(layer)
+                self.numels.append(0)
+            idx = layer_index[layer]
+            self._params.append(param)
+            self._param_names.append(name)
+            self._param_layer.append(idx)
+            self.numels[idx] += param.numel()
+        self.device = self._params[0].device if self._params else torch.device("cpu")
+        self.sharded_layers: list[bool] = [
+            any(
+                _is_sharded(p) for p, layer in zip(self._params, self._param_layer, strict=True) if layer == i
+            )
+            for i in range(len(self.layers))
+        ]
+        self._plans: dict[tuple[bool, ...], _Plan] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The tracked parameters (requiring grad), in model order."""
+        return self._params
+
+    def grads(self) -> list[Tensor]:
+        """The gradients present this step (parameters without a gradient are left out)."""
+        return [p.grad for p in self._params if p.grad is not None]
+
+    def _plan(self) -> _Plan:
+        present = tuple(p.grad is not None for p in self._params)
+        plan = self._plans.get(present)
+        if plan is not None:
+            return plan
+        plan = _Plan()
+        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for pos, (param, has_grad) in enumerate(zip(self._params, present, strict=True)):
+            if not has_grad:
+                continue
+            grad = param.grad
+            assert grad is not None
+            plan.grad_layer.append(self._param_layer[pos])
+            if grad.is_sparse:
+                plan.sparse.append(pos)
+                continue
+            local = _local(grad)
+            by_key.setdefault((local.device, local.dtype), []).append(pos)
+        for (device, dtype), positions in by_key.items():
+            index = torch.tensor(
+                [self._param_layer[p] for p in positions], dtype=torch.long, device=self.device
+            )
+            plan.dense.append(_Bucket(device, dtype, positions, index))
+        self._plans[present] = plan
+        return plan
+
+    def squared_norms(self, extras: Sequence[Tensor] = ()) -> Tensor:
+        """Per-layer squared L2 norms of the current gradients, as a float64 vector on the device.
+
+        Args:
+            extras: scalar tensors appended after the layer entries (for example the AMP loss scale),
+                so that they reach the host in the same transfer.
+
+        Returns:
+            A vector of length ``num_layers + len(extras)``. Nothing is transferred to the host.
+        """
+        out = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
+        plan = self._plan()
+        with torch.no_grad():
+            for bucket in plan.dense:
+                grads = [_local(self._params[p].grad) for p in bucket.positions]  # type: ignore[arg-type]
+                if bucket.dtype in (torch.float32, torch.float64):
+                    norms = torch._foreach_norm(grads, 2.0)
+                else:
+                    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+                sq = torch.stack(norms).to(device=self.device, dtype=torch.float64).square()
+                out.index_add_(0, bucket.index, sq)
+            for pos in plan.sparse:
+                grad = self._params[pos].grad
+                assert grad is not None
+                values = grad.coalesce().values()
+                sq_norm = torch.linalg.vector_norm(values, dtype=torch.float32).to(self.device, torch.float64)
+                out[self._param_layer[pos]] += sq_norm.square()
+        if extras:
+            out = torch.cat([out, *(e.detach().reshape(1).to(self.device, torch.float64) for e in extras)])
+        return out
+
+    def read(self, vector: Tensor, num_extras: int = 0) -> StepStats:
+        """Bring a (possibly reduced) statistics vector to the host in one transfer."""
+        values: list[float] = vector.tolist()
+        n = self.num_layers
+        return StepStats(layers=self.layers, sq_norms=values[:n], extras=values[n : n + num_extras])
+
+    # ------------------------------------------------------------------ histograms
+    def _dense_grads_by_layer(self) -> list[tuple[int, Tensor]]:
+        out: list[tuple[int, Tensor]] = []
+        for param, layer in zip(self._params, self._param_layer, strict=True):
+            grad = param.grad
+            if grad is None:
+                continue
+            local = grad.coalesce().values() if grad.is_sparse else _local(grad)
+            if local.numel():
+                out.append((layer, local.detach().reshape(-1)))
+        return out
+
+    def histogram_ranges(self) -> Tensor:
+        """Per-layer ``[-min, max]`` of the local gradient values, shape ``(num_layers, 2)``, float64.
+
+        The minimum is negated so that ranges of several ranks combine with a single MAX reduction.
+        Layers without gradient values hold ``-inf``.
+        """
+        out = torch.full((self.num_layers, 2), -math.inf, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for layer, flat in self._dense_grads_by_layer():
+                lo, hi = torch.aminmax(flat)
+                pair = torch.stack([-lo, hi]).to(self.device, torch.float64)
+                out[layer] = torch.maximum(out[layer], pair)
+        return out
+
+    def histogram_counts(self, ranges: Tensor, bins: int) -> Tensor:
+        """Per-layer ``[num, sum, sum_squares, count_0 .. count_{bins-1}]``, shape ``(num_layers, 3 + bins)``.
+
+        Args:
+            ranges: the output of :meth:`histogram_ranges`, possibly MAX-reduced across ranks, so
+                that every rank bins with the same edges.
+            bins: number of equal-width bins between each layer's min and max.
+        """
+        out = torch.zeros(self.num_layers, _H_BINS + bins, dtype=torch.float64, device=self.device)
+        lo_all = -ranges[:, 0]
+        span_all = (ranges[:, 1] - lo_all).clamp_min(torch.finfo(torch.float64).tiny)
+        with torch.no_grad():
+            for layer, flat in self._dense_grads_by_layer():
+                lo = lo_all[layer].to(flat.device)
+                span = span_all[layer].to(flat.device)
+                values = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+                lo_v, scale = lo.to(values.dtype), (bins / span).to(values.dtype)
+                pos = ((values - lo_v) * scale).floor_().nan_to_num_(nan=0.0, posinf=bins - 1, neginf=0.0)
+                idx = pos.clamp_(0, bins - 1).to(torch.long)
+                counts = torch.bincount(idx, minlength=bins).to(self.device, torch.float64)
+                row = torch.stack(
+                    [
+                        torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device),
+                        values.sum(dtype=torch.float64),
+                        torch.dot(values, values).to(torch.float64),
+                    ]
+                ).to(self.device)
+                out[layer, :_H_BINS] += row
+                out[layer, _H_BINS:] += counts
+        return out
+
+    def read_histograms(self, ranges: Tensor, counts: Tensor) -> dict[str, HistogramData]:
+        """Bring histograms to the host in one transfer; layers with non-finite values are left out."""
+        bins = counts.shape[1] - _H_BINS
+        rows: list[list[float]] = torch.cat([ranges, counts], dim=1).tolist()
+        out: dict[str, HistogramData] = {}
+        for name, row in zip(self.layers, rows, strict=True):
+            lo, hi = -row[0], row[1]
+            body = row[2:]
+            if not (math.isfinite(lo) and math.isfinite(hi)) or body[_H_NUM] == 0:
+                continue
+            if not all(math.isfinite(v) for v in body[:_H_BINS]):
+                continue
+            width = (hi - lo) / bins
+            if width > 0:
+                limits = [lo + width * (k + 1) for k in range(bins)]
+                limits[-1] = hi
+                bucket_counts = body[_H_BINS:]
+            else:
+                limits, bucket_counts = [hi], [body[_H_NUM]]
+            out[name] = HistogramData(
+                min=lo,
+                max=hi,
+                num=body[_H_NUM],
+                sum=body[_H_SUM],
+                sum_squares=body[_H_SUMSQ],
+                bucket_limits=limits,
+                bucket_counts=bucket_counts,
+            )
+        return out
