@@ -269,6 +269,17 @@ class GradStats:
             out = torch.cat([out, *(e.detach().reshape(1).to(self.device, torch.float64) for e in extras)])
         return out
 
+    def scale_(self, coef: float) -> None:
+        """Multiply every present gradient by ``coef`` in place (one fused multiply per bucket)."""
+        plan = self._plan()
+        with torch.no_grad():
+            for bucket in plan.dense:
+                torch._foreach_mul_([_local(self._params[p].grad) for p in bucket.positions], coef)  # type: ignore[arg-type]
+            for pos in plan.sparse:
+                grad = self._params[pos].grad
+                assert grad is not None
+                grad.mul_(coef)
+
     def read(self, vector: Tensor, num_extras: int = 0) -> StepStats:
         """Bring a (possibly reduced) statistics vector to the host in one transfer."""
         values: list[float] = vector.tolist()

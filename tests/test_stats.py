@@ -185,3 +185,16 @@ def test_histogram_constant_and_nonfinite_layers() -> None:
     hist = stats.read_histograms(ranges, stats.histogram_counts(ranges, 8))
     assert list(hist) == ["0"]  # the NaN layer is left out
     assert hist["0"].bucket_counts == [6.0] and hist["0"].min == hist["0"].max == 0.0
+
+
+def test_scale_multiplies_dense_and_sparse_grads() -> None:
+    emb = nn.Embedding(4, 2, sparse=True)
+    lin = nn.Linear(2, 2)
+    model = nn.ModuleDict({"emb": emb, "lin": lin})
+    emb(torch.tensor([0, 2])).sum().backward()
+    lin.weight.grad = torch.ones(2, 2)
+    stats = GradStats(model.named_parameters())
+    before = stats.read(stats.squared_norms()).global_norm
+    stats.scale_(0.5)
+    assert lin.weight.grad.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    assert stats.read(stats.squared_norms()).global_norm == pytest.approx(before / 2)
