@@ -47,7 +47,12 @@ KEYS: tuple[Key, ...] = (
     # monitoring (always on)
     Key("global_norm", "scalar", "pre-clip global L2 norm of all gradients of the optimizer, this step", LOG),
     Key("global_norm_max", "scalar", "largest pre-clip global norm of the steps since the last log step", LOG),
-    Key("global_norm_mean", "scalar", "mean pre-clip global norm of the finite steps since the last log step", LOG),
+    Key(
+        "global_norm_mean",
+        "scalar",
+        "mean pre-clip global norm of the finite steps since the last log step",
+        LOG,
+    ),
     Key("steps", "scalar", "optimizer steps since the last log step (this one included)", LOG),
     Key("layer_norm/{layer}", "scalar", "pre-clip L2 norm of the layer's gradients, this step", LOG),
     Key("hist/{layer}", "histogram", "histogram of the layer's gradient values (built on the device)", HIST),
@@ -70,6 +75,11 @@ KEYS: tuple[Key, ...] = (
     Key("lr_scale", "scalar", "factor the LR guard applies on top of the scheduler's learning rate", LOG),
     Key("lr", "scalar", "effective learning rate of the first param group (scheduler LR x lr_scale)", LOG),
     # TensorBoard-only
-    Key("events", "text", "one entry per notable event: skipped step, LR reduction, diagnostic verdict", "on event"),
+    Key(
+        "events",
+        "text",
+        "one entry per notable event: skipped step, LR reduction, diagnostic verdict",
+        "on event",
+    ),
     Key("heatmap", "image", "layer x step image of log10 gradient norm", "every `heatmap_every_n_steps` steps"),
 )

@@ -102,9 +102,7 @@ class StepStats:
 
     def layer_norms(self) -> dict[str, float]:
         """Layer name -> L2 norm (``nan``/``inf`` kept as they are)."""
-        return {
-            name: math.sqrt(v) if v >= 0 else v for name, v in zip(self.layers, self.sq_norms, strict=True)
-        }
+        return {name: math.sqrt(v) if v >= 0 else v for name, v in zip(self.layers, self.sq_norms, strict=True)}
 
     def _nonfinite_total(self) -> float:
         return math.nan if any(math.isnan(v) for v in self.sq_norms) else math.inf
@@ -192,9 +190,7 @@ class GradStats:
             self.numels[idx] += param.numel()
         self.device = self._params[0].device if self._params else torch.device("cpu")
         self.sharded_layers: list[bool] = [
-            any(
-                _is_sharded(p) for p, layer in zip(self._params, self._param_layer, strict=True) if layer == i
-            )
+            any(_is_sharded(p) for p, layer in zip(self._params, self._param_layer, strict=True) if layer == i)
             for i in range(len(self.layers))
         ]
         self._plans: dict[tuple[bool, ...], _Plan] = {}
@@ -231,9 +227,7 @@ class GradStats:
             local = _local(grad)
             by_key.setdefault((local.device, local.dtype), []).append(pos)
         for (device, dtype), positions in by_key.items():
-            index = torch.tensor(
-                [self._param_layer[p] for p in positions], dtype=torch.long, device=self.device
-            )
+            index = torch.tensor([self._param_layer[p] for p in positions], dtype=torch.long, device=self.device)
             plan.dense.append(_Bucket(device, dtype, positions, index))
         self._plans[present] = plan
         return plan

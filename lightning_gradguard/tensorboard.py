@@ -59,9 +59,7 @@ def dashboard_layout(optimizer_indices: Sequence[int]) -> dict[str, dict[str, li
     return layout
 
 
-def write_histograms(
-    writer: Any, optimizer_idx: int, step: int, histograms: Mapping[str, HistogramData]
-) -> None:
+def write_histograms(writer: Any, optimizer_idx: int, step: int, histograms: Mapping[str, HistogramData]) -> None:
     """Write pre-binned histograms with ``add_histogram_raw`` (no tensor reaches the host)."""
     for layer, h in histograms.items():
         writer.add_histogram_raw(
