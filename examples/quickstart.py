@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> GradGuard:
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=False,
     )
     model = DigitsClassifier()
+    print(f"Training a digits classifier for {args.epochs} epochs on CPU with GradGuard() ...", flush=True)
     trainer.fit(model, digits_loader())
 
     metrics = trainer.callback_metrics
