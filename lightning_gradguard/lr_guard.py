@@ -1,0 +1,494 @@
+"""LR guard: lower the learning rate when clipping keeps saturating (pure torch, no Lightning).
+
+Clipping that fires step after step means the step size is wrong, not that one batch was bad.
+:class:`LRGuard` watches the pre-clip global norm of every optimizer step and, when the evidence
+holds for ``patience`` consecutive steps, multiplies the learning rate of every param group of the
+guarded optimizer by ``factor``.
+
+A step counts as *pressing* when either
+
+* **it approaches the threshold**: ``norm >= center + approach_ratio * (threshold - center)``, i.e.
+  it has used up ``approach_ratio`` of the headroom between the policy's typical level (``center``:
+  EMA mean or window median; ``0`` for the fixed policy, which makes this the familiar
+  ``norm >= 0.9 * max_norm``) and the threshold. Measuring on the headroom keeps the rule meaningful
+  when an adaptive threshold sits close to the typical norm; or
+* **the norm level has risen**: the median of the last 15 log-norms lies more than
+  ``log(rise_ratio)`` (and at least four standard errors of that median) above a slow reference of
+  the log-norm level (an EMA over about 256 steps). Adaptive thresholds follow drifts by design, so a
+  steady rise never comes near them; this second channel catches it. A median ignores isolated
+  spikes.
+
+``patience`` consecutive pressing steps trigger a reduction; an isolated spike presses on one step
+only and never triggers it. After a reduction the guard waits ``cooldown`` steps and re-bases its
+slow reference on the current level, so one rise yields one reduction unless the norms keep rising.
+
+The reduction never touches what the LR scheduler stores: a step pre-hook multiplies each group's
+``lr`` by :attr:`LRGuard.lr_scale` just before ``optimizer.step`` runs and a step post-hook puts the
+scheduler's value back, so every scheduler (StepLR, CosineAnnealingLR, OneCycleLR,
+ReduceLROnPlateau, ...) keeps computing its own schedule and the effective LR is always
+``lr_scale * scheduler LR`` (floored at ``min_lr``). A step the GradScaler skips never leaves a
+scaled LR behind.
+
+Example::
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> guard = LRGuard(patience=3).attach(opt)
+    >>> for step in range(5):
+    ...     event = guard.update(step=step, norm=0.95, threshold=1.0)
+    >>> guard.lr_scale, guard.num_reductions
+    (0.5, 1)
+    >>> guard.effective_lrs()
+    [0.05]
+    >>> opt.param_groups[0]["lr"]  # the scheduler's own value, untouched outside step()
+    0.1
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["LRGuard", "LRReduction"]
+
+log = logging.getLogger(__name__)
+
+#: Number of recent steps whose median log-norm is the "current level" of the rise channel.
+LEVEL_WINDOW = 15
+#: Horizon (steps) of the slow EMA reference of the log-norm level.
+REFERENCE_HORIZON = 256
+#: The rise channel stays silent until this many steps have been observed.
+REFERENCE_WARMUP = 32
+#: A rise must also exceed this many standard errors of the windowed median.
+RISE_Z = 4.0
+
+# sd of the median of n normal samples ~ 1.2533 * sigma / sqrt(n); sigma ~ 1.4826 * MAD.
+_MEDIAN_SE = 1.2533 / math.sqrt(LEVEL_WINDOW)
+_MAD_TO_SIGMA = 1.4826
+_TINY = 1e-300
+
+Reason = Literal["approach", "rise"]
+
+
+@dataclass(frozen=True)
+class LRReduction:
+    """One LR reduction decided by :meth:`LRGuard.update`, with its evidence.
+
+    Attributes:
+        step: the step passed to :meth:`LRGuard.update` that triggered the reduction.
+        reason: ``"approach"`` if most of the last ``patience`` steps approached the threshold,
+            ``"rise"`` if the norm level rose above its long-run reference.
+        lr_scale_before: :attr:`LRGuard.lr_scale` before the reduction.
+        lr_scale: :attr:`LRGuard.lr_scale` after it.
+        num_reductions: reductions so far, this one included.
+        norm: pre-clip norm of the triggering step.
+        threshold: clip threshold of the triggering step (``None`` while the policy warms up).
+        center: the policy's typical level at the triggering step (``None`` for the fixed policy).
+        recent_norms: the last (up to 15) pre-clip norms, oldest first.
+        level: median of ``recent_norms``.
+        reference: slow reference of the norm level the rise was measured against.
+        approaching_steps: how many of the last ``patience`` steps approached the threshold.
+        risen_steps: how many of them had a norm level above the reference.
+        patience: the guard's ``patience``.
+        old_lrs: effective LR of each param group before (empty when no optimizer is attached).
+        new_lrs: effective LR of each param group after (empty when no optimizer is attached).
+    """
+
+    step: int
+    reason: Reason
+    lr_scale_before: float
+    lr_scale: float
+    num_reductions: int
+    norm: float
+    threshold: float | None
+    center: float | None
+    recent_norms: tuple[float, ...]
+    level: float
+    reference: float
+    approaching_steps: int
+    risen_steps: int
+    patience: int
+    old_lrs: tuple[float, ...]
+    new_lrs: tuple[float, ...]
+
+    def message(self) -> str:
+        """One human-readable line with the evidence, for a log message or a TensorBoard text event."""
+        thr = "none (warming up)" if self.threshold is None else f"{self.threshold:.4g}"
+        parts = [
+            f"LR guard: step {self.step}: LR scale {self.lr_scale_before:.4g} -> {self.lr_scale:.4g}"
+            f" (reduction {self.num_reductions}).",
+            f"{self.approaching_steps} of the last {self.patience} steps approached the clip threshold"
+            f" and {self.risen_steps} had a norm level above its long-run reference"
+            f" (level {self.level:.4g} vs reference {self.reference:.4g},"
+            f" x{self.level / max(self.reference, _TINY):.3g}).",
+            f"Norm {self.norm:.4g}, threshold {thr}; recent norms: "
+            + ", ".join(f"{n:.3g}" for n in self.recent_norms)
+            + ".",
+        ]
+        if self.old_lrs:
+            parts.append(
+                "LR " + ", ".join(f"{a:.4g} -> {b:.4g}" for a, b in zip(self.old_lrs, self.new_lrs, strict=True)) + "."
+            )
+        return " ".join(parts)
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a float, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    ok = math.isfinite(v) or (v == math.inf and hi == math.inf and not hi_open)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"`{name}` must be in {rng}, got {value!r}")
+    return v
+
+
+def _check_int(name: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
+    if value < lo:
+        raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _median(values: Iterable[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    mid = n // 2
+    return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+
+class LRGuard:
+    """Detects saturating clipping and scales the learning rate of one optimizer down.
+
+    Call :meth:`update` once per optimizer step whose gradients are finite and not skipped, after the
+    clip decision, with the pre-clip global norm, the threshold in force and the policy's center.
+    Attach the optimizer with :meth:`attach` so the reductions take effect.
+
+    Args:
+        approach_ratio: a step approaches the threshold when its norm has used this fraction of the
+            headroom between the policy's center (``0`` without one) and the threshold, in ``(0, 1]``.
+        patience: consecutive pressing steps (approaching, or norm level risen) that trigger a
+            reduction, ``>= 2`` so an isolated spike never does.
+        factor: multiplier of the LR scale at each reduction, in ``(0, 1)``.
+        cooldown: steps after a reduction during which no further reduction happens, ``>= 0``.
+        min_lr: floor of the effective LR of every group, ``>= 0``; a group whose scheduler LR is
+            already below it keeps the scheduler's LR.
+        max_reductions: stop reducing after this many reductions (``None``: no limit), ``>= 1``.
+        rise_ratio: the norm level (median of the last 15 steps) must exceed the slow reference by
+            this factor (and by four standard errors) to count as risen, ``> 1``; ``None`` disables
+            the rise channel, leaving only the approach rule.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range.
+
+    Example::
+
+        >>> import torch
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        >>> guard = LRGuard(patience=2, cooldown=0).attach(opt)
+        >>> _ = guard.update(step=0, norm=1.0, threshold=1.0)
+        >>> guard.update(step=1, norm=1.0, threshold=1.0).lr_scale
+        0.5
+        >>> opt.step(); sched.step()
+        >>> opt.param_groups[0]["lr"], guard.effective_lrs()
+        (0.5, [0.25])
+    """
+
+    def __init__(
+        self,
+        approach_ratio: float = 0.9,
+        patience: int = 10,
+        factor: float = 0.5,
+        cooldown: int = 100,
+        min_lr: float = 0.0,
+        max_reductions: int | None = None,
+        rise_ratio: float | None = 2.0,
+    ) -> None:
+        self.approach_ratio = _check_float("approach_ratio", approach_ratio, 0.0, 1.0, True, False)
+        self.patience = _check_int("patience", patience, 2)
+        self.factor = _check_float("factor", factor, 0.0, 1.0, True, True)
+        self.cooldown = _check_int("cooldown", cooldown, 0)
+        self.min_lr = _check_float("min_lr", min_lr, 0.0, math.inf, False, True)
+        self.max_reductions = None if max_reductions is None else _check_int("max_reductions", max_reductions, 1)
+        self.rise_ratio = (
+            None if rise_ratio is None else _check_float("rise_ratio", rise_ratio, 1.0, math.inf, True, True)
+        )
+        self._log_rise = 0.0 if self.rise_ratio is None else math.log(self.rise_ratio)
+
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._handles: list[RemovableHandle] = []
+        # Scheduler values of each group while a step is in flight and the groups hold scaled LRs.
+        self._saved: list[float | Tensor] | None = None
+        self._in_step = False
+        self._reset_state()
+
+    # ------------------------------------------------------------------ state
+
+    def _reset_state(self) -> None:
+        self._lr_scale = 1.0
+        self._num_reductions = 0
+        self._cooldown_left = 0
+        self._streak: deque[tuple[bool, bool]] = deque(maxlen=self.patience)
+        self._num_obs = 0
+        self._window: deque[float] = deque(maxlen=LEVEL_WINDOW)
+        self._norms: deque[float] = deque(maxlen=LEVEL_WINDOW)
+        self._reference = 0.0
+        self._dispersion = 0.0
+
+    @property
+    def lr_scale(self) -> float:
+        """Factor applied on top of the scheduler's LR (``1.0`` until the first reduction)."""
+        return self._lr_scale
+
+    @property
+    def num_reductions(self) -> int:
+        """Number of reductions so far."""
+        return self._num_reductions
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The attached optimizer, if any."""
+        return self._optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        """Detector state and LR scale, as primitives (floats, ints, bools, lists)."""
+        return {
+            "lr_scale": self._lr_scale,
+            "num_reductions": self._num_reductions,
+            "cooldown_left": self._cooldown_left,
+            "streak": [[a, r] for a, r in self._streak],
+            "num_obs": self._num_obs,
+            "window": list(self._window),
+            "norms": list(self._norms),
+            "reference": self._reference,
+            "dispersion": self._dispersion,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (missing keys fall back to a fresh guard's values)."""
+        self._reset_state()
+        self._lr_scale = float(state_dict.get("lr_scale", 1.0))
+        self._num_reductions = int(state_dict.get("num_reductions", 0))
+        self._cooldown_left = int(state_dict.get("cooldown_left", 0))
+        self._streak.extend((bool(a), bool(r)) for a, r in state_dict.get("streak", []))
+        self._num_obs = int(state_dict.get("num_obs", 0))
+        self._window.extend(float(x) for x in state_dict.get("window", []))
+        self._norms.extend(float(x) for x in state_dict.get("norms", []))
+        self._reference = float(state_dict.get("reference", 0.0))
+        self._dispersion = float(state_dict.get("dispersion", 0.0))
+
+    # -------------------------------------------------------------- detection
+
+    def _rise_margin(self) -> float:
+        sigma = _MAD_TO_SIGMA * self._dispersion
+        return max(self._log_rise, RISE_Z * _MEDIAN_SE * sigma)
+
+    def update(
+        self, *, step: int, norm: float, threshold: float | None, center: float | None = None
+    ) -> LRReduction | None:
+        """Observe one optimizer step; reduce the LR scale when the evidence has held long enough.
+
+        Args:
+            step: the global step (only reported in the reduction record).
+            norm: pre-clip global gradient norm of the step (finite).
+            threshold: clip threshold in force for the step, computed before observing it; ``None``
+                while the policy warms up without a cap.
+            center: the policy's typical norm level (EMA mean, window median); ``None`` when it has
+                none (fixed policy), which measures the approach from ``0``.
+
+        Returns:
+            The reduction, with its evidence, if this step triggered one; else ``None``.
+        """
+        norm = float(norm)
+        if not math.isfinite(norm):
+            return None
+        # Channel 1: the norm has used `approach_ratio` of the headroom below the threshold.
+        approaching = False
+        if threshold is not None and math.isfinite(threshold) and threshold > 0.0:
+            c = 0.0
+            if center is not None and math.isfinite(center) and 0.0 <= center < threshold:
+                c = float(center)
+            approaching = norm >= c + self.approach_ratio * (float(threshold) - c)
+
+        # Channel 2: the level (median of recent log-norms) against a slow reference.
+        x = math.log(max(norm, _TINY))
+        self._window.append(x)
+        self._norms.append(norm)
+        self._num_obs += 1
+        level = _median(self._window)
+        if self._num_obs == 1:
+            self._reference = level
+        risen = False
+        if self.rise_ratio is not None and self._num_obs > REFERENCE_WARMUP:
+            risen = level - self._reference > self._rise_margin()
+        a = max(1.0 / self._num_obs, 1.0 / REFERENCE_HORIZON)
+        self._reference += a * (level - self._reference)
+        if len(self._window) >= 3:
+            mad = _median(abs(v - level) for v in self._window)
+            b = max(1.0 / max(self._num_obs - 2, 1), 1.0 / REFERENCE_HORIZON)
+            self._dispersion += b * (mad - self._dispersion)
+
+        if self._cooldown_left > 0:
+            self._cooldown_left -= 1
+            return None
+        if not (approaching or risen):
+            self._streak.clear()
+            return None
+        self._streak.append((approaching, risen))
+        if len(self._streak) < self.patience:
+            return None
+        if self.max_reductions is not None and self._num_reductions >= self.max_reductions:
+            return None
+        return self._reduce(step, norm, threshold, center, level)
+
+    def _reduce(
+        self, step: int, norm: float, threshold: float | None, center: float | None, level: float
+    ) -> LRReduction | None:
+        n_approach = sum(1 for a, _ in self._streak if a)
+        n_risen = sum(1 for _, r in self._streak if r)
+        self._streak.clear()
+        old_lrs = tuple(self.effective_lrs()) if self._optimizer is not None else ()
+        new_scale = self._lr_scale * self.factor
+        if self._optimizer is not None:
+            sched = self._scheduler_lrs()
+            if all(self._effective(lr, self._lr_scale) <= self._effective(lr, new_scale) for lr in sched):
+                # Every group already sits at its `min_lr` floor: a reduction would change nothing.
+                self._cooldown_left = self.cooldown
+                return None
+        before = self._lr_scale
+        self._lr_scale = new_scale
+        self._num_reductions += 1
+        self._cooldown_left = self.cooldown
+        reference = self._reference
+        # Re-base the slow reference: the current level is the new normal after the reduction.
+        self._reference = level
+        if self._in_step:
+            self._apply_scale()
+        new_lrs = tuple(self.effective_lrs()) if self._optimizer is not None else ()
+        return LRReduction(
+            step=int(step),
+            reason="approach" if n_approach >= n_risen else "rise",
+            lr_scale_before=before,
+            lr_scale=new_scale,
+            num_reductions=self._num_reductions,
+            norm=norm,
+            threshold=None if threshold is None else float(threshold),
+            center=None if center is None else float(center),
+            recent_norms=tuple(self._norms),
+            level=math.exp(level),
+            reference=math.exp(reference),
+            approaching_steps=n_approach,
+            risen_steps=n_risen,
+            patience=self.patience,
+            old_lrs=old_lrs,
+            new_lrs=new_lrs,
+        )
+
+    # ----------------------------------------------------------------- action
+
+    def _effective(self, lr: float, scale: float) -> float:
+        return max(lr * scale, min(self.min_lr, lr))
+
+    def _scheduler_lrs(self) -> list[float]:
+        assert self._optimizer is not None
+        if self._saved is not None:
+            values: list[float | Tensor] = self._saved
+        else:
+            values = [g["lr"] for g in self._optimizer.param_groups]
+        return [float(v) for v in values]
+
+    def effective_lrs(self) -> list[float]:
+        """The LR each param group of the attached optimizer steps with: ``lr_scale x`` its own LR.
+
+        Raises:
+            RuntimeError: no optimizer is attached.
+        """
+        if self._optimizer is None:
+            raise RuntimeError("LRGuard.effective_lrs() needs an optimizer: call `attach(optimizer)` first")
+        return [self._effective(lr, self._lr_scale) for lr in self._scheduler_lrs()]
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> LRGuard:
+        """Apply the LR scale to ``optimizer`` from now on (step pre/post hooks); returns ``self``.
+
+        Raises:
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            RuntimeError: the guard is already attached to another optimizer.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._optimizer is optimizer:
+            return self
+        if self._optimizer is not None:
+            raise RuntimeError("this LRGuard is already attached to another optimizer: call `detach()` first")
+        self._optimizer = optimizer
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks (restoring the scheduler's LRs if a step is in flight)."""
+        self._restore()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._optimizer = None
+
+    def _apply_scale(self) -> None:
+        """Make every group hold its effective LR, remembering the scheduler's values."""
+        opt = self._optimizer
+        assert opt is not None
+        if self._saved is None:
+            self._saved = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in opt.param_groups]
+        scale, floor = self._lr_scale, self.min_lr
+        for g, own in zip(opt.param_groups, self._saved, strict=True):
+            if isinstance(own, Tensor):
+                g["lr"].copy_(torch.maximum(own * scale, own.clamp(max=floor)))
+            else:
+                g["lr"] = self._effective(own, scale)
+
+    def _restore(self) -> None:
+        opt, saved = self._optimizer, self._saved
+        self._saved = None
+        self._in_step = False
+        if opt is None or saved is None:
+            return
+        for g, own in zip(opt.param_groups, saved, strict=False):
+            if isinstance(own, Tensor) and isinstance(g["lr"], Tensor):
+                g["lr"].copy_(own)
+            else:
+                g["lr"] = own
+
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # A step that raised never ran the post-hook: put the scheduler's values back first.
+        self._restore()
+        self._in_step = True
+        if self._lr_scale != 1.0:
+            self._apply_scale()
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._restore()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(approach_ratio={self.approach_ratio}, patience={self.patience},"
+            f" factor={self.factor}, cooldown={self.cooldown}, min_lr={self.min_lr},"
+            f" max_reductions={self.max_reductions}, rise_ratio={self.rise_ratio})"
+        )
