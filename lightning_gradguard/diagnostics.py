@@ -1,0 +1,434 @@
+"""Plain-language gradient diagnostics: vanishing, exploding, dead and non-finite layers.
+
+:class:`GradientDiagnostics` is a pure object (no Lightning, no torch): it is fed the pre-clip L2
+gradient norm and the element count of every layer at each log step and answers the *new*
+:class:`Verdict` objects, each with a message that names the layer, the measure and the threshold,
+and a remedy that fits the verdict. The GradGuard callback feeds it during training and the
+``gradguard report`` command replays it over the norms stored in the event files.
+
+The measure
+-----------
+Vanishing gradients are judged on the **per-element RMS** of the layer's gradient,
+``rms = l2_norm / sqrt(numel)``. The L2 norm grows with the square root of the layer size, so it
+cannot compare a 784x100 input layer with a 100x10 output layer: in the popular 10-layer Tanh
+network the first layer's L2 norm is only 5-50x below the last layer's although its RMS is 30-60x
+below it. Where the element count of a layer is unknown (``numels`` lacks it, or it is 0) the L2
+norm itself is used and the message says so. Every rule looks at the **median of the layer's last
+``window`` observations** (fewer at the start of training), so one noisy log step neither raises
+nor ends a verdict.
+
+Rules (defaults in brackets)
+----------------------------
+* ``vanishing``: median RMS below ``vanishing_floor`` [1e-8], or more than ``vanishing_ratio``
+  [1e4] times smaller than the largest median RMS of any layer at that log step.
+* ``exploding``: the current L2 norm above ``exploding_ceiling`` [100], or more than
+  ``exploding_ratio`` [100] times the median of the layer's own previous ``window`` finite
+  observations (at least 3 of them; a baseline of zero does not count).
+* ``dead``: the norm is exactly zero now and the median is zero (a layer with parameters that
+  require grad whose gradient never moves). A layer whose median is zero gets no ``vanishing``
+  verdict (it is dead, or coming back to life).
+* ``nonfinite``: the norm is NaN or infinite (judged on the current observation alone; such
+  observations never enter the history).
+
+Each verdict is reported once per layer and episode: an episode of a kind ends once its condition
+has been false on ``window`` consecutive observations of the layer; a later recurrence is a new
+episode and is reported again.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["KINDS", "REMEDIES", "GradientDiagnostics", "Verdict", "VerdictKind"]
+
+VerdictKind = Literal["vanishing", "exploding", "dead", "nonfinite"]
+KINDS: tuple[VerdictKind, ...] = ("vanishing", "exploding", "dead", "nonfinite")
+
+_MIN_BASELINE = 3  # previous observations the exploding jump rule needs before it can fire
+
+REMEDIES: dict[str, str] = {
+    "vanishing": (
+        "use a non-saturating activation (ReLU, GELU, SiLU) instead of sigmoid/tanh, initialise for it "
+        "(Kaiming for ReLU-like, Xavier/Glorot for tanh), add normalisation (BatchNorm, LayerNorm) or "
+        "residual connections so the gradient has a short path to the early layers; if every layer is "
+        "small, check that the loss is not saturated or scaled down."
+    ),
+    "exploding": (
+        "clip gradients (GradGuard's clipping or a lower max_norm), lower the learning rate or lengthen "
+        "its warmup, add normalisation (LayerNorm, BatchNorm) and check the initialisation (weights much "
+        "larger than 1/sqrt(fan_in)); under fp16 use bf16 or a GradScaler."
+    ),
+    "dead": (
+        "check that the layer's output reaches the loss (not detached, not multiplied by zero, not cut "
+        "off by a frozen or unused branch); for dead ReLU units use LeakyReLU/GELU, a lower learning "
+        "rate or a fresh initialisation; if the layer is meant to be frozen, set requires_grad=False."
+    ),
+    "nonfinite": (
+        "find the first NaN/inf (torch.autograd.set_detect_anomaly), guard log, division and sqrt with "
+        "an epsilon, lower the learning rate, clip gradients, and under fp16 use bf16 or a GradScaler; "
+        "GradGuard skips such optimizer steps by default."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One diagnosis of one layer.
+
+    Attributes:
+        layer: layer name as passed to :meth:`GradientDiagnostics.observe`.
+        kind: ``"vanishing"``, ``"exploding"``, ``"dead"`` or ``"nonfinite"``.
+        step: the step passed to :meth:`~GradientDiagnostics.observe` when the verdict was made.
+        value: the measured value behind the verdict: median per-element RMS (or L2 norm when the
+            element count is unknown) for ``vanishing``, the L2 norm for ``exploding``, ``0.0`` for
+            ``dead``, the non-finite norm for ``nonfinite``.
+        message: plain-language description naming the layer, the measure and the threshold.
+        remedy: what usually fixes it.
+    """
+
+    layer: str
+    kind: VerdictKind
+    step: int
+    value: float
+    message: str
+    remedy: str
+
+
+class _Layer:
+    """Per-layer state: recent finite L2 norms, element count, open episodes and totals."""
+
+    __slots__ = ("active", "history", "numel", "records")
+
+    def __init__(self, window: int) -> None:
+        self.history: deque[float] = deque(maxlen=window)
+        self.numel = 0
+        # kind -> consecutive observations without the condition, for each open episode
+        self.active: dict[str, int] = {}
+        # kind -> {"episodes", "first_step", "last_step", "value", "message"}
+        self.records: dict[str, dict[str, Any]] = {}
+
+
+def _check_positive(name: str, value: float, minimum: float, inclusive: bool, allowed: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"`{name}` must be a number {allowed}, got {value!r}")
+    value = float(value)
+    ok = value >= minimum if inclusive else value > minimum
+    if math.isnan(value) or not ok:
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    return value
+
+
+class GradientDiagnostics:
+    """Per-layer verdicts from a stream of gradient norms (pure, no torch needed).
+
+    Args:
+        vanishing_floor: a layer whose median per-element RMS gradient is below this is vanishing.
+            ``0`` disables the absolute rule. The default, 1e-8, is Adam's default ``eps``: below it
+            the optimizer no longer sees the gradient. (1e-5 per element would flag every layer of a
+            large healthy model: a 7e9-parameter model with global norm 1 has an RMS of about 1.2e-5.)
+        vanishing_ratio: a layer whose median RMS is more than this many times smaller than the
+            largest median RMS of any layer is vanishing. ``math.inf`` disables the relative rule.
+        exploding_ceiling: a layer whose L2 norm exceeds this is exploding (same units as a clip
+            threshold). ``math.inf`` disables the absolute rule.
+        exploding_ratio: a layer whose L2 norm exceeds this many times the median of its own previous
+            ``window`` finite norms is exploding. ``math.inf`` disables the jump rule.
+        window: observations (log steps) per layer behind the medians; also the number of healthy
+            observations that end an episode.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range.
+
+    Example::
+
+        diag = GradientDiagnostics()
+        for v in diag.observe(0, {"fc1": 2e-9, "fc2": 0.4}, {"fc1": 78400, "fc2": 1000}):
+            print(v.message, "Remedy:", v.remedy)
+    """
+
+    def __init__(
+        self,
+        vanishing_floor: float = 1e-8,
+        vanishing_ratio: float = 1e4,
+        exploding_ceiling: float = 100.0,
+        exploding_ratio: float = 100.0,
+        window: int = 10,
+    ) -> None:
+        self.vanishing_floor = _check_positive("vanishing_floor", vanishing_floor, 0.0, True, "a finite number >= 0")
+        if math.isinf(self.vanishing_floor):
+            raise ValueError(f"`vanishing_floor` must be a finite number >= 0, got {vanishing_floor!r}")
+        self.vanishing_ratio = _check_positive("vanishing_ratio", vanishing_ratio, 1.0, False, "> 1")
+        self.exploding_ceiling = _check_positive("exploding_ceiling", exploding_ceiling, 0.0, False, "> 0")
+        self.exploding_ratio = _check_positive("exploding_ratio", exploding_ratio, 1.0, False, "> 1")
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise TypeError(f"`window` must be an int >= 1, got {window!r}")
+        if window < 1:
+            raise ValueError(f"`window` must be an int >= 1, got {window!r}")
+        self.window = window
+        self._layers: dict[str, _Layer] = {}
+        self._observations = 0
+        self._first_step: int | None = None
+        self._last_step: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(vanishing_floor={self.vanishing_floor!r}, "
+            f"vanishing_ratio={self.vanishing_ratio!r}, exploding_ceiling={self.exploding_ceiling!r}, "
+            f"exploding_ratio={self.exploding_ratio!r}, window={self.window!r})"
+        )
+
+    # ------------------------------------------------------------------ observe
+    def observe(self, step: int, norms: Mapping[str, float], numels: Mapping[str, int]) -> list[Verdict]:
+        """Feed one log step; return the verdicts that are new at this step.
+
+        Args:
+            step: the training step (used in messages and as :attr:`Verdict.step`).
+            norms: pre-clip L2 gradient norm of every layer, in model order (NaN/inf where the
+                layer's gradient is non-finite).
+            numels: element count of each layer; a layer missing here (or with 0) is judged on its
+                L2 norm instead of its per-element RMS.
+
+        Returns:
+            The verdicts of this step, in layer order (each kind once per layer and episode).
+        """
+        step = int(step)
+        self._observations += 1
+        if self._first_step is None:
+            self._first_step = step
+        self._last_step = step
+
+        current: dict[str, float] = {}
+        baselines: dict[str, float | None] = {}
+        for name, raw in norms.items():
+            value = float(raw)
+            layer = self._layers.get(name)
+            if layer is None:
+                layer = self._layers[name] = _Layer(self.window)
+            numel = int(numels.get(name, 0) or 0)
+            if numel > 0:
+                layer.numel = numel
+            current[name] = value
+            if math.isfinite(value):
+                previous = [v for v in layer.history if v > 0.0]
+                baselines[name] = (
+                    statistics.median(previous) if len(previous) >= min(_MIN_BASELINE, self.window) else None
+                )
+                layer.history.append(value)
+
+        # The level of every finite layer: median of its window, on the per-element measure.
+        levels: dict[str, float] = {
+            name: self._measure(name, statistics.median(self._layers[name].history))
+            for name, value in current.items()
+            if math.isfinite(value)
+        }
+        reference_name, reference = None, 0.0
+        for name, level in levels.items():
+            if level > reference:
+                reference_name, reference = name, level
+
+        verdicts: list[Verdict] = []
+        for name, value in current.items():
+            layer = self._layers[name]
+            if not math.isfinite(value):
+                self._update(layer, name, "nonfinite", True, step, value, verdicts)
+                continue  # nothing is known about the other kinds at this step
+            self._update(layer, name, "nonfinite", False, step, value, verdicts)
+            level = levels[name]
+            dead = value == 0.0 and statistics.median(layer.history) == 0.0
+            self._update(layer, name, "dead", dead, step, 0.0, verdicts)
+            vanishing = (
+                not dead
+                and level > 0.0
+                and (
+                    level < self.vanishing_floor
+                    or (name != reference_name and level * self.vanishing_ratio < reference)
+                )
+            )
+            self._update(layer, name, "vanishing", vanishing, step, level, verdicts, reference_name, reference)
+            baseline = baselines.get(name)
+            exploding = value > self.exploding_ceiling or (
+                baseline is not None and value > self.exploding_ratio * baseline
+            )
+            self._update(layer, name, "exploding", exploding, step, value, verdicts, None, baseline or 0.0)
+        return verdicts
+
+    def _measure(self, name: str, l2: float) -> float:
+        numel = self._layers[name].numel
+        return l2 / math.sqrt(numel) if numel > 0 else l2
+
+    def _update(
+        self,
+        layer: _Layer,
+        name: str,
+        kind: VerdictKind,
+        condition: bool,
+        step: int,
+        value: float,
+        verdicts: list[Verdict],
+        other: str | None = None,
+        reference: float = 0.0,
+    ) -> None:
+        if not condition:
+            if kind in layer.active:
+                layer.active[kind] += 1
+                if layer.active[kind] >= self.window:
+                    del layer.active[kind]
+            return
+        record = layer.records.get(kind)
+        if kind in layer.active:
+            layer.active[kind] = 0
+            if record is not None:
+                record["last_step"] = step
+            return
+        layer.active[kind] = 0
+        verdict = Verdict(
+            layer=name,
+            kind=kind,
+            step=step,
+            value=value,
+            message=self._message(layer, name, kind, step, value, other, reference),
+            remedy=REMEDIES[kind],
+        )
+        if record is None:
+            layer.records[kind] = {
+                "episodes": 1,
+                "first_step": step,
+                "last_step": step,
+                "value": value,
+                "message": verdict.message,
+            }
+        else:
+            record["episodes"] += 1
+            record["last_step"] = step
+        verdicts.append(verdict)
+
+    def _message(
+        self,
+        layer: _Layer,
+        name: str,
+        kind: VerdictKind,
+        step: int,
+        value: float,
+        other: str | None,
+        reference: float,
+    ) -> str:
+        n = len(layer.history)
+        over = f"median over {n} log step{'s' if n != 1 else ''}"
+        if kind == "nonfinite":
+            return f"Layer '{name}' has a non-finite gradient (L2 norm {value}) at step {step}."
+        if kind == "dead":
+            return (
+                f"Layer '{name}' is dead: its gradient is exactly zero at step {step} (L2 norm 0, {over} "
+                "also 0) although it has parameters that require grad."
+            )
+        if kind == "exploding":
+            if value > self.exploding_ceiling:
+                return (
+                    f"Layer '{name}' has an exploding gradient: L2 norm {value:.3g} at step {step} is above "
+                    f"exploding_ceiling={self.exploding_ceiling:g}."
+                )
+            return (
+                f"Layer '{name}' has an exploding gradient: L2 norm {value:.3g} at step {step} is "
+                f"{value / reference:.3g}x the median {reference:.3g} of its previous log steps "
+                f"(exploding_ratio={self.exploding_ratio:g})."
+            )
+        measure = (
+            "per-element RMS gradient (L2 norm / sqrt(numel))"
+            if layer.numel > 0
+            else "L2 gradient norm (element count unknown, so layer size is not accounted for)"
+        )
+        reasons = []
+        if value < self.vanishing_floor:
+            reasons.append(f"below vanishing_floor={self.vanishing_floor:.3g}")
+        if other is not None and other != name and value * self.vanishing_ratio < reference:
+            reasons.append(
+                f"{reference / value:.3g}x smaller than that of layer '{other}' ({reference:.3g}), "
+                f"beyond vanishing_ratio={self.vanishing_ratio:.3g}"
+            )
+        return (
+            f"Layer '{name}' has a vanishing gradient at step {step}: its {measure} is {value:.3g} "
+            f"({over}), {' and '.join(reasons)}."
+        )
+
+    # ------------------------------------------------------------------ summary
+    def summary(self) -> str:
+        """End-of-fit summary: the layers with verdicts, episode counts and remedies.
+
+        Returns:
+            Several lines of text; ``""`` when nothing was observed.
+        """
+        if not self._observations:
+            return ""
+        flagged = [(name, layer) for name, layer in self._layers.items() if layer.records]
+        span = f"steps {self._first_step}-{self._last_step}"
+        head = f"{len(self._layers)} layers over {self._observations} log steps ({span}): {len(flagged)} with verdicts"
+        if not flagged:
+            return f"{head}; no vanishing, exploding, dead or non-finite gradients."
+        lines = [f"{head}."]
+        kinds_seen: list[str] = []
+        for name, layer in flagged:
+            parts = []
+            for kind in KINDS:
+                rec = layer.records.get(kind)
+                if rec is None:
+                    continue
+                if kind not in kinds_seen:
+                    kinds_seen.append(kind)
+                episodes = rec["episodes"]
+                parts.append(
+                    f"{kind} ({episodes} episode{'s' if episodes != 1 else ''}, "
+                    f"steps {rec['first_step']}-{rec['last_step']})"
+                )
+            lines.append(f"  {name}: {', '.join(parts)}")
+        lines.append("Remedies:")
+        for kind in KINDS:
+            if kind in kinds_seen:
+                lines.append(f"  {kind}: {REMEDIES[kind]}")
+        return "\n".join(lines)
+
+    def records(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per layer and kind: ``episodes``, ``first_step``, ``last_step``, first ``value`` and ``message``."""
+        return {
+            name: {kind: dict(rec) for kind, rec in layer.records.items()}
+            for name, layer in self._layers.items()
+            if layer.records
+        }
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """State of primitives only (loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "version": 1,
+            "observations": self._observations,
+            "first_step": self._first_step,
+            "last_step": self._last_step,
+            "layers": {
+                name: {
+                    "history": list(layer.history),
+                    "numel": layer.numel,
+                    "active": dict(layer.active),
+                    "records": {kind: dict(rec) for kind, rec in layer.records.items()},
+                }
+                for name, layer in self._layers.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; keys added in later versions are optional."""
+        self._observations = int(state.get("observations", 0))
+        first, last = state.get("first_step"), state.get("last_step")
+        self._first_step = None if first is None else int(first)
+        self._last_step = None if last is None else int(last)
+        self._layers = {}
+        for name, saved in state.get("layers", {}).items():
+            layer = _Layer(self.window)
+            layer.history.extend(float(v) for v in saved.get("history", []))
+            layer.numel = int(saved.get("numel", 0))
+            layer.active = {str(k): int(v) for k, v in saved.get("active", {}).items()}
+            layer.records = {str(k): dict(v) for k, v in saved.get("records", {}).items()}
+            self._layers[str(name)] = layer

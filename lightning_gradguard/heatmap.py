@@ -1,0 +1,132 @@
+"""Layer x step heatmap of log10 gradient norm, rendered to an RGB array.
+
+One picture that shows vanishing and exploding gradients at a glance: one row per layer in model
+order (first layer on top), one column per log step, colour = log10 of the gradient norm with a
+labelled colour scale. Zero norms (``-inf`` after log10) are drawn black, missing or non-finite
+values light grey; a note under the step axis says so.
+
+matplotlib (Agg canvas, no pyplot, no global state) is imported lazily; without it
+:func:`render_heatmap` raises an ImportError that says what to install.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["heatmap_size", "render_heatmap"]
+
+_DPI = 100
+_MAX_LABEL = 40  # characters of a layer name shown before it is shortened in the middle
+
+
+def heatmap_size(n_layers: int, width: int = 1000) -> tuple[int, int]:
+    """Pixel size ``(height, width)`` of :func:`render_heatmap` output for ``n_layers`` rows."""
+    if n_layers < 1:
+        raise ValueError(f"`n_layers` must be >= 1, got {n_layers!r}")
+    return min(1600, max(360, 150 + 18 * n_layers)), width
+
+
+def _shorten(name: str) -> str:
+    if len(name) <= _MAX_LABEL:
+        return name
+    keep = (_MAX_LABEL - 3) // 2
+    return f"{name[:keep]}...{name[-keep:]}"
+
+
+def render_heatmap(
+    layers: Sequence[str],
+    steps: Sequence[int],
+    log10_norms: Any,
+    title: str = "Gradient norm per layer",
+    *,
+    colorbar_label: str = "log10 gradient L2 norm",
+    width: int = 1000,
+) -> np.ndarray:
+    """Render a layer x step heatmap.
+
+    Args:
+        layers: layer names in model order; the first is drawn on top.
+        steps: the step of every column.
+        log10_norms: 2-D array-like of shape ``(len(layers), len(steps))`` with log10 norms;
+            ``-inf`` means a zero norm, NaN/``+inf`` a missing or non-finite value.
+        title: figure title.
+        colorbar_label: label of the colour scale.
+        width: image width in pixels (>= 400); the height follows from :func:`heatmap_size`.
+
+    Returns:
+        ``uint8`` RGB array of shape ``(height, width, 3)``.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: the shapes do not match or are empty.
+    """
+    grid = np.asarray(log10_norms, dtype=np.float64)
+    if grid.ndim != 2 or grid.shape != (len(layers), len(steps)):
+        raise ValueError(
+            f"`log10_norms` must have shape (len(layers), len(steps)) = ({len(layers)}, {len(steps)}), got {grid.shape}"
+        )
+    if not layers or not steps:
+        raise ValueError(f"need at least one layer and one step, got {len(layers)} and {len(steps)}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 400:
+        raise ValueError(f"`width` must be an int >= 400, got {width!r}")
+    try:
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - exercised only without matplotlib
+        raise ImportError("the gradient heatmap needs matplotlib: pip install lightning-gradguard[report]") from exc
+
+    height, width = heatmap_size(len(layers), width)
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+    canvas = FigureCanvasAgg(fig)
+
+    finite = grid[np.isfinite(grid)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 0.0)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.5, hi + 0.5
+    zero = np.isneginf(grid)
+    shown = np.where(zero, lo - 1.0, grid)  # below the scale: drawn with the "under" colour
+    shown = np.ma.masked_invalid(shown)
+    cmap = colormaps["viridis"].with_extremes(under="black", bad="#d0d0d0")
+
+    labels = [_shorten(name) for name in layers]
+    longest = max(len(s) for s in labels)
+    left = min(0.45, (16 + 6.6 * longest) / width)
+    fig.subplots_adjust(left=left, right=0.85, top=1 - 45 / height, bottom=75 / height)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi, origin="upper")
+    ax.set_title(title, fontsize=11)
+
+    # y axis: layer names, first layer on top; thinned when there are too many to read
+    rows_per_label = max(1, int(np.ceil(len(layers) * 12 / (height - 120))))
+    yticks = list(range(0, len(layers), rows_per_label))
+    ax.set_yticks(yticks)
+    ax.set_yticklabels([labels[i] for i in yticks], fontsize=8)
+    ax.set_ylabel("layer (model order)", fontsize=9)
+
+    # x axis: step numbers at up to ~10 evenly spaced columns
+    n_cols = len(steps)
+    n_ticks = min(n_cols, 10)
+    xticks = sorted({round(i * (n_cols - 1) / max(1, n_ticks - 1)) for i in range(n_ticks)})
+    ax.set_xticks(xticks)
+    ax.set_xticklabels([str(int(steps[i])) for i in xticks], fontsize=8, rotation=0)
+    ax.set_xlabel("step", fontsize=9)
+
+    cax = fig.add_axes((0.87, 75 / height, 0.022, 1 - 120 / height))
+    bar = fig.colorbar(image, cax=cax, extend="min" if zero.any() else "neither")
+    bar.set_label(colorbar_label, fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    fig.text(
+        0.01,
+        0.012,
+        "black: zero gradient    grey: missing or non-finite",
+        fontsize=8,
+        color="#444444",
+    )
+
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[:, :, :3], dtype=np.uint8)

@@ -1,0 +1,316 @@
+"""GradientDiagnostics: verdict rules on hand-made norm streams, episodes, state, validation, and the
+textbook nets (deep Sigmoid, deep Tanh, BatchNorm+ReLU+Kaiming) at initialisation."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_gradguard.diagnostics import KINDS, REMEDIES, GradientDiagnostics, Verdict
+
+
+def kinds(verdicts: list[Verdict]) -> list[tuple[str, str]]:
+    return [(v.layer, v.kind) for v in verdicts]
+
+
+# ----------------------------------------------------------------------------------------- vanishing
+def test_vanishing_by_ratio_on_per_element_rms() -> None:
+    diag = GradientDiagnostics()
+    # a: rms 1e-6 (l2 1e-5 over 100 elements); b: rms 0.1 (l2 1.0 over 100) -> 1e5x apart > 1e4
+    verdicts = diag.observe(7, {"a": 1e-5, "b": 1.0}, {"a": 100, "b": 100})
+    assert kinds(verdicts) == [("a", "vanishing")]
+    v = verdicts[0]
+    assert v.step == 7
+    assert v.value == pytest.approx(1e-6)
+    assert "'a'" in v.message and "'b'" in v.message
+    assert v.message == (
+        "Layer 'a' has a vanishing gradient at step 7: its per-element RMS gradient (L2 norm / sqrt(numel)) "
+        "is 1e-06 (median over 1 log step), 1e+05x smaller than that of layer 'b' (0.1), "
+        "beyond vanishing_ratio=1e+04."
+    )
+    assert v.remedy == REMEDIES["vanishing"]
+    assert "activation" in v.remedy and "residual" in v.remedy and "initialise" in v.remedy
+
+
+def test_vanishing_ratio_just_inside_the_limit_is_healthy() -> None:
+    diag = GradientDiagnostics()
+    # rms 2e-5 vs 0.1: 5000x apart, below 1e4
+    assert diag.observe(0, {"a": 2e-4, "b": 1.0}, {"a": 100, "b": 100}) == []
+
+
+def test_vanishing_by_floor() -> None:
+    diag = GradientDiagnostics(vanishing_floor=1e-8)
+    # a single layer: no ratio possible; rms = 1e-8 / sqrt(4) = 5e-9 < 1e-8
+    verdicts = diag.observe(3, {"only": 1e-8}, {"only": 4})
+    assert kinds(verdicts) == [("only", "vanishing")]
+    assert verdicts[0].value == pytest.approx(5e-9)
+    assert "below vanishing_floor=1e-08" in verdicts[0].message
+
+
+def test_rms_is_not_fooled_by_layer_size() -> None:
+    # Same per-element RMS 1e-3, sizes 1 and 1e9: the L2 norms are 1e-3 and 31.6 (31623x apart).
+    norms = {"bias": 1e-3, "embedding": 1e-3 * math.sqrt(1e9)}
+    assert GradientDiagnostics().observe(0, norms, {"bias": 1, "embedding": 10**9}) == []
+    # Without element counts only the L2 norm is left, and the message says so.
+    verdicts = GradientDiagnostics().observe(0, norms, {})
+    assert kinds(verdicts) == [("bias", "vanishing")]
+    assert "element count unknown" in verdicts[0].message
+
+
+def test_one_noisy_observation_neither_raises_nor_ends_a_vanishing_verdict() -> None:
+    diag = GradientDiagnostics(window=5)
+    healthy = {"a": 1.0, "b": 1.0}
+    numels = {"a": 1, "b": 1}
+    for step in range(4):
+        assert diag.observe(step, healthy, numels) == []
+    # one tiny value: the median of a's window is still 1.0
+    assert diag.observe(4, {"a": 1e-9, "b": 1.0}, numels) == []
+
+
+# ----------------------------------------------------------------------------------------- exploding
+def test_exploding_by_ceiling_uses_the_l2_norm() -> None:
+    diag = GradientDiagnostics()
+    verdicts = diag.observe(12, {"a": 150.0, "b": 90.0}, {"a": 10**6, "b": 10})
+    assert kinds(verdicts) == [("a", "exploding")]
+    assert verdicts[0].value == 150.0
+    assert "L2 norm 150 at step 12" in verdicts[0].message
+    assert "exploding_ceiling=100" in verdicts[0].message
+    assert "clip" in verdicts[0].remedy and "learning rate" in verdicts[0].remedy
+
+
+def test_exploding_by_jump_over_own_recent_median() -> None:
+    diag = GradientDiagnostics()
+    numels = {"a": 10}
+    assert diag.observe(0, {"a": 1e-3}, numels) == []
+    assert diag.observe(1, {"a": 2e-3}, numels) == []
+    assert diag.observe(2, {"a": 1e-3}, numels) == []
+    # 0.2 / median(1e-3, 2e-3, 1e-3) = 200 > 100
+    verdicts = diag.observe(3, {"a": 0.2}, numels)
+    assert kinds(verdicts) == [("a", "exploding")]
+    assert "200x the median 0.001" in verdicts[0].message
+    assert "exploding_ratio=100" in verdicts[0].message
+
+
+def test_jump_rule_needs_three_previous_observations_and_a_nonzero_baseline() -> None:
+    diag = GradientDiagnostics()
+    assert diag.observe(0, {"a": 1e-3}, {"a": 1}) == []
+    assert diag.observe(1, {"a": 1.0}, {"a": 1}) == []  # 1000x, but one previous observation only
+    dead_then_alive = GradientDiagnostics()
+    for step in range(3):
+        dead_then_alive.observe(step, {"a": 0.0}, {"a": 1})
+    assert kinds(dead_then_alive.observe(3, {"a": 1.0}, {"a": 1})) == []
+
+
+# ----------------------------------------------------------------------------------------- dead, nonfinite
+def test_dead_layer_is_named_and_not_called_vanishing() -> None:
+    diag = GradientDiagnostics()
+    verdicts = diag.observe(5, {"head": 0.5, "frozen_by_mistake": 0.0}, {"head": 10, "frozen_by_mistake": 10})
+    assert kinds(verdicts) == [("frozen_by_mistake", "dead")]
+    assert verdicts[0].value == 0.0
+    assert "exactly zero" in verdicts[0].message and "requires_grad" in verdicts[0].remedy
+
+
+def test_nonfinite_layers_are_named_and_kept_out_of_the_history() -> None:
+    diag = GradientDiagnostics()
+    numels = {"a": 1, "b": 1}
+    verdicts = diag.observe(0, {"a": math.nan, "b": math.inf}, numels)
+    assert kinds(verdicts) == [("a", "nonfinite"), ("b", "nonfinite")]
+    assert math.isnan(verdicts[0].value) and verdicts[1].value == math.inf
+    assert "non-finite" in verdicts[0].message and "set_detect_anomaly" in verdicts[0].remedy
+    for step in range(1, 4):
+        assert diag.observe(step, {"a": 1.0, "b": 1.0}, numels) == []
+    assert diag.state_dict()["layers"]["a"]["history"] == [1.0, 1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------- episodes
+def test_each_verdict_once_per_episode_and_again_after_recovery() -> None:
+    diag = GradientDiagnostics(window=3)
+    numels = {"a": 1}
+    stream = [math.nan, math.nan, 1.0, 1.0, math.nan, 1.0, 1.0, 1.0, math.nan, math.nan]
+    new = {step: kinds(diag.observe(step, {"a": v}, numels)) for step, v in enumerate(stream)}
+    # steps 0-4: one episode (only 2 healthy observations before the NaN at step 4);
+    # steps 5-7: 3 healthy observations end it; step 8 starts a new episode.
+    assert [step for step, found in new.items() if found] == [0, 8]
+    rec = diag.records()["a"]["nonfinite"]
+    assert rec["episodes"] == 2 and rec["first_step"] == 0 and rec["last_step"] == 9
+
+
+def test_persisting_vanishing_layer_is_reported_once() -> None:
+    diag = GradientDiagnostics()
+    found = []
+    for step in range(0, 500, 50):
+        found += kinds(diag.observe(step, {"early": 1e-9, "late": 1e-2}, {"early": 1, "late": 1}))
+    assert found == [("early", "vanishing")]
+
+
+# ----------------------------------------------------------------------------------------- summary, state
+def test_summary_names_layers_counts_and_remedies() -> None:
+    diag = GradientDiagnostics()
+    assert diag.summary() == ""
+    diag.observe(0, {"a": 1e-9, "b": 1.0, "c": 0.0}, {"a": 1, "b": 1, "c": 1})
+    diag.observe(1, {"a": 1e-9, "b": 1.0, "c": 0.0}, {"a": 1, "b": 1, "c": 1})
+    text = diag.summary()
+    assert "3 layers over 2 log steps (steps 0-1): 2 with verdicts" in text
+    assert "a: vanishing (1 episode, steps 0-1)" in text
+    assert "c: dead (1 episode, steps 0-1)" in text
+    assert REMEDIES["vanishing"] in text and REMEDIES["dead"] in text
+    assert REMEDIES["exploding"] not in text
+
+    healthy = GradientDiagnostics()
+    healthy.observe(0, {"a": 1.0}, {"a": 1})
+    assert "0 with verdicts; no vanishing, exploding, dead or non-finite" in healthy.summary()
+
+
+def _stream(step: int) -> dict[str, float]:
+    return {
+        "a": [1e-3, 2e-3, 1e-3, 0.5, 1e-3, math.nan, 1e-3, 1e-9, 1e-9, 1e-9][step % 10],
+        "b": 1.0 + 0.01 * step,
+        "c": 0.0 if step < 6 else 0.3,
+    }
+
+
+def test_state_round_trip_through_torch_load_continues_exactly() -> None:
+    numels = {"a": 4, "b": 4, "c": 4}
+    whole = GradientDiagnostics(window=4)
+    first = GradientDiagnostics(window=4)
+    expected, got = [], []
+    for step in range(20):
+        expected += whole.observe(step, _stream(step), numels)
+    for step in range(9):
+        got += first.observe(step, _stream(step), numels)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = GradientDiagnostics(window=4)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for step in range(9, 20):
+        got += resumed.observe(step, _stream(step), numels)
+    assert got == expected
+    assert {v.kind for v in expected} == {"exploding", "nonfinite", "dead", "vanishing"}
+    assert resumed.summary() == whole.summary()
+    assert repr(resumed.state_dict()) == repr(whole.state_dict())  # repr: NaN == NaN
+
+
+def test_load_state_dict_tolerates_missing_keys() -> None:
+    diag = GradientDiagnostics()
+    diag.load_state_dict({"layers": {"a": {"history": [1.0]}}})
+    assert diag.observe(0, {"a": 1.0}, {"a": 1}) == []
+
+
+# ----------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({"vanishing_floor": -1e-9}, ValueError, "`vanishing_floor` must be a finite number >= 0, got -1e-09"),
+        ({"vanishing_floor": math.inf}, ValueError, "`vanishing_floor`"),
+        ({"vanishing_floor": "1e-5"}, TypeError, "`vanishing_floor`"),
+        ({"vanishing_ratio": 1.0}, ValueError, "`vanishing_ratio` must be > 1, got 1.0"),
+        ({"vanishing_ratio": math.nan}, ValueError, "`vanishing_ratio`"),
+        ({"exploding_ceiling": 0}, ValueError, "`exploding_ceiling` must be > 0, got 0.0"),
+        ({"exploding_ratio": 0.5}, ValueError, "`exploding_ratio` must be > 1, got 0.5"),
+        ({"exploding_ratio": True}, TypeError, "`exploding_ratio`"),
+        ({"window": 0}, ValueError, "`window` must be an int >= 1, got 0"),
+        ({"window": 2.0}, TypeError, "`window` must be an int >= 1, got 2.0"),
+    ],
+)
+def test_arguments_are_validated(kwargs: dict[str, object], error: type[Exception], text: str) -> None:
+    with pytest.raises(error, match=text.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        GradientDiagnostics(**kwargs)  # type: ignore[arg-type]
+
+
+def test_infinite_ratios_and_zero_floor_switch_rules_off() -> None:
+    diag = GradientDiagnostics(vanishing_floor=0.0, vanishing_ratio=math.inf, exploding_ratio=math.inf)
+    assert diag.observe(0, {"a": 1e-30, "b": 1.0}, {"a": 1, "b": 1}) == []
+    assert set(KINDS) == {"vanishing", "exploding", "dead", "nonfinite"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    levels=st.lists(st.floats(-6, 1), min_size=2, max_size=6),
+    noise=st.lists(st.floats(-1, 1), min_size=30, max_size=30),
+)
+def test_stationary_streams_within_three_decades_get_no_verdict(levels: list[float], noise: list[float]) -> None:
+    # log10 levels within 3 decades of each other, +-0.4 decades of noise: never 4 decades apart,
+    # never 100x above a layer's own median, never above 10^1.4 or below 10^-6.4
+    base = min(levels)
+    levels = [min(level, base + 3.0) for level in levels]
+    diag = GradientDiagnostics()
+    names = [f"l{i}" for i in range(len(levels))]
+    for step, n in enumerate(noise):
+        norms = {
+            name: 10 ** (level + 0.4 * n * (1 if i % 2 else -1))
+            for i, (name, level) in enumerate(zip(names, levels, strict=True))
+        }
+        assert diag.observe(step, norms, dict.fromkeys(names, 1)) == []
+
+
+# ----------------------------------------------------------------------------------------- textbook nets
+def _deep_net(kind: str, depth: int = 10, width: int = 100) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d_in = 784
+    for _ in range(depth - 1):
+        linear = nn.Linear(d_in, width)
+        layers.append(linear)
+        if kind == "sigmoid":
+            layers.append(nn.Sigmoid())
+        elif kind == "tanh":
+            layers.append(nn.Tanh())
+        else:
+            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+            nn.init.zeros_(linear.bias)
+            layers += [nn.BatchNorm1d(width), nn.ReLU()]
+        d_in = width
+    layers.append(nn.Linear(d_in, 10))
+    return nn.Sequential(*layers)
+
+
+def _layer_norms(model: nn.Sequential, seed: int) -> tuple[dict[str, float], dict[str, int]]:
+    torch.manual_seed(seed)
+    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    norms, numels = {}, {}
+    for name, module in model.named_children():
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads:
+            norms[name] = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+            numels[name] = sum(g.numel() for g in grads)
+    return norms, numels
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_deep_sigmoid_net_early_layers_are_vanishing(seed: int) -> None:
+    torch.manual_seed(seed)
+    model = _deep_net("sigmoid")
+    norms, numels = _layer_norms(model, seed)
+    verdicts = GradientDiagnostics().observe(0, norms, numels)
+    flagged = [v.layer for v in verdicts if v.kind == "vanishing"]
+    assert [v.kind for v in verdicts] == ["vanishing"] * len(verdicts)
+    # the first five Linear layers (indices 0, 2, 4, 6, 8) and no later one
+    assert flagged == ["0", "2", "4", "6", "8"]
+    assert norms["0"] < 1e-6 < 0.1 < norms["18"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_deep_tanh_net_is_attenuated_but_not_vanishing(seed: int) -> None:
+    torch.manual_seed(seed)
+    model = _deep_net("tanh")
+    norms, numels = _layer_norms(model, seed)
+    rms = {k: norms[k] / math.sqrt(numels[k]) for k in norms}
+    # L2 makes the first layer look close to the last one; per element it is 10-300x smaller
+    assert 0.01 < norms["0"] / norms["18"] < 0.5
+    assert 10 < rms["18"] / rms["0"] < 300
+    assert GradientDiagnostics().observe(0, norms, numels) == []
+
+
+def test_batchnorm_relu_kaiming_net_gets_no_verdict() -> None:
+    torch.manual_seed(0)
+    model = _deep_net("relu-bn")
+    norms, numels = _layer_norms(model, 0)
+    assert GradientDiagnostics().observe(0, norms, numels) == []
