@@ -2,31 +2,39 @@
 
 ``Trainer(callbacks=[GradGuard()])`` gives per-layer gradient norms and histograms in TensorBoard,
 adaptive clipping, skipping of non-finite steps, an LR guard and plain-language diagnostics.
+
+Names are imported lazily, so ``gradguard report`` (which needs only tensorboard) starts without
+importing Lightning.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from lightning_gradguard.callbacks import (
-    GradClip,
-    GradGuard,
-    GradGuardError,
-    GradMonitor,
-    NonFiniteGradientsError,
-)
-from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
-from lightning_gradguard.lr_guard import LRGuard
-from lightning_gradguard.policies import (
-    FixedPolicy,
-    PercentilePolicy,
-    ThresholdPolicy,
-    ZScorePolicy,
-    make_policy,
-)
-from lightning_gradguard.stats import GradStats
+_EXPORTS = {
+    "GradClip": "callbacks",
+    "GradGuard": "callbacks",
+    "GradGuardError": "callbacks",
+    "GradMonitor": "callbacks",
+    "NonFiniteGradientsError": "callbacks",
+    "GradientDiagnostics": "diagnostics",
+    "Verdict": "diagnostics",
+    "LRGuard": "lr_guard",
+    "LRReduction": "lr_guard",
+    "AutoPolicy": "policies",
+    "FixedPolicy": "policies",
+    "PercentilePolicy": "policies",
+    "ThresholdPolicy": "policies",
+    "ZScorePolicy": "policies",
+    "make_policy": "policies",
+    "GradStats": "stats",
+}
 
 __all__ = [
+    "AutoPolicy",
     "FixedPolicy",
     "GradClip",
     "GradGuard",
@@ -35,6 +43,7 @@ __all__ = [
     "GradStats",
     "GradientDiagnostics",
     "LRGuard",
+    "LRReduction",
     "NonFiniteGradientsError",
     "PercentilePolicy",
     "ThresholdPolicy",
@@ -43,3 +52,36 @@ __all__ = [
     "__version__",
     "make_policy",
 ]
+
+if TYPE_CHECKING:
+    from lightning_gradguard.callbacks import (
+        GradClip,
+        GradGuard,
+        GradGuardError,
+        GradMonitor,
+        NonFiniteGradientsError,
+    )
+    from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
+    from lightning_gradguard.lr_guard import LRGuard, LRReduction
+    from lightning_gradguard.policies import (
+        AutoPolicy,
+        FixedPolicy,
+        PercentilePolicy,
+        ThresholdPolicy,
+        ZScorePolicy,
+        make_policy,
+    )
+    from lightning_gradguard.stats import GradStats
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_gradguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lightning_gradguard.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
