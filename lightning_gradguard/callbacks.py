@@ -496,7 +496,7 @@ class GradGuard(Callback):
             ranges = reduce_histograms(ranges)
         counts = guard.stats.histogram_counts(ranges, self.histogram_bins)
         if sharded:
-            counts = reduce_histograms(ranges, counts)
+            counts = reduce_histograms(ranges, counts, guard.stats.sharded_layers)
         if self._writer is None:
             return
         write_histograms(self._writer, guard.index, global_step, guard.stats.read_histograms(ranges, counts))

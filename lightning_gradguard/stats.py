@@ -13,7 +13,9 @@ How the pass works:
 * low-precision gradients (fp16/bf16) are normed in float32 and squared in float64, so large layers
   neither overflow nor lose the small ones;
 * sharded gradients (``DTensor``, as FSDP2's ``fully_shard`` produces) contribute the squared norm of
-  their local shard; :mod:`lightning_gradguard.distributed` sums the vector across ranks;
+  their local shard; :mod:`lightning_gradguard.distributed` sums the vector across ranks. A shard held
+  by several ranks (the ``Replicate`` dimensions of a 2-D mesh: HSDP, or tensor parallelism's
+  replicated biases) is weighted by one over its number of holders, so the sum counts it once;
 * a non-finite value anywhere in a layer makes that layer's entry NaN or inf, which is how
   non-finite layers are found without a second pass.
 
@@ -127,6 +129,7 @@ class _Bucket:
     dtype: torch.dtype
     positions: list[int]  # indices into GradStats._params
     index: Tensor  # layer index of each position, on the main device
+    weight: Tensor | None = None  # per-position weight of the squared norms (None: all 1)
 
 
 @dataclass
@@ -136,10 +139,22 @@ class _Plan:
     grad_layer: list[int] = field(default_factory=list)  # layer of each present grad, in order
 
 
+def _dist_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _local(t: Tensor) -> Tensor:
     """The local part of a (possibly sharded) tensor."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def _holders(t: Tensor) -> int:
+    """Number of ranks of a DTensor's mesh holding the same local piece (its ``Replicate`` dims); 1 otherwise."""
+    placements, mesh = getattr(t, "placements", None), getattr(t, "device_mesh", None)
+    if placements is None or mesh is None:
+        return 1
+    return math.prod(mesh.size(dim) for dim, p in enumerate(placements) if p.is_replicate())
 
 
 def _is_sharded(t: Tensor) -> bool:
@@ -193,6 +208,13 @@ class GradStats:
             any(_is_sharded(p) for p, layer in zip(self._params, self._param_layer, strict=True) if layer == i)
             for i in range(len(self.layers))
         ]
+        # Weight of each parameter's squared norm in the cross-rank SUM of a sharded layer: one over the
+        # number of ranks holding the same piece (plain tensors in such a layer are held by every rank).
+        world = torch.distributed.get_world_size() if _dist_initialized() else 1
+        self._param_weight: list[float] = [
+            (1.0 / (_holders(p) if hasattr(p, "placements") else world)) if self.sharded_layers[layer] else 1.0
+            for p, layer in zip(self._params, self._param_layer, strict=True)
+        ]
         self._plans: dict[tuple[bool, ...], _Plan] = {}
 
     @property
@@ -228,7 +250,11 @@ class GradStats:
             by_key.setdefault((local.device, local.dtype), []).append(pos)
         for (device, dtype), positions in by_key.items():
             index = torch.tensor([self._param_layer[p] for p in positions], dtype=torch.long, device=self.device)
-            plan.dense.append(_Bucket(device, dtype, positions, index))
+            weights = [self._param_weight[p] for p in positions]
+            weight = None
+            if any(w != 1.0 for w in weights):
+                weight = torch.tensor(weights, dtype=torch.float64, device=self.device)
+            plan.dense.append(_Bucket(device, dtype, positions, index, weight))
         self._plans[present] = plan
         return plan
 
@@ -252,13 +278,15 @@ class GradStats:
                 else:
                     norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
                 sq = torch.stack(norms).to(device=self.device, dtype=torch.float64).square()
+                if bucket.weight is not None:
+                    sq = sq * bucket.weight
                 out.index_add_(0, bucket.index, sq)
             for pos in plan.sparse:
                 grad = self._params[pos].grad
                 assert grad is not None
                 values = grad.coalesce().values()
                 sq_norm = torch.linalg.vector_norm(values, dtype=torch.float32).to(self.device, torch.float64)
-                out[self._param_layer[pos]] += sq_norm.square()
+                out[self._param_layer[pos]] += sq_norm.square() * self._param_weight[pos]
         if extras:
             out = torch.cat([out, *(e.detach().reshape(1).to(self.device, torch.float64) for e in extras)])
         return out
@@ -281,15 +309,15 @@ class GradStats:
         return StepStats(layers=self.layers, sq_norms=values[:n], extras=values[n : n + num_extras])
 
     # ------------------------------------------------------------------ histograms
-    def _dense_grads_by_layer(self) -> list[tuple[int, Tensor]]:
-        out: list[tuple[int, Tensor]] = []
-        for param, layer in zip(self._params, self._param_layer, strict=True):
+    def _dense_grads_by_layer(self) -> list[tuple[int, Tensor, float]]:
+        out: list[tuple[int, Tensor, float]] = []
+        for param, layer, weight in zip(self._params, self._param_layer, self._param_weight, strict=True):
             grad = param.grad
             if grad is None:
                 continue
             local = grad.coalesce().values() if grad.is_sparse else _local(grad)
             if local.numel():
-                out.append((layer, local.detach().reshape(-1)))
+                out.append((layer, local.detach().reshape(-1), weight))
         return out
 
     def histogram_ranges(self) -> Tensor:
@@ -300,7 +328,7 @@ class GradStats:
         """
         out = torch.full((self.num_layers, 2), -math.inf, dtype=torch.float64, device=self.device)
         with torch.no_grad():
-            for layer, flat in self._dense_grads_by_layer():
+            for layer, flat, _ in self._dense_grads_by_layer():
                 lo, hi = torch.aminmax(flat)
                 pair = torch.stack([-lo, hi]).to(self.device, torch.float64)
                 out[layer] = torch.maximum(out[layer], pair)
@@ -318,7 +346,7 @@ class GradStats:
         lo_all = -ranges[:, 0]
         span_all = (ranges[:, 1] - lo_all).clamp_min(torch.finfo(torch.float64).tiny)
         with torch.no_grad():
-            for layer, flat in self._dense_grads_by_layer():
+            for layer, flat, weight in self._dense_grads_by_layer():
                 lo = lo_all[layer].to(flat.device)
                 span = span_all[layer].to(flat.device)
                 values = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
@@ -333,6 +361,8 @@ class GradStats:
                         torch.dot(values, values).to(torch.float64),
                     ]
                 ).to(self.device)
+                if weight != 1.0:  # a piece several ranks hold: their counts add up to one copy
+                    row, counts = row * weight, counts * weight
                 out[layer, :_H_BINS] += row
                 out[layer, _H_BINS:] += counts
         return out
