@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -218,17 +219,20 @@ class GradGuard(Callback):
         self.heatmap_every_n_steps = heatmap_every_n_steps
         self._guards: dict[int, _Guard] = {}  # id(optimizer) -> guard
         self._pending_state: dict[int, dict[str, Any]] = {}
+        self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
+        self._saved_config: dict[str, Any] = {}
         self._writer: Any | None = None
         self._log_every = log_every_n_steps or 50
         self._scaler: Any | None = None
         self._monitor_only = False
         self._notified: set[str] = set()
+        self._verdicts: list[Verdict] = []
 
     # ------------------------------------------------------------------ public read-only views
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            clip=_describe(self.clip), max_norm=self.max_norm, group_by=_describe(self.group_by)
+            clip=_describe_clip(self.clip), max_norm=self.max_norm, group_by=_describe(self.group_by)
         )
 
     @property
@@ -248,6 +252,11 @@ class GradGuard(Callback):
         return sum(g.counters.skipped_total for g in self._guards.values())
 
     @property
+    def verdicts(self) -> list[Verdict]:
+        """Diagnostic verdicts reported so far (vanishing, exploding, dead, non-finite layers), in order."""
+        return list(self._verdicts)
+
+    @property
     def lr_scale(self) -> float:
         """Factor the LR guard applies to the first optimizer's learning rates (1.0 when it never acted)."""
         guard = self._first_guard()
@@ -262,6 +271,13 @@ class GradGuard(Callback):
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__.lower()
+        if strategy == "fsdpstrategy":
+            raise GradGuardError(
+                "GradGuard does not support Lightning's FSDPStrategy (FSDP1): its gradients are plain-tensor pieces "
+                "of flattened parameters, so per-layer norms and clip decisions would be wrong. Shard with FSDP2 "
+                "instead: ModelParallelStrategy with torch.distributed.fsdp.fully_shard applied in configure_model "
+                "(see docs/distributed.md)."
+            )
         self._monitor_only = "deepspeed" in strategy
         if self._monitor_only:
             self._info_once(
@@ -281,6 +297,7 @@ class GradGuard(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._final_state = None
         self._writer = find_writer(trainer.loggers) if trainer.is_global_zero else None
         if trainer.is_global_zero and self._writer is None and trainer.loggers:
             self._info_once(
@@ -290,6 +307,7 @@ class GradGuard(Callback):
             )
         for optimizer in trainer.optimizers:
             self._guard_for(trainer, pl_module, optimizer)
+        self._report_unused_state()
         if self._writer is not None:
             self._writer.add_custom_scalars(dashboard_layout(sorted(g.index for g in self._guards.values())))
 
@@ -314,7 +332,7 @@ class GradGuard(Callback):
         )
         pending = self._pending_state.pop(index, None)
         if pending is not None:
-            _load_guard_state(guard, pending)
+            self._report_differences(guard, _load_guard_state(guard, pending))
         if guard.lr_guard is not None:
             guard.lr_guard.attach(optimizer)
         self._guards[id(optimizer)] = guard
@@ -480,7 +498,7 @@ class GradGuard(Callback):
         norms = record.stats.layer_norms()
         if self.heatmap_every_n_steps:
             guard.heatmap_steps.append(global_step)
-            guard.heatmap_columns.append([math.log10(v) if v > 0 else math.nan for v in norms.values()])
+            guard.heatmap_columns.append([math.log10(v) if v > 0 else -math.inf for v in norms.values()])
             if len(guard.heatmap_steps) > 512:  # bounded memory: keep every other column
                 guard.heatmap_steps = guard.heatmap_steps[::2]
                 guard.heatmap_columns = guard.heatmap_columns[::2]
@@ -521,6 +539,7 @@ class GradGuard(Callback):
             self._writer.add_text(tag("events", guard.index), text, step)
 
     def _verdict(self, guard: _Guard, verdict: Verdict) -> None:
+        self._verdicts.append(verdict)
         self._event(guard, verdict.step, f"{verdict.message} Remedy: {verdict.remedy}", warn=True)
 
     def _info_once(self, key: str, message: str) -> None:
@@ -530,6 +549,8 @@ class GradGuard(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A checkpoint saved after fit resumes as if training had not ended here (no end-of-fit flush).
+        self._final_state = {str(g.index): _guard_state(g) for g in self._guards.values()}
         for guard in self._guards.values():
             last = guard.last
             if last is not None and guard.interval.steps:
@@ -546,20 +567,120 @@ class GradGuard(Callback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "guards": {str(g.index): _guard_state(g) for g in self._guards.values()},
-        }
+        """Everything that affects future decisions, as Python primitives (see ``docs/state.md``).
+
+        Per optimizer: counters, interval aggregates, heatmap buffer, layer names and sizes, the clip
+        policy's history, the LR guard's scale, cooldown and detector, the diagnostics' per-layer history.
+        State loaded but not yet applied (no step taken since) is saved as loaded.
+        """
+        guards = dict(self._pending_state_items())
+        if self._final_state is not None:
+            guards.update(self._final_state)
+        else:
+            guards.update((str(g.index), _guard_state(g)) for g in self._guards.values())
+        return {"version": _STATE_VERSION, "config": self._config_summary(), "guards": guards}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key, state in state_dict.get("guards", {}).items():
+        """Restore :meth:`state_dict` output, also from earlier versions (missing keys start fresh).
+
+        State saved by a differently configured GradGuard (other clip policy, other layers, LR guard or
+        diagnostics switched on or off) is applied where it still means the same thing; each difference
+        and what is done about it is reported once, with a rank-zero warning.
+        """
+        self._final_state = None
+        version = state_dict.get("version", 1)
+        if isinstance(version, int) and version > _STATE_VERSION:
+            rank_zero_warn(
+                f"GradGuard: the checkpoint's GradGuard state has version {version}, newer than this version "
+                f"({_STATE_VERSION}); loading the parts this version knows and ignoring the rest."
+            )
+        saved = state_dict.get("config")
+        self._saved_config = dict(saved) if isinstance(saved, Mapping) else {}
+        for key, state in (state_dict.get("guards") or {}).items():
             index = int(key)
             guard = next((g for g in self._guards.values() if g.index == index), None)
             if guard is None:
                 self._pending_state[index] = state
             else:
-                _load_guard_state(guard, state)
+                self._report_differences(guard, _load_guard_state(guard, state))
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Say what happens when the checkpoint holds no state under this GradGuard's :attr:`state_key`.
+
+        Lightning loads a callback's state only under its exact key. If the key is missing, the only
+        GradGuard state no other callback of this Trainer claims is adopted (the configuration changed
+        between the runs: its differences are reported on load); otherwise this GradGuard starts fresh,
+        with an info message (GradGuard added to an existing run) or a warning naming the other states.
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or self._legacy_state_key in states:
+            return
+        ours = {str(k): v for k, v in states.items() if _is_gradguard_state(v)}
+        callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
+        claimed = {cb.state_key for cb in callbacks} | {str(cb._legacy_state_key) for cb in callbacks}
+        unclaimed = {k: v for k, v in ours.items() if k not in claimed}
+        homeless = [cb for cb in callbacks if isinstance(cb, GradGuard) and cb.state_key not in states]
+        if len(unclaimed) == 1 and len(homeless) == 1:
+            key, state = next(iter(unclaimed.items()))
+            rank_zero_warn(
+                f"GradGuard: the checkpoint has no state under this GradGuard's key {self.state_key!r}; loading "
+                f"the GradGuard state saved under {key!r} instead (the GradGuard was configured differently)."
+            )
+            self.load_state_dict(copy.deepcopy(state))
+            return
+        fresh = "starting with fresh GradGuard state: counters at 0, the clip policy warms up again, LR scale 1.0."
+        if not ours:
+            rank_zero_info(
+                "GradGuard: the checkpoint holds no GradGuard state (GradGuard was added to an existing run, or "
+                f"the checkpoint predates it); {fresh}"
+            )
+        else:
+            rank_zero_warn(
+                f"GradGuard: none of the GradGuard states in the checkpoint ({', '.join(sorted(ours))}) matches "
+                f"this GradGuard's key {self.state_key!r}; {fresh}"
+            )
+
+    def _pending_state_items(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(str(index), state) for index, state in sorted(self._pending_state.items())]
+
+    def _config_summary(self) -> dict[str, Any]:
+        """The configuration, as primitives, saved for messages (never used to restore anything)."""
+        lr_guard = self._lr_guard_template
+        return {
+            "class": type(self).__qualname__,
+            "clip": _describe_clip(self.clip),
+            "max_norm": self.max_norm,
+            "group_by": _describe(self.group_by),
+            "on_nonfinite": self.on_nonfinite,
+            "lr_guard": None if lr_guard is None else repr(lr_guard),
+            "diagnostics": self._diagnostics_template is not None,
+        }
+
+    def _report_differences(self, guard: _Guard, differences: list[str]) -> None:
+        if not differences:
+            return
+        saved = self._saved_config
+        origin = f" (saved by {saved.get('class', 'GradGuard')}(clip={saved.get('clip')!r}))" if saved else ""
+        rank_zero_warn(
+            f"GradGuard: the checkpoint's state for optimizer {guard.index} does not fully match this GradGuard"
+            f"{origin}:\n- " + "\n- ".join(differences)
+        )
+
+    def _report_unused_state(self) -> None:
+        """Warn about state saved for optimizers this run does not have (called once the guards exist)."""
+        if not self._pending_state:
+            return
+        have = sorted(g.index for g in self._guards.values())
+        rank_zero_warn(
+            f"GradGuard: the checkpoint has GradGuard state for optimizer(s) {sorted(self._pending_state)}, but this "
+            f"run has optimizer(s) {have}; that state is ignored."
+        )
+        self._pending_state.clear()
+
+
+_STATE_VERSION = 2
 
 
 def _describe(value: Any) -> str:
@@ -569,10 +690,33 @@ def _describe(value: Any) -> str:
     return getattr(value, "__name__", type(value).__name__)
 
 
+def _describe_clip(clip: Any) -> str:
+    """A policy instance by its configuration (``AutoPolicy(z_thresh=3.0, ...)``); a name as is."""
+    return repr(clip) if isinstance(clip, ThresholdPolicy) else _describe(clip)
+
+
+def _names(names: list[str], shown: int = 6) -> str:
+    return ", ".join(map(str, names[:shown])) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _is_gradguard_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and isinstance(value.get("guards"), Mapping) and "version" in value
+
+
+def _restore_fields(cls: type[Any], saved: Any) -> Any:
+    """A dataclass from saved fields: missing ones take their defaults, unknown (newer) ones are ignored."""
+    fields = asdict(cls())
+    if isinstance(saved, Mapping):
+        fields.update({k: type(fields[k])(v) for k, v in saved.items() if k in fields})
+    return cls(**fields)
+
+
 def _guard_state(guard: _Guard) -> dict[str, Any]:
     state: dict[str, Any] = {
         "counters": asdict(guard.counters),
         "interval": asdict(guard.interval),
+        "layers": list(guard.stats.layers),
+        "numels": list(guard.stats.numels),
         "heatmap_steps": list(guard.heatmap_steps),
         "heatmap_columns": [list(c) for c in guard.heatmap_columns],
     }
@@ -580,22 +724,82 @@ def _guard_state(guard: _Guard) -> dict[str, Any]:
         state["policy"] = guard.policy.state_dict()
     if guard.lr_guard is not None:
         state["lr_guard"] = guard.lr_guard.state_dict()
+        state["lr_guard_config"] = repr(guard.lr_guard)
     if guard.diagnostics is not None:
         state["diagnostics"] = guard.diagnostics.state_dict()
     return state
 
 
-def _load_guard_state(guard: _Guard, state: Mapping[str, Any]) -> None:
-    guard.counters = _Counters(**{**asdict(_Counters()), **state.get("counters", {})})
-    guard.interval = _Interval(**{**asdict(_Interval()), **state.get("interval", {})})
-    guard.heatmap_steps = list(state.get("heatmap_steps", []))
-    guard.heatmap_columns = [list(c) for c in state.get("heatmap_columns", [])]
-    if guard.policy is not None and "policy" in state:
-        guard.policy.load_state_dict(state["policy"])
-    if guard.lr_guard is not None and "lr_guard" in state:
-        guard.lr_guard.load_state_dict(state["lr_guard"])
-    if guard.diagnostics is not None and "diagnostics" in state:
-        guard.diagnostics.load_state_dict(state["diagnostics"])
+def _load_guard_state(guard: _Guard, state: Mapping[str, Any]) -> list[str]:
+    """Apply ``state`` to ``guard``; returns the differences found and what was done about each."""
+    differences: list[str] = []
+    guard.counters = _restore_fields(_Counters, state.get("counters"))
+    guard.interval = _restore_fields(_Interval, state.get("interval"))
+    layers, now = state.get("layers"), list(guard.stats.layers)
+    columns = [list(c) for c in state.get("heatmap_columns", [])]
+    same_layers = layers == now if layers is not None else all(len(c) == len(now) for c in columns)
+    numels = state.get("numels")
+    saved_numel = None if numels is None else sum(int(n) for n in numels)
+    same_params = saved_numel is None or saved_numel == sum(guard.stats.numels)
+    if same_layers:
+        guard.heatmap_steps = list(state.get("heatmap_steps", []))
+        guard.heatmap_columns = columns
+    else:
+        saved_desc = f"{len(layers)}: {_names(layers)}" if layers is not None else "other layers"
+        differences.append(
+            f"layers differ (saved {saved_desc}; now {len(now)}: {_names(now)}): per-layer state (diagnostics, "
+            "heatmap) starts fresh"
+        )
+    if not same_params:
+        differences.append(
+            f"parameters differ (saved {saved_numel} gradient elements, now {sum(guard.stats.numels)}): the saved "
+            "norm statistics describe another model, so the clip policy and the LR guard's detector start fresh "
+            "(the LR scale, cooldown and counters are kept)"
+        )
+
+    saved_policy = state.get("policy")
+    if guard.policy is not None and isinstance(saved_policy, Mapping) and same_params:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                guard.policy.load_state_dict(dict(saved_policy))
+            except ValueError:
+                differences.append(
+                    f"clip policy differs (saved {saved_policy.get('name')!r}, now {guard.policy.name!r}): "
+                    f"the {guard.policy.name!r} policy starts fresh and warms up again"
+                )
+        differences.extend(str(w.message) for w in caught)
+    elif guard.policy is None and isinstance(saved_policy, Mapping):
+        differences.append(
+            f"the checkpoint has clip-policy state ({saved_policy.get('name')!r}) but this GradGuard does not clip: "
+            "ignored"
+        )
+    elif guard.policy is not None and saved_policy is None and guard.counters.steps:
+        differences.append("the checkpoint has no clip-policy state (saved without clipping): the policy starts fresh")
+
+    saved_lr = state.get("lr_guard")
+    if guard.lr_guard is not None and isinstance(saved_lr, Mapping):
+        if not same_params:
+            saved_lr = {k: saved_lr[k] for k in ("lr_scale", "num_reductions", "cooldown_left") if k in saved_lr}
+        guard.lr_guard.load_state_dict(saved_lr)
+        saved_config, config = state.get("lr_guard_config"), repr(guard.lr_guard)
+        if saved_config is not None and saved_config != config:
+            differences.append(
+                f"LR guard configuration differs (saved {saved_config}, now {config}): keeping the current "
+                f"configuration, continuing from the saved LR scale {guard.lr_guard.lr_scale:g} and history"
+            )
+    elif guard.lr_guard is None and isinstance(saved_lr, Mapping) and float(saved_lr.get("lr_scale", 1.0)) != 1.0:
+        differences.append(
+            f"the checkpoint has LR scale {float(saved_lr['lr_scale']):g} from an LR guard, which is disabled now: "
+            "the optimizer steps with the scheduler's LR again"
+        )
+    elif guard.lr_guard is not None and saved_lr is None and guard.counters.steps:
+        differences.append("the checkpoint has no LR-guard state (saved without it): the LR guard starts fresh")
+
+    saved_diag = state.get("diagnostics")
+    if guard.diagnostics is not None and isinstance(saved_diag, Mapping) and same_layers:
+        guard.diagnostics.load_state_dict(dict(saved_diag))
+    return differences
 
 
 class GradMonitor(GradGuard):

@@ -217,3 +217,14 @@ def test_manual_optimization_keeps_separate_state_per_optimizer(tmp_path: Path) 
     thr_g, thr_d = scalars(acc, tag("threshold", 0)), scalars(acc, tag("threshold", 1))
     last_g, last_d = thr_g[max(thr_g)], thr_d[max(thr_d)]
     assert last_g > 3 * last_d  # each optimizer tuned its own threshold
+
+
+def test_fsdp1_strategy_is_refused_with_a_pointer_to_fsdp2() -> None:
+    """Lightning's FSDPStrategy cannot run on CPU, so the check is exercised on the strategy object itself."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=None, precision_plugin=None)
+    with pytest.raises(GradGuardError, match=r"FSDPStrategy \(FSDP1\).*ModelParallelStrategy with .*fully_shard"):
+        GradGuard().setup(trainer, None, "fit")  # type: ignore[arg-type]
