@@ -12,8 +12,8 @@ A step counts as *pressing* when either
   EMA mean or window median; ``0`` for the fixed policy, which makes this the familiar
   ``norm >= 0.9 * max_norm``) and the threshold. Measuring on the headroom keeps the rule meaningful
   when an adaptive threshold sits close to the typical norm; or
-* **the norm level has risen**: the median of the last 15 log-norms lies more than
-  ``log(rise_ratio)`` (and at least four standard errors of that median) above a slow reference of
+* **the norm level has risen**: the median of the last 31 log-norms lies more than
+  ``log(rise_ratio)`` (and at least five standard errors of that median) above a slow reference of
   the log-norm level (an EMA over about 256 steps). Adaptive thresholds follow drifts by design, so a
   steady rise never comes near them; this second channel catches it. A median ignores isolated
   spikes.
@@ -63,17 +63,17 @@ __all__ = ["LRGuard", "LRReduction"]
 log = logging.getLogger(__name__)
 
 #: Number of recent steps whose median log-norm is the "current level" of the rise channel.
-LEVEL_WINDOW = 15
+LEVEL_WINDOW = 31
 #: Horizon (steps) of the slow EMA reference of the log-norm level.
 REFERENCE_HORIZON = 256
 #: The rise channel stays silent until this many steps have been observed.
 REFERENCE_WARMUP = 32
 #: A rise must also exceed this many standard errors of the windowed median.
-RISE_Z = 4.0
+RISE_Z = 5.0
 
 # sd of the median of n normal samples ~ 1.2533 * sigma / sqrt(n); sigma ~ 1.4826 * MAD.
 _MEDIAN_SE = 1.2533 / math.sqrt(LEVEL_WINDOW)
-_MAD_TO_SIGMA = 1.4826
+_MAD_TO_SIGMA = 1.4826 / 0.977  # 0.977: mean of 1.4826 * MAD over 31 normal samples (measured)
 _TINY = 1e-300
 
 Reason = Literal["approach", "rise"]
@@ -93,7 +93,7 @@ class LRReduction:
         norm: pre-clip norm of the triggering step.
         threshold: clip threshold of the triggering step (``None`` while the policy warms up).
         center: the policy's typical level at the triggering step (``None`` for the fixed policy).
-        recent_norms: the last (up to 15) pre-clip norms, oldest first.
+        recent_norms: the last (up to 31) pre-clip norms, oldest first.
         level: median of ``recent_norms``.
         reference: slow reference of the norm level the rise was measured against.
         approaching_steps: how many of the last ``patience`` steps approached the threshold.
@@ -188,8 +188,8 @@ class LRGuard:
         min_lr: floor of the effective LR of every group, ``>= 0``; a group whose scheduler LR is
             already below it keeps the scheduler's LR.
         max_reductions: stop reducing after this many reductions (``None``: no limit), ``>= 1``.
-        rise_ratio: the norm level (median of the last 15 steps) must exceed the slow reference by
-            this factor (and by four standard errors) to count as risen, ``> 1``; ``None`` disables
+        rise_ratio: the norm level (median of the last 31 steps) must exceed the slow reference by
+            this factor (and by five standard errors) to count as risen, ``> 1``; ``None`` disables
             the rise channel, leaving only the approach rule.
 
     Raises:
