@@ -1,0 +1,55 @@
+"""The micro-benchmarks run end to end in their ``--quick`` configuration (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+EXPECTED_RATIOS = {
+    "bench_stats.py": [
+        "stats_step / one_pass_read",
+        "stats_step / clip_grad_norm_(inf)",
+        "stats_step / lightning_grad_norm",
+        "add_histogram_per_tensor / histogram_step (speed-up)",
+        "add_histogram_per_tensor / histogram_step_and_write (speed-up)",
+    ],
+    "bench_clip.py": [
+        "gradguard / clip_grad_norm_ when clipping",
+        "gradguard / clip_grad_norm_ when not clipping",
+    ],
+}
+
+
+@pytest.mark.parametrize("script", sorted(EXPECTED_RATIOS))
+def test_benchmark_quick_run(script: str, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--rounds", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("check: ") for line in lines), proc.stdout
+    assert any(line.startswith("versions: ") and "torch" in line for line in lines), proc.stdout
+    for label in EXPECTED_RATIOS[script]:
+        matching = [line for line in lines if line.startswith(f"ratio {label}: ")]
+        assert len(matching) == 1, f"no ratio line for {label!r} in:\n{proc.stdout}"
+        value = float(matching[0].split(": ", 1)[1].split("x", 1)[0])
+        assert value > 0
+
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["quick"] is True
+    assert set(result["ratios"]) == set(EXPECTED_RATIOS[script])
+    for label, entry in result["ratios"].items():
+        num, den = result["median_ms"][entry["numerator"]], result["median_ms"][entry["denominator"]]
+        assert entry["ratio"] == pytest.approx(num / den), label
+        assert len(result["samples_ms"][entry["numerator"]]) == 2
