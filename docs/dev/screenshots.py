@@ -1,0 +1,142 @@
+"""Regenerate the TensorBoard screenshots in ``docs/img`` from a real run of ``examples/quickstart.py``.
+
+    .venv/bin/python docs/dev/screenshots.py [--keep-logs DIR]
+
+Needs a Chromium binary (``apt-get install chromium``). Steps: train the quickstart example into a
+temporary log directory, start ``tensorboard --logdir`` on a free local port, load each view in
+headless Chromium (``--screenshot``), crop the empty area away and save a palette PNG (each well under
+300 KB). The heatmap image is fetched as TensorBoard serves it. Nothing is fetched from the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+IMG = ROOT / "docs" / "img"
+RUN = "quickstart/version_0"
+WIDTH = 1400
+
+# file name -> (URL fragment, window height, crop height)
+VIEWS: dict[str, tuple[str, int, int]] = {
+    "dashboard.png": ("#custom_scalars", 1240, 1240),
+    "scalars.png": (
+        "#scalars&tagFilter=" + urllib.parse.quote("gradguard/(global_norm|threshold|clip_rate|lr_scale)$", safe=""),
+        900,
+        740,
+    ),
+    "histograms.png": ("#histograms", 900, 700),
+    "events.png": ("#text", 900, 420),
+}
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--virtual-time-budget=20000",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise SystemExit("no Chromium found: install it (apt-get install chromium)")
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        data: bytes = resp.read()
+    return data
+
+
+def _wait_for_run(base: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if RUN in json.loads(_get(f"{base}/data/runs")):
+                return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise SystemExit(f"TensorBoard at {base} did not list run {RUN} within {timeout:.0f} s")
+
+
+def _save(png: bytes, path: Path, crop_height: int | None = None) -> None:
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    if crop_height is not None:
+        image = image.crop((0, 0, image.width, min(crop_height, image.height)))
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size / 1024:.0f} KiB, {image.width}x{image.height})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep-logs", type=Path, default=None, help="train into this folder and keep it")
+    args = parser.parse_args()
+    chromium = _chromium()
+    IMG.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        logdir = args.keep_logs or Path(tmp) / "runs"
+        subprocess.run([sys.executable, ROOT / "examples" / "quickstart.py", "--logdir", logdir], check=True)
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        tensorboard = Path(sys.executable).with_name("tensorboard")
+        server = subprocess.Popen(
+            [tensorboard, "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for_run(base)
+            for name, (fragment, height, crop) in VIEWS.items():
+                shot = Path(tmp) / name
+                subprocess.run(
+                    [
+                        chromium,
+                        *CHROMIUM_FLAGS,
+                        f"--user-data-dir={Path(tmp) / 'chromium'}",
+                        f"--window-size={WIDTH},{height}",
+                        f"--screenshot={shot}",
+                        f"{base}/{fragment}",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=180,
+                )
+                _save(shot.read_bytes(), IMG / name, crop)
+            query = urllib.parse.urlencode({"run": RUN, "tag": "gradguard/heatmap", "sample": 0})
+            entries = json.loads(_get(f"{base}/data/plugin/images/images?{query}"))
+            _save(_get(f"{base}/data/plugin/images/individualImage?{entries[-1]['query']}"), IMG / "heatmap.png")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
