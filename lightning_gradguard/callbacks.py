@@ -95,6 +95,7 @@ class _StepRecord:
     skipped: bool = False
     scaler_skipped: bool = False
     error: str | None = None  # raised after the step has been accounted and logged
+    loss: float | None = None  # mean training loss of the step's micro-batches, when the LR guard wants it
 
 
 @dataclass
@@ -227,6 +228,8 @@ class GradGuard(Callback):
         self._monitor_only = False
         self._notified: set[str] = set()
         self._verdicts: list[Verdict] = []
+        self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (LR guard evidence)
+        self._loss_count = 0
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -348,19 +351,36 @@ class GradGuard(Callback):
 
     # ------------------------------------------------------------------ the step
     @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        """Keep the loss on the device; it reaches the host with the step's statistics (no extra sync)."""
+        if self._lr_guard_template is None or self._monitor_only:
+            return
+        value = loss.detach().float().reshape(())
+        scale = getattr(self._scaler, "_scale", None) if self._scaler is not None else None
+        if isinstance(scale, Tensor) and self._scaler.is_enabled():  # type: ignore[union-attr]
+            value = value / scale.to(value.device)  # Lightning hands the hook the AMP-scaled loss
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_count += 1
+
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         guard = self._guard_for(trainer, pl_module, optimizer)
         step = guard.counters.steps
         scale = self._fused_amp_scale(optimizer)
-        vector = guard.stats.squared_norms(extras=[scale] if scale is not None else [])
+        extras = [] if scale is None else [scale]
+        if self._loss_sum is not None:
+            extras.append(self._loss_sum / self._loss_count)
+            self._loss_sum, self._loss_count = None, 0
+        vector = guard.stats.squared_norms(extras=extras)
         vector = reduce_stats(vector, guard.stats.sharded_layers)
-        stats = guard.stats.read(vector, num_extras=1 if scale is not None else 0)
+        stats = guard.stats.read(vector, num_extras=len(extras))
+        loss = stats.extras[-1] if len(extras) > (scale is not None) else None
         if scale is not None:
             inv = 1.0 / (stats.extras[0] ** 2)
             stats = StepStats(stats.layers, [v * inv for v in stats.sq_norms])
-        record = _StepRecord(step=step, stats=stats, global_norm=stats.global_norm)
+        record = _StepRecord(step=step, stats=stats, global_norm=stats.global_norm, loss=loss)
         if stats.finite:
             guard.counters.consecutive_skips = 0
             self._clip(guard, record)
@@ -404,7 +424,9 @@ class GradGuard(Callback):
             record.post_clip_norm = norm * coef
         policy.observe(norm)
         if guard.lr_guard is not None:
-            reduction = guard.lr_guard.update(step=record.step, norm=norm, threshold=threshold, center=policy.center())
+            reduction = guard.lr_guard.update(
+                step=record.step, norm=norm, threshold=threshold, center=policy.center(), loss=record.loss
+            )
             if reduction is not None:
                 self._event(guard, record.step, str(reduction), warn=True)
 

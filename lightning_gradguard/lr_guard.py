@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 #: Number of recent steps whose median log-norm is the "current level" of the rise channel.
 LEVEL_WINDOW = 31
 #: Horizon (steps) of the slow EMA reference of the log-norm level.
+LOSS_HORIZON = 100  # steps of training loss kept to judge whether the loss still improves
 REFERENCE_HORIZON = 256
 #: The rise channel stays silent until this many steps have been observed.
 REFERENCE_WARMUP = 32
@@ -101,6 +102,8 @@ class LRReduction:
         patience: the guard's ``patience``.
         old_lrs: effective LR of each param group before (empty when no optimizer is attached).
         new_lrs: effective LR of each param group after (empty when no optimizer is attached).
+        loss_recent: median training loss of the most recent steps (``None`` without losses).
+        loss_before: median training loss at the start of the loss horizon (up to 100 steps back).
     """
 
     step: int
@@ -119,6 +122,8 @@ class LRReduction:
     patience: int
     old_lrs: tuple[float, ...]
     new_lrs: tuple[float, ...]
+    loss_recent: float | None = None
+    loss_before: float | None = None
 
     def message(self) -> str:
         """One human-readable line with the evidence, for a log message or a TensorBoard text event."""
@@ -134,6 +139,10 @@ class LRReduction:
             + ", ".join(f"{n:.3g}" for n in self.recent_norms)
             + ".",
         ]
+        if self.loss_recent is not None and self.loss_before is not None:
+            parts.append(
+                f"The training loss is not improving (median {self.loss_before:.4g} -> {self.loss_recent:.4g})."
+            )
         if self.old_lrs:
             parts.append(
                 "LR " + ", ".join(f"{a:.4g} -> {b:.4g}" for a, b in zip(self.old_lrs, self.new_lrs, strict=True)) + "."
@@ -191,6 +200,10 @@ class LRGuard:
         rise_ratio: the norm level (median of the last 31 steps) must exceed the slow reference by
             this factor (and by five standard errors) to count as risen, ``> 1``; ``None`` disables
             the rise channel, leaving only the approach rule.
+        require_stalled_loss: when the caller passes the training loss to :meth:`update`, act only
+            while the loss has stopped improving (median of the last quarter of up to 100 recent losses
+            not below the median of the first quarter). Growing norms with a falling loss are healthy early
+            training. Without losses (``loss=None``) the guard judges by the norms alone.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -219,6 +232,7 @@ class LRGuard:
         min_lr: float = 0.0,
         max_reductions: int | None = None,
         rise_ratio: float | None = 2.0,
+        require_stalled_loss: bool = True,
     ) -> None:
         self.approach_ratio = _check_float("approach_ratio", approach_ratio, 0.0, 1.0, True, False)
         self.patience = _check_int("patience", patience, 2)
@@ -230,6 +244,9 @@ class LRGuard:
             None if rise_ratio is None else _check_float("rise_ratio", rise_ratio, 1.0, math.inf, True, True)
         )
         self._log_rise = 0.0 if self.rise_ratio is None else math.log(self.rise_ratio)
+        if not isinstance(require_stalled_loss, bool):
+            raise TypeError(f"`require_stalled_loss` must be True or False, got {require_stalled_loss!r}")
+        self.require_stalled_loss = require_stalled_loss
 
         self._optimizer: torch.optim.Optimizer | None = None
         self._handles: list[RemovableHandle] = []
@@ -250,6 +267,7 @@ class LRGuard:
         self._norms: deque[float] = deque(maxlen=LEVEL_WINDOW)
         self._reference = 0.0
         self._dispersion = 0.0
+        self._losses: deque[float] = deque(maxlen=max(LOSS_HORIZON, 2 * self.patience))
 
     @property
     def lr_scale(self) -> float:
@@ -278,6 +296,7 @@ class LRGuard:
             "norms": list(self._norms),
             "reference": self._reference,
             "dispersion": self._dispersion,
+            "losses": list(self._losses),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -292,6 +311,7 @@ class LRGuard:
         self._norms.extend(float(x) for x in state_dict.get("norms", []))
         self._reference = float(state_dict.get("reference", 0.0))
         self._dispersion = float(state_dict.get("dispersion", 0.0))
+        self._losses.extend(float(x) for x in state_dict.get("losses", []))
 
     # -------------------------------------------------------------- detection
 
@@ -300,7 +320,13 @@ class LRGuard:
         return max(self._log_rise, RISE_Z * _MEDIAN_SE * sigma)
 
     def update(
-        self, *, step: int, norm: float, threshold: float | None, center: float | None = None
+        self,
+        *,
+        step: int,
+        norm: float,
+        threshold: float | None,
+        center: float | None = None,
+        loss: float | None = None,
     ) -> LRReduction | None:
         """Observe one optimizer step; reduce the LR scale when the evidence has held long enough.
 
@@ -311,6 +337,10 @@ class LRGuard:
                 while the policy warms up without a cap.
             center: the policy's typical norm level (EMA mean, window median); ``None`` when it has
                 none (fixed policy), which measures the approach from ``0``.
+            loss: the step's training loss, if known. With ``require_stalled_loss`` the guard does not
+                act while the loss is still improving (median of the last quarter of up to 100 recent
+                losses below the median of the first quarter): norms that grow while the loss falls are
+                healthy early training, not a step size that is too large.
 
         Returns:
             The reduction, with its evidence, if this step triggered one; else ``None``.
@@ -318,6 +348,8 @@ class LRGuard:
         norm = float(norm)
         if not math.isfinite(norm):
             return None
+        if loss is not None and math.isfinite(loss):
+            self._losses.append(float(loss))
         # Channel 1: the norm has used `approach_ratio` of the headroom below the threshold.
         approaching = False
         if threshold is not None and math.isfinite(threshold) and threshold > 0.0:
@@ -355,10 +387,34 @@ class LRGuard:
             return None
         if self.max_reductions is not None and self._num_reductions >= self.max_reductions:
             return None
-        return self._reduce(step, norm, threshold, center, level)
+        losses = self._loss_medians()
+        if self.require_stalled_loss and loss is not None and (losses is None or losses[1] < losses[0]):
+            # The loss still improves, or too few losses to tell yet: keep the streak, judge again next step.
+            return None
+        return self._reduce(step, norm, threshold, center, level, losses)
+
+    def _loss_medians(self) -> tuple[float, float] | None:
+        """(median loss at the start of the loss horizon, median loss now), once ``2 * patience`` exist.
+
+        The two windows are the first and last quarter of up to ``LOSS_HORIZON`` (100) recent losses
+        (at least ``patience`` steps each), so per-batch noise does not decide and a loss that fell over
+        the last ~100 steps counts as improving.
+        """
+        n = len(self._losses)
+        if n < 2 * self.patience:
+            return None
+        values = list(self._losses)
+        k = max(self.patience, n // 4)
+        return _median(values[:k]), _median(values[-k:])
 
     def _reduce(
-        self, step: int, norm: float, threshold: float | None, center: float | None, level: float
+        self,
+        step: int,
+        norm: float,
+        threshold: float | None,
+        center: float | None,
+        level: float,
+        losses: tuple[float, float] | None = None,
     ) -> LRReduction | None:
         n_approach = sum(1 for a, _ in self._streak if a)
         n_risen = sum(1 for _, r in self._streak if r)
@@ -398,6 +454,8 @@ class LRGuard:
             patience=self.patience,
             old_lrs=old_lrs,
             new_lrs=new_lrs,
+            loss_recent=None if losses is None else losses[1],
+            loss_before=None if losses is None else losses[0],
         )
 
     # ----------------------------------------------------------------- action

@@ -83,7 +83,9 @@ class _Recorder(Callback):
 
 def _fit(sched: str, interval: str, guarded: bool) -> tuple[list[list[float]], _Recorder]:
     # max_norm far below every norm: every step is clipped, so every step approaches the threshold.
-    lr_guard: bool | LRGuard = LRGuard(patience=3, cooldown=10, rise_ratio=None) if guarded else False
+    lr_guard: bool | LRGuard = (
+        LRGuard(patience=3, cooldown=10, rise_ratio=None, require_stalled_loss=False) if guarded else False
+    )
     gg = GradGuard(
         clip="fixed",
         max_norm=1e-3,
