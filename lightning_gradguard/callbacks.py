@@ -153,7 +153,7 @@ class GradGuard(Callback):
             with GradGuard clipping.
         NonFiniteGradientsError: during training, per ``on_nonfinite`` / ``max_consecutive_skips``.
 
-    Example::
+    Example:
 
         from lightning import Trainer
         from lightning_gradguard import GradGuard

@@ -144,7 +144,7 @@ class GradientDiagnostics:
         TypeError: an argument has the wrong type.
         ValueError: an argument is out of range.
 
-    Example::
+    Example:
 
         diag = GradientDiagnostics()
         for v in diag.observe(0, {"fc1": 2e-9, "fc2": 0.4}, {"fc1": 78400, "fc2": 1000}):

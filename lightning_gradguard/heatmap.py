@@ -94,7 +94,7 @@ def render_heatmap(
 
     labels = [_shorten(name) for name in layers]
     longest = max(len(s) for s in labels)
-    left = min(0.45, (16 + 6.6 * longest) / width)
+    left = min(0.45, (40 + 6.6 * longest) / width)  # room for the labels and the axis title
     fig.subplots_adjust(left=left, right=0.85, top=1 - 45 / height, bottom=75 / height)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi, origin="upper")

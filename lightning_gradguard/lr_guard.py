@@ -29,7 +29,7 @@ ReduceLROnPlateau, ...) keeps computing its own schedule and the effective LR is
 ``lr_scale * scheduler LR`` (floored at ``min_lr``). A step the GradScaler skips never leaves a
 scaled LR behind.
 
-Example::
+Example:
 
     >>> import torch
     >>> model = torch.nn.Linear(2, 1)
@@ -209,7 +209,7 @@ class LRGuard:
         TypeError: an argument has the wrong type.
         ValueError: an argument is out of range.
 
-    Example::
+    Example:
 
         >>> import torch
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0)

@@ -176,7 +176,7 @@ class FixedPolicy(ThresholdPolicy):
     Raises:
         TypeError, ValueError: on an invalid ``max_norm``.
 
-    Example::
+    Example:
 
         >>> FixedPolicy(1.0).threshold()
         1.0
@@ -559,7 +559,7 @@ def make_policy(clip: str | ThresholdPolicy | None, max_norm: float | None = Non
             ``clip=None`` or with a policy instance, or an invalid ``max_norm``.
         TypeError: if ``clip`` is of another type.
 
-    Example::
+    Example:
 
         >>> make_policy("fixed", max_norm=1.0)
         FixedPolicy(max_norm=1.0)

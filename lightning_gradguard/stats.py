@@ -56,7 +56,7 @@ def layer_name(param_name: str, group_by: GroupBy) -> str:
             ``"param"`` (the parameter itself), an ``int`` depth (the first ``depth`` components of the
             owning module's path) or a callable mapping the parameter name to a layer name.
 
-    Example::
+    Example:
 
         >>> layer_name("encoder.layers.3.linear1.weight", "module")
         'encoder.layers.3.linear1'
@@ -172,7 +172,7 @@ class GradStats:
             gradients are left out. A parameter listed twice (tied weights) counts once.
         group_by: how parameters are grouped into layers, see :func:`layer_name`.
 
-    Example::
+    Example:
 
         >>> model = torch.nn.Linear(2, 1)
         >>> stats = GradStats(model.named_parameters())
@@ -343,28 +343,55 @@ class GradStats:
             bins: number of equal-width bins between each layer's min and max.
         """
         out = torch.zeros(self.num_layers, _H_BINS + bins, dtype=torch.float64, device=self.device)
+        pieces = self._dense_grads_by_layer()
+        if not pieces:
+            return out
         lo_all = -ranges[:, 0]
-        span_all = (ranges[:, 1] - lo_all).clamp_min(torch.finfo(torch.float64).tiny)
+        scale_all = bins / (ranges[:, 1] - lo_all).clamp_min(torch.finfo(torch.float64).tiny)
+        # Scratch buffers reused across tensors: binning allocates nothing per tensor (fresh memory
+        # costs more than the arithmetic on CPU), and bin indices take one byte each for <= 256 bins.
+        largest = max(flat.numel() for _, flat, _ in pieces)
+        index_dtype = torch.uint8 if bins <= 256 else torch.int64
+        scratch: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        layers: list[int] = []
+        weights: list[float] = []
+        numels: list[float] = []
+        sums: list[Tensor] = []
+        counts: list[Tensor] = []
         with torch.no_grad():
-            for layer, flat, weight in self._dense_grads_by_layer():
-                lo = lo_all[layer].to(flat.device)
-                span = span_all[layer].to(flat.device)
+            for layer, flat, weight in pieces:
                 values = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-                lo_v, scale = lo.to(values.dtype), (bins / span).to(values.dtype)
-                pos = ((values - lo_v) * scale).floor_().nan_to_num_(nan=0.0, posinf=bins - 1, neginf=0.0)
-                idx = pos.clamp_(0, bins - 1).to(torch.long)
-                counts = torch.bincount(idx, minlength=bins).to(self.device, torch.float64)
-                row = torch.stack(
-                    [
-                        torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device),
-                        values.sum(dtype=torch.float64),
-                        torch.dot(values, values).to(torch.float64),
-                    ]
-                ).to(self.device)
-                if weight != 1.0:  # a piece several ranks hold: their counts add up to one copy
-                    row, counts = row * weight, counts * weight
-                out[layer, :_H_BINS] += row
-                out[layer, _H_BINS:] += counts
+                key = (values.device, values.dtype)
+                if key not in scratch:
+                    scratch[key] = (
+                        torch.empty(largest, dtype=values.dtype, device=values.device),
+                        torch.empty(largest, dtype=index_dtype, device=values.device),
+                        lo_all.to(values.device, values.dtype),
+                        scale_all.to(values.device, values.dtype),
+                    )
+                buf, idx, lo, scale = scratch[key]
+                n = values.numel()
+                pos = torch.sub(values, lo[layer], out=buf[:n]).mul_(scale[layer]).floor_()
+                pos.nan_to_num_(nan=0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1)
+                index = idx[:n]
+                index.copy_(pos)
+                counts.append(torch.bincount(index, minlength=bins).to(self.device))
+                sums.append(torch.stack([values.sum(), torch.dot(values, values)]).to(self.device, torch.float64))
+                layers.append(layer)
+                weights.append(weight)
+                numels.append(float(n))
+            target = torch.tensor(layers, dtype=torch.long, device=self.device)
+            body = torch.cat(
+                [
+                    torch.tensor(numels, dtype=torch.float64, device=self.device).unsqueeze(1),
+                    torch.stack(sums),
+                    torch.stack(counts).to(torch.float64),
+                ],
+                dim=1,
+            )
+            if any(w != 1.0 for w in weights):  # a piece several ranks hold: their counts add up to one copy
+                body *= torch.tensor(weights, dtype=torch.float64, device=self.device).unsqueeze(1)
+            out.index_add_(0, target, body)
         return out
 
     def read_histograms(self, ranges: Tensor, counts: Tensor) -> dict[str, HistogramData]:

@@ -7,6 +7,7 @@ trainer. Both ``torch.utils.tensorboard`` and ``tensorboardX`` writers work.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -37,7 +38,8 @@ def dashboard_layout(optimizer_indices: Sequence[int]) -> dict[str, dict[str, li
         ns = namespace(idx)
 
         def t(name: str, idx: int = idx) -> str:
-            return tag(name, idx)
+            # charts take regular expressions: anchor them, or `clipped` would also chart `clipped_total`
+            return f"^{re.escape(tag(name, idx))}$"
 
         title = "GradGuard" if idx == 0 else f"GradGuard (optimizer {idx})"
         layout[title] = {
@@ -51,7 +53,7 @@ def dashboard_layout(optimizer_indices: Sequence[int]) -> dict[str, dict[str, li
                     t("post_clip_norm"),
                 ],
             ],
-            "per-layer gradient norm": ["Multiline", [f"{ns}/layer_norm/.*"]],
+            "per-layer gradient norm": ["Multiline", [f"^{re.escape(ns)}/layer_norm/.*"]],
             "clipping": ["Multiline", [t("clip_rate"), t("clipped")]],
             "skipped steps": ["Multiline", [t("skipped"), t("skipped_total"), t("scaler_skipped")]],
             "learning rate": ["Multiline", [t("lr_scale"), t("lr")]],

@@ -79,8 +79,9 @@ def test_histograms_and_dashboard_are_written(tmp_path: Path) -> None:
     layout = layout_pb2.Layout.FromString(layout_events[0].tensor_proto.string_val[0])
     category = {c.title: c for c in layout.category}["GradGuard"]
     charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
-    assert tag("global_norm") in charts["global gradient norm"]
-    assert charts["per-layer gradient norm"] == ["gradguard/layer_norm/.*"]
+    assert "^gradguard/global_norm$" in charts["global gradient norm"]
+    assert charts["clipping"] == ["^gradguard/clip_rate$", "^gradguard/clipped$"]  # not clipped_total
+    assert charts["per-layer gradient norm"] == ["^gradguard/layer_norm/.*"]
 
 
 def test_scalars_reach_a_csv_logger_and_tensorboard_outputs_are_skipped_with_one_notice(

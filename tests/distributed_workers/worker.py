@@ -244,7 +244,7 @@ def decision_guard() -> GradGuard:
     """An adaptive guard that clips and lowers the LR within a few steps of a rising norm."""
     return GradGuard(
         clip=ZScorePolicy(alpha=0.9, z_thresh=1.5, warmup_steps=3),
-        lr_guard=LRGuard(patience=2, cooldown=2, rise_ratio=None),
+        lr_guard=LRGuard(patience=2, cooldown=2, rise_ratio=None, require_stalled_loss=False),
         histogram_every_n_steps=4,
         diagnostics=False,
         heatmap_every_n_steps=0,
@@ -330,7 +330,7 @@ def run_ddp(out: Path) -> None:
 def equivalence_guard() -> GradGuard:
     return GradGuard(
         clip=ZScorePolicy(alpha=0.9, z_thresh=1.0, warmup_steps=3),
-        lr_guard=LRGuard(patience=2, cooldown=2, rise_ratio=None),
+        lr_guard=LRGuard(patience=2, cooldown=2, rise_ratio=None, require_stalled_loss=False),
         histogram_every_n_steps=0,
         diagnostics=False,
         heatmap_every_n_steps=0,
