@@ -228,3 +228,17 @@ def test_fsdp1_strategy_is_refused_with_a_pointer_to_fsdp2() -> None:
     trainer = SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=None, precision_plugin=None)
     with pytest.raises(GradGuardError, match=r"FSDPStrategy \(FSDP1\).*ModelParallelStrategy with .*fully_shard"):
         GradGuard().setup(trainer, None, "fit")  # type: ignore[arg-type]
+
+
+def test_bf16_mixed_statistics_clipping_and_skipping(tmp_path: Path) -> None:
+    """bf16-mixed has no GradScaler: norms are read as they are, and a NaN step is GradGuard's to skip."""
+    before, after = GradRecorder(), GradRecorder()
+    guard = GradGuard(clip="fixed", max_norm=0.05, lr_guard=False, log_every_n_steps=1, histogram_every_n_steps=1)
+    trainer = _fit(
+        tmp_path, [before, guard, after], TinyRegressor(nan_at_steps=(2,)), max_steps=5, precision="bf16-mixed"
+    )
+    logged = scalars(read_events(trainer.logger.log_dir), tag("global_norm"))  # type: ignore[union-attr]
+    for step in (0, 1, 3, 4):
+        assert logged[step] == pytest.approx(before.global_norms[step], rel=1e-5)
+        assert after.global_norms[step] == pytest.approx(0.05, rel=1e-4)
+    assert guard.skipped_steps == 1 and guard.clipped_steps == 4
