@@ -1,0 +1,118 @@
+"""Every example, run in a reduced form, asserting what its README section claims."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (the examples put their own folder on ``sys.path`` as well)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+def test_quickstart(tmp_path: Path) -> None:
+    guard = load("quickstart").main(["--max-steps", "30", "--logdir", str(tmp_path)])
+    assert guard.threshold is not None  # past the 25-step warmup: the adaptive threshold is in force
+    assert guard.skipped_steps == 0
+    assert list((tmp_path / "quickstart").glob("version_*/events.out.tfevents.*"))
+
+
+def test_vanishing_sigmoid_flagged_bn_relu_not(tmp_path: Path) -> None:
+    results = load("vanishing").main(["--max-steps", "30", "--logdir", str(tmp_path)])
+    sigmoid, tanh, bn_relu = results["sigmoid"], results["tanh"], results["bn_relu"]
+    # The textbook numbers: the first layer's weight gradient is ~1e-8 of the last layer's.
+    assert sigmoid.first_layer_norm < 1e-6 * sigmoid.last_layer_norm
+    vanishing = sigmoid.flagged("vanishing")
+    assert vanishing[:2] == ["net.fc1", "net.fc2"]  # the early layers, named, in model order
+    assert "net.fc10" not in vanishing
+    assert "vanishing" in sigmoid.summary and "Remedies" in sigmoid.summary
+    assert all("Remedy:" in v for v in sigmoid.verdicts)
+    assert bn_relu.verdicts == []
+    assert "no vanishing" in bn_relu.summary
+    # Tanh: early layers get smaller gradients, but within the ratio GradGuard tolerates (1e4 per element).
+    assert tanh.first_layer_rms < tanh.last_layer_rms
+    assert tanh.first_layer_rms > 1e-4 * tanh.last_layer_rms
+    assert tanh.flagged("vanishing") == []
+
+
+def test_exploding_rnn_nonfinite_without_guard_finite_with_gradguard(tmp_path: Path) -> None:
+    argv = ["--max-steps", "106", "--short-steps", "100", "--seq-len", "60", "--modes", "none,gradguard"]
+    results = load("exploding_rnn").main([*argv, "--logdir", str(tmp_path)])
+    unguarded, guarded = results["none"], results["gradguard"]
+    assert unguarded.went_nonfinite
+    assert unguarded.first_nonfinite_step is not None and unguarded.first_nonfinite_step >= 100  # after the switch
+    assert all(math.isfinite(v) for v in unguarded.losses[:100])
+    assert not guarded.went_nonfinite
+    assert len(guarded.losses) == 106
+    assert guarded.clipped_steps is not None and guarded.clipped_steps >= 1
+    assert guarded.skipped_steps == 0
+
+
+def test_lr_too_high_lr_guard_fires_and_loss_is_lower(tmp_path: Path) -> None:
+    results = load("lr_too_high").main(["--max-steps", "200", "--logdir", str(tmp_path)])
+    with_guard, without = results["lr_guard"], results["no_lr_guard"]
+    assert with_guard.lr_scale == 0.5 and len(with_guard.reductions) >= 1
+    assert without.lr_scale == 1.0 and without.reductions == []
+    assert with_guard.mean_loss(50) < 0.5 * without.mean_loss(50)
+    assert with_guard.losses[:50] == without.losses[:50]  # same weights and batches until the guard acts
+
+
+def test_ddp_cpu_two_ranks_same_decisions(tmp_path: Path) -> None:
+    reports = load("ddp_cpu").main(["--max-steps", "30", "--logdir", str(tmp_path)])
+    assert sorted(r["global_rank"] for r in reports) == [0, 1]
+    assert {r["world_size"] for r in reports} == {2}
+    assert {r["backend"] for r in reports} == {"gloo"}
+    assert {r["steps"] for r in reports} == {30}
+    assert reports[0]["threshold"] is not None
+    assert reports[0]["threshold"] == reports[1]["threshold"]
+    assert reports[0]["clipped_steps"] == reports[1]["clipped_steps"]
+    assert reports[0]["weight_checksum"] == reports[1]["weight_checksum"]  # replicas stayed identical
+
+
+def test_cli_yaml_configures_gradguard(tmp_path: Path) -> None:
+    pytest.importorskip("jsonargparse")
+    import yaml
+
+    from lightning_gradguard import GradGuard
+
+    argv = [
+        "fit",
+        "--config",
+        str(EXAMPLES / "cli_config.yaml"),
+        "--trainer.max_steps",
+        "30",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    cli = load("cli").main(argv)
+    guards = [c for c in cli.trainer.callbacks if isinstance(c, GradGuard)]
+    assert len(guards) == 1
+    guard = guards[0]
+    assert guard.clip == "auto" and guard.max_norm == 10.0 and guard.histogram_every_n_steps == 50
+    assert cli.trainer.global_step == 30
+    (run,) = (tmp_path / "cli").glob("version_*")
+    # The config LightningCLI saved next to the logs: the nested LRGuard came through with its init_args.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    (callback,) = saved["trainer"]["callbacks"]
+    assert callback["class_path"] == "lightning_gradguard.GradGuard"
+    lr_guard = callback["init_args"]["lr_guard"]
+    assert lr_guard["class_path"] == "lightning_gradguard.LRGuard"
+    assert lr_guard["init_args"]["patience"] == 10 and lr_guard["init_args"]["cooldown"] == 100
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"gradguard/global_norm", "gradguard/threshold", "gradguard/clip_rate"} <= scalars
+    assert any(t.startswith("gradguard/layer_norm/") for t in scalars)
