@@ -22,7 +22,7 @@ Rules (defaults in brackets)
 * ``vanishing``: median RMS below ``vanishing_floor`` [1e-8], or more than ``vanishing_ratio``
   [1e4] times smaller than the largest median RMS of any layer at that log step.
 * ``exploding``: the current L2 norm above ``exploding_ceiling`` [100], or more than
-  ``exploding_ratio`` [100] times the median of the layer's own previous ``window`` finite
+  ``exploding_ratio`` [1000] times the median of the layer's own previous ``window`` finite
   observations (at least 3 of them; a baseline of zero does not count).
 * ``dead``: the norm is exactly zero now and the median is zero (a layer with parameters that
   require grad whose gradient never moves). A layer whose median is zero gets no ``vanishing``
@@ -156,7 +156,7 @@ class GradientDiagnostics:
         vanishing_floor: float = 1e-8,
         vanishing_ratio: float = 1e4,
         exploding_ceiling: float = 100.0,
-        exploding_ratio: float = 100.0,
+        exploding_ratio: float = 1000.0,
         window: int = 10,
     ) -> None:
         self.vanishing_floor = _check_positive("vanishing_floor", vanishing_floor, 0.0, True, "a finite number >= 0")

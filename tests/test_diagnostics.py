@@ -90,11 +90,13 @@ def test_exploding_by_jump_over_own_recent_median() -> None:
     assert diag.observe(0, {"a": 1e-3}, numels) == []
     assert diag.observe(1, {"a": 2e-3}, numels) == []
     assert diag.observe(2, {"a": 1e-3}, numels) == []
-    # 0.2 / median(1e-3, 2e-3, 1e-3) = 200 > 100
-    verdicts = diag.observe(3, {"a": 0.2}, numels)
+    # 0.2 / median(1e-3, 2e-3, 1e-3) = 200 < 1000: the kind of take-off healthy training shows
+    assert diag.observe(3, {"a": 0.2}, numels) == []
+    # 2.0 / median(1e-3, 2e-3, 1e-3, 0.2) = 2.0 / 1.5e-3 = 1333 > 1000
+    verdicts = diag.observe(4, {"a": 2.0}, numels)
     assert kinds(verdicts) == [("a", "exploding")]
-    assert "200x the median 0.001" in verdicts[0].message
-    assert "exploding_ratio=100" in verdicts[0].message
+    assert "1.33e+03x the median 0.0015" in verdicts[0].message
+    assert "exploding_ratio=1000" in verdicts[0].message
 
 
 def test_jump_rule_needs_three_previous_observations_and_a_nonzero_baseline() -> None:
