@@ -78,12 +78,13 @@ def _wait_for_run(base: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if RUN in json.loads(_get(f"{base}/data/runs")):
+            if json.loads(_get(f"{base}/data/runs")):
+                time.sleep(3.0)  # let the reloader finish reading the event files
                 return
         except OSError:
             pass
         time.sleep(1.0)
-    raise SystemExit(f"TensorBoard at {base} did not list run {RUN} within {timeout:.0f} s")
+    raise SystemExit(f"TensorBoard at {base} listed no run within {timeout:.0f} s")
 
 
 def _save(png: bytes, path: Path, crop_height: int | None = None) -> None:
@@ -94,47 +95,64 @@ def _save(png: bytes, path: Path, crop_height: int | None = None) -> None:
     print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size / 1024:.0f} KiB, {image.width}x{image.height})")
 
 
+def _shoot(
+    chromium: str, logdir: Path, views: dict[str, tuple[str, int, int]], tmp: Path, heatmap: bool = False
+) -> str:
+    """Serve ``logdir`` with TensorBoard and screenshot each view; returns the base URL's run listing."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    tensorboard = Path(sys.executable).with_name("tensorboard")
+    server = subprocess.Popen(
+        [tensorboard, "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_run(base)
+        for name, (fragment, height, crop) in views.items():
+            shot = tmp / name
+            subprocess.run(
+                [
+                    chromium,
+                    *CHROMIUM_FLAGS,
+                    f"--user-data-dir={tmp / 'chromium'}",
+                    f"--window-size={WIDTH},{height}",
+                    f"--screenshot={shot}",
+                    f"{base}/{fragment}",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=180,
+            )
+            _save(shot.read_bytes(), IMG / name, crop)
+        if heatmap:
+            query = urllib.parse.urlencode({"run": RUN, "tag": "gradguard/heatmap", "sample": 0})
+            entries = json.loads(_get(f"{base}/data/plugin/images/images?{query}"))
+            if entries:
+                _save(_get(f"{base}/data/plugin/images/individualImage?{entries[-1]['query']}"), IMG / "heatmap.png")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return base
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep-logs", type=Path, default=None, help="train into this folder and keep it")
     args = parser.parse_args()
     chromium = _chromium()
     IMG.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        logdir = args.keep_logs or Path(tmp) / "runs"
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        logdir = args.keep_logs or tmp / "runs"
         subprocess.run([sys.executable, ROOT / "examples" / "quickstart.py", "--logdir", logdir], check=True)
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        tensorboard = Path(sys.executable).with_name("tensorboard")
-        server = subprocess.Popen(
-            [tensorboard, "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_for_run(base)
-            for name, (fragment, height, crop) in VIEWS.items():
-                shot = Path(tmp) / name
-                subprocess.run(
-                    [
-                        chromium,
-                        *CHROMIUM_FLAGS,
-                        f"--user-data-dir={Path(tmp) / 'chromium'}",
-                        f"--window-size={WIDTH},{height}",
-                        f"--screenshot={shot}",
-                        f"{base}/{fragment}",
-                    ],
-                    check=True,
-                    capture_output=True,
-                    timeout=180,
-                )
-                _save(shot.read_bytes(), IMG / name, crop)
-            query = urllib.parse.urlencode({"run": RUN, "tag": "gradguard/heatmap", "sample": 0})
-            entries = json.loads(_get(f"{base}/data/plugin/images/images?{query}"))
-            _save(_get(f"{base}/data/plugin/images/individualImage?{entries[-1]['query']}"), IMG / "heatmap.png")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        run_views = {k: v for k, v in VIEWS.items() if k != "events.png"}
+        _shoot(chromium, logdir, run_views, tmp, heatmap=True)
+        # The quickstart is a healthy run with no events; the Text tab is shown on the too-high-LR example,
+        # where the LR guard acts and explains why.
+        events_dir = tmp / "events_runs"
+        subprocess.run([sys.executable, ROOT / "examples" / "lr_too_high.py", "--logdir", events_dir], check=True)
+        _shoot(chromium, events_dir, {"events.png": VIEWS["events.png"]}, tmp)
     return 0
 
 
