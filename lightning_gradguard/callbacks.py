@@ -368,15 +368,17 @@ class GradGuard(Callback):
     ) -> None:
         guard = self._guard_for(trainer, pl_module, optimizer)
         step = guard.counters.steps
+        # Extras ride in the same vector: one collective and one device-to-host transfer for everything.
         scale = self._fused_amp_scale(optimizer)
         extras = [] if scale is None else [scale]
+        has_loss = self._loss_sum is not None
         if self._loss_sum is not None:
             extras.append(self._loss_sum / self._loss_count)
             self._loss_sum, self._loss_count = None, 0
         vector = guard.stats.squared_norms(extras=extras)
         vector = reduce_stats(vector, guard.stats.sharded_layers)
         stats = guard.stats.read(vector, num_extras=len(extras))
-        loss = stats.extras[-1] if len(extras) > (scale is not None) else None
+        loss = stats.extras[-1] if has_loss else None
         if scale is not None:
             inv = 1.0 / (stats.extras[0] ** 2)
             stats = StepStats(stats.layers, [v * inv for v in stats.sq_norms])
@@ -422,10 +424,11 @@ class GradGuard(Callback):
             guard.stats.scale_(coef)
             record.clipped = True
             record.post_clip_norm = norm * coef
+        center = policy.center()  # the typical level the threshold was computed from, before this norm
         policy.observe(norm)
         if guard.lr_guard is not None:
             reduction = guard.lr_guard.update(
-                step=record.step, norm=norm, threshold=threshold, center=policy.center(), loss=record.loss
+                step=record.step, norm=norm, threshold=threshold, center=center, loss=record.loss
             )
             if reduction is not None:
                 self._event(guard, record.step, str(reduction), warn=True)
