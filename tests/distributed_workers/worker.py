@@ -293,7 +293,11 @@ def fit_expecting_raise(out: Path, name: str, **kwargs: Any) -> None:
             os.environ.get("LOCAL_RANK", "0")
         )
         (out / f"{name}_raised_rank{rank}.json").write_text(json.dumps({"rank": rank, "message": str(exc)}))
-        sys.exit(3)
+        # Leave without interpreter finalisation: the process group's C++ threads, still alive after the
+        # exception, otherwise make exit abort now and then ("terminate called without an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
     raise SystemExit(f"{name}: expected NonFiniteGradientsError, training finished instead")
 
 
