@@ -11,6 +11,8 @@ from types import ModuleType
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ._models import retry_on_exit_abort
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -69,7 +71,8 @@ def test_lr_too_high_lr_guard_fires_and_loss_is_lower(tmp_path: Path) -> None:
 
 
 def test_ddp_cpu_two_ranks_same_decisions(tmp_path: Path) -> None:
-    reports = load("ddp_cpu").main(["--max-steps", "30", "--logdir", str(tmp_path)])
+    example = load("ddp_cpu")
+    reports = retry_on_exit_abort(lambda: example.main(["--max-steps", "30", "--logdir", str(tmp_path)]))
     assert sorted(r["global_rank"] for r in reports) == [0, 1]
     assert {r["world_size"] for r in reports} == {2}
     assert {r["backend"] for r in reports} == {"gloo"}

@@ -30,6 +30,8 @@ from lightning_gradguard.keys import tag
 from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.policies import AutoPolicy
 
+from ._models import retry_on_exit_abort
+
 N = 14  # optimizer steps of every run
 LOG_EVERY = 4  # no resume point below is a log step: each resume starts inside a log interval
 
@@ -434,21 +436,25 @@ def test_ddp_resume_restores_identical_state_on_both_ranks(tmp_path: Path) -> No
     saved = torch.load(ckpt, weights_only=True)["callbacks"][_auto_guard().state_key]
     out = tmp_path / "ddp"
     out.mkdir()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),  # a hang fails, bounded
-        max_epochs=-1,
-        max_steps=N,
-        logger=False,
-        callbacks=[_auto_guard(), DumpState(out)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        use_distributed_sampler=False,  # EpochSampler gives each rank its own slice of the data
-    )
-    trainer.fit(copy.deepcopy(init), ckpt_path=ckpt, weights_only=True)
+
+    def resume() -> None:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),  # a hang fails, bounded
+            max_epochs=-1,
+            max_steps=N,
+            logger=False,
+            callbacks=[_auto_guard(), DumpState(out)],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            deterministic=True,
+            use_distributed_sampler=False,  # EpochSampler gives each rank its own slice of the data
+        )
+        trainer.fit(copy.deepcopy(init), ckpt_path=ckpt, weights_only=True)
+
+    retry_on_exit_abort(resume)
 
     def load(name: str) -> dict[str, Any]:
         state: dict[str, Any] = torch.load(out / name, weights_only=True)
