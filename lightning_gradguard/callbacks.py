@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gradguard._validation import check_int
 from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
 from lightning_gradguard.distributed import reduce_histograms, reduce_stats
 from lightning_gradguard.keys import tag
@@ -50,14 +51,6 @@ class GradGuardError(RuntimeError):
 
 class NonFiniteGradientsError(RuntimeError):
     """Raised on every rank, at the same step, when non-finite gradients stop training."""
-
-
-def _check_int(name: str, value: Any, minimum: int, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        none = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be an integer >= {minimum}{none}, got {value!r}")
 
 
 @dataclass
@@ -187,17 +180,18 @@ class GradGuard(Callback):
         make_policy(clip, max_norm)
         if on_nonfinite not in _ON_NONFINITE:
             raise ValueError(f"`on_nonfinite` must be one of {', '.join(_ON_NONFINITE)}, got {on_nonfinite!r}")
-        _check_int("max_consecutive_skips", max_consecutive_skips, 1)
+        check_int("max_consecutive_skips", max_consecutive_skips, 1)
         if not isinstance(lr_guard, bool | LRGuard):
             raise ValueError(f"`lr_guard` must be True, False or an LRGuard instance, got {lr_guard!r}")
         if not (callable(group_by) or group_by in ("module", "param") or isinstance(group_by, int)):
             raise ValueError(f"`group_by` must be 'module', 'param', an int depth >= 1 or a callable, got {group_by!r}")
         if isinstance(group_by, int) and not isinstance(group_by, bool):
-            _check_int("group_by", group_by, 1)
-        _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
-        _check_int("histogram_every_n_steps", histogram_every_n_steps, 0)
-        _check_int("histogram_bins", histogram_bins, 1)
-        _check_int("heatmap_every_n_steps", heatmap_every_n_steps, 0)
+            check_int("group_by", group_by, 1)
+        if log_every_n_steps is not None:
+            check_int("log_every_n_steps", log_every_n_steps, 1)
+        check_int("histogram_every_n_steps", histogram_every_n_steps, 0)
+        check_int("histogram_bins", histogram_bins, 1)
+        check_int("heatmap_every_n_steps", heatmap_every_n_steps, 0)
         if not isinstance(diagnostics, bool | GradientDiagnostics):
             raise ValueError(
                 f"`diagnostics` must be True, False or a GradientDiagnostics instance, got {diagnostics!r}"

@@ -44,6 +44,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lightning_gradguard._validation import check_int
+
 __all__ = ["KINDS", "REMEDIES", "GradientDiagnostics", "Verdict", "VerdictKind"]
 
 VerdictKind = Literal["vanishing", "exploding", "dead", "nonfinite"]
@@ -165,11 +167,7 @@ class GradientDiagnostics:
         self.vanishing_ratio = _check_positive("vanishing_ratio", vanishing_ratio, 1.0, False, "> 1")
         self.exploding_ceiling = _check_positive("exploding_ceiling", exploding_ceiling, 0.0, False, "> 0")
         self.exploding_ratio = _check_positive("exploding_ratio", exploding_ratio, 1.0, False, "> 1")
-        if isinstance(window, bool) or not isinstance(window, int):
-            raise TypeError(f"`window` must be an int >= 1, got {window!r}")
-        if window < 1:
-            raise ValueError(f"`window` must be an int >= 1, got {window!r}")
-        self.window = window
+        self.window = check_int("window", window, 1)
         self._layers: dict[str, _Layer] = {}
         self._observations = 0
         self._first_step: int | None = None

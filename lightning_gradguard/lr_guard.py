@@ -58,6 +58,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard._validation import check_int
+
 __all__ = ["LRGuard", "LRReduction"]
 
 log = logging.getLogger(__name__)
@@ -165,14 +167,6 @@ def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_
     return v
 
 
-def _check_int(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
-    if value < lo:
-        raise ValueError(f"`{name}` must be an int >= {lo}, got {value!r}")
-    return int(value)
-
-
 def _median(values: Iterable[float]) -> float:
     s = sorted(values)
     n = len(s)
@@ -235,11 +229,11 @@ class LRGuard:
         require_stalled_loss: bool = True,
     ) -> None:
         self.approach_ratio = _check_float("approach_ratio", approach_ratio, 0.0, 1.0, True, False)
-        self.patience = _check_int("patience", patience, 2)
+        self.patience = check_int("patience", patience, 2)
         self.factor = _check_float("factor", factor, 0.0, 1.0, True, True)
-        self.cooldown = _check_int("cooldown", cooldown, 0)
+        self.cooldown = check_int("cooldown", cooldown, 0)
         self.min_lr = _check_float("min_lr", min_lr, 0.0, math.inf, False, True)
-        self.max_reductions = None if max_reductions is None else _check_int("max_reductions", max_reductions, 1)
+        self.max_reductions = None if max_reductions is None else check_int("max_reductions", max_reductions, 1)
         self.rise_ratio = (
             None if rise_ratio is None else _check_float("rise_ratio", rise_ratio, 1.0, math.inf, True, True)
         )

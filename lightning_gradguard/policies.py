@@ -26,6 +26,8 @@ import warnings
 from collections import deque
 from typing import Any, ClassVar
 
+from lightning_gradguard._validation import check_int
+
 __all__ = [
     "POLICY_NAMES",
     "AutoPolicy",
@@ -62,14 +64,6 @@ def _check_open_unit(name: str, value: Any) -> float:
     if not 0.0 < out < 1.0:
         raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
     return out
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_max_norm(value: Any) -> float | None:
@@ -236,8 +230,8 @@ class PercentilePolicy(ThresholdPolicy):
         self.percentile = _check_real("percentile", percentile)
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"`percentile` must be in (0, 100], got {percentile!r}")
-        self.window = _check_int("window", window, 1)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 1)
+        self.window = check_int("window", window, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)
         self.max_norm = _check_max_norm(max_norm)
         self._history: deque[float] = deque(maxlen=self.window)
         self._sorted: list[float] = []
@@ -327,7 +321,7 @@ class ZScorePolicy(ThresholdPolicy):
     ) -> None:
         self.alpha = _check_open_unit("alpha", alpha)
         self.z_thresh = _check_positive("z_thresh", z_thresh)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)
         self.max_norm = _check_max_norm(max_norm)
         self._warmup: list[float] = []
         self._mean: float | None = None
@@ -458,7 +452,7 @@ class AutoPolicy(ThresholdPolicy):
         if self.max_ratio <= 1.0:
             raise ValueError(f"`max_ratio` must be > 1, got {max_ratio!r}")
         self.alpha = _check_open_unit("alpha", alpha)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)
         self.max_norm = _check_max_norm(max_norm)
         self.min_ratio = _check_real("min_ratio", min_ratio)
         if not 1.0 <= self.min_ratio <= self.max_ratio:

@@ -141,19 +141,19 @@ def test_at_most_one_device_to_host_transfer_per_step(tmp_path: Path, monkeypatc
         ({"max_norm": -1.0}, "`max_norm` must be a finite number > 0"),
         ({"max_norm": float("inf")}, "`max_norm` must be a finite number > 0"),
         ({"on_nonfinite": "ignore"}, "`on_nonfinite` must be one of skip, raise, warn, got 'ignore'"),
-        ({"max_consecutive_skips": 0}, "`max_consecutive_skips` must be an integer >= 1, got 0"),
-        ({"log_every_n_steps": 0}, "`log_every_n_steps` must be an integer >= 1 or None, got 0"),
-        ({"histogram_every_n_steps": -1}, "`histogram_every_n_steps` must be an integer >= 0, got -1"),
-        ({"histogram_bins": 0}, "`histogram_bins` must be an integer >= 1, got 0"),
+        ({"max_consecutive_skips": 0}, "`max_consecutive_skips` must be an int >= 1, got 0"),
+        ({"log_every_n_steps": 0}, "`log_every_n_steps` must be an int >= 1, got 0"),
+        ({"histogram_every_n_steps": -1}, "`histogram_every_n_steps` must be an int >= 0, got -1"),
+        ({"histogram_bins": 0}, "`histogram_bins` must be an int >= 1, got 0"),
         ({"group_by": "layer"}, "`group_by` must be 'module', 'param', an int depth >= 1 or a callable"),
-        ({"group_by": 0}, "`group_by` must be an integer >= 1, got 0"),
+        ({"group_by": 0}, "`group_by` must be an int >= 1, got 0"),
         ({"lr_guard": "yes"}, "`lr_guard` must be True, False or an LRGuard instance"),
         ({"diagnostics": 1}, "`diagnostics` must be True, False or a GradientDiagnostics instance"),
-        ({"heatmap_every_n_steps": 1.5}, "`heatmap_every_n_steps` must be an integer >= 0, got 1.5"),
+        ({"heatmap_every_n_steps": 1.5}, "`heatmap_every_n_steps` must be an int >= 0, got 1.5 \\(float\\)"),
     ],
 )
 def test_arguments_are_validated_up_front(kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+    with pytest.raises((ValueError, TypeError), match=message):
         GradGuard(**kwargs)  # type: ignore[arg-type]
 
 
