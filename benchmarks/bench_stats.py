@@ -36,6 +36,7 @@ sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 from _common import Report, build_model, parse_args, time_interleaved  # noqa: E402
 
 from lightning_gradguard.stats import GradStats  # noqa: E402
+from lightning_gradguard.tensorboard import write_histograms  # noqa: E402
 
 HISTOGRAM_BINS = 64
 HISTOGRAM_EVERY_N_STEPS = 100
@@ -125,18 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             step[0] += 1
             hists = histogram_step()
             assert isinstance(hists, dict)
-            for layer, h in hists.items():
-                ours_writer.add_histogram_raw(
-                    f"hist/{layer}",
-                    min=h.min,
-                    max=h.max,
-                    num=h.num,
-                    sum=h.sum,
-                    sum_squares=h.sum_squares,
-                    bucket_limits=h.bucket_limits,
-                    bucket_counts=h.bucket_counts,
-                    global_step=step[0],
-                )
+            write_histograms(ours_writer, 0, step[0], hists)  # what GradGuard writes, as GradGuard writes it
 
         def add_histogram_per_tensor() -> None:
             step[1] += 1
