@@ -62,7 +62,8 @@ def test(args: list[str]) -> None:
     _run(PY, "-m", "ruff", "check", ".")
     _run(PY, "-m", "mypy")
     if (ROOT / "mkdocs.yml").exists():
-        _run(PY, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", ROOT / "build" / "site")
+        quiet = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # no banner about mkdocs' successor
+        _run(PY, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", ROOT / "build" / "site", env=quiet)
     _run(PY, "-m", "pytest", "-q", *args)
 
 
