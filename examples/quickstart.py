@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> GradGuard:
 
     L.seed_everything(0, verbose=False)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # Lightning's own, not about your run
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     guard = GradGuard()
     logger = TensorBoardLogger(args.logdir, name="quickstart")

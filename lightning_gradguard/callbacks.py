@@ -280,7 +280,7 @@ class GradGuard(Callback):
             self._info_once(
                 "deepspeed",
                 "GradGuard: DeepSpeed owns gradient clipping and overflow handling; GradGuard only monitors "
-                "(no clipping, skipping or LR guard).",
+                "(no clipping, skipping or LR guard), at gradient-accumulation boundaries.",
             )
         elif trainer.gradient_clip_val and (self.clip is not None):
             clip_val = trainer.gradient_clip_val
@@ -360,6 +360,8 @@ class GradGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self._monitor_only and trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # DeepSpeed calls this hook on every micro-batch: read complete gradients only
         guard = self._guard_for(trainer, pl_module, optimizer)
         step = guard.counters.steps
         # Extras ride in the same vector: one collective and one device-to-host transfer for everything.

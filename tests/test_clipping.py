@@ -242,3 +242,16 @@ def test_bf16_mixed_statistics_clipping_and_skipping(tmp_path: Path) -> None:
         assert logged[step] == pytest.approx(before.global_norms[step], rel=1e-5)
         assert after.global_norms[step] == pytest.approx(0.05, rel=1e-4)
     assert guard.skipped_steps == 1 and guard.clipped_steps == 4
+
+
+def test_gradclip_preset_clips_without_monitoring_extras(tmp_path: Path) -> None:
+    from lightning_gradguard import GradClip
+
+    with pytest.raises(ValueError, match="`clip` must be a policy for GradClip, got None"):
+        GradClip(clip=None)  # type: ignore[arg-type]
+    guard = GradClip(clip="fixed", max_norm=1e-3, log_every_n_steps=1)
+    trainer = _fit(tmp_path, [guard], TinyRegressor(), max_steps=3)
+    assert guard.clipped_steps == 3 and guard.lr_scale == 1.0  # no LR guard in the preset
+    tags = read_events(trainer.logger.log_dir).Tags()  # type: ignore[union-attr]
+    assert tag("clip_rate") in tags["scalars"] and tag("lr_scale") not in tags["scalars"]
+    assert tags["histograms"] == [] and tags["images"] == []
