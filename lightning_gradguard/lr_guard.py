@@ -542,5 +542,6 @@ class LRGuard:
         return (
             f"{type(self).__name__}(approach_ratio={self.approach_ratio}, patience={self.patience},"
             f" factor={self.factor}, cooldown={self.cooldown}, min_lr={self.min_lr},"
-            f" max_reductions={self.max_reductions}, rise_ratio={self.rise_ratio})"
+            f" max_reductions={self.max_reductions}, rise_ratio={self.rise_ratio},"
+            f" require_stalled_loss={self.require_stalled_loss})"
         )
