@@ -136,7 +136,6 @@ class _Bucket:
 class _Plan:
     dense: list[_Bucket] = field(default_factory=list)
     sparse: list[int] = field(default_factory=list)  # positions with sparse gradients
-    grad_layer: list[int] = field(default_factory=list)  # layer of each present grad, in order
 
 
 def _dist_initialized() -> bool:
@@ -226,10 +225,6 @@ class GradStats:
         """The tracked parameters (requiring grad), in model order."""
         return self._params
 
-    def grads(self) -> list[Tensor]:
-        """The gradients present this step (parameters without a gradient are left out)."""
-        return [p.grad for p in self._params if p.grad is not None]
-
     def _plan(self) -> _Plan:
         present = tuple(p.grad is not None for p in self._params)
         plan = self._plans.get(present)
@@ -242,7 +237,6 @@ class GradStats:
                 continue
             grad = param.grad
             assert grad is not None
-            plan.grad_layer.append(self._param_layer[pos])
             if grad.is_sparse:
                 plan.sparse.append(pos)
                 continue
