@@ -12,6 +12,8 @@ How the pass works:
   one ``stack`` and one ``index_add_`` into the per-layer vector;
 * low-precision gradients (fp16/bf16) are normed in float32 and squared in float64, so large layers
   neither overflow nor lose the small ones;
+* complex gradients count by their magnitude: they are normed as their real view (``view_as_real``,
+  whose L2 norm is the complex one), clipped by a real coefficient, and histogrammed by ``abs``;
 * sharded gradients (``DTensor``, as FSDP2's ``fully_shard`` produces) contribute the squared norm of
   their local shard; :mod:`lightning_gradguard.distributed` sums the vector across ranks. A shard held
   by several ranks (the ``Replicate`` dimensions of a 2-D mesh: HSDP, or tensor parallelism's
@@ -156,6 +158,18 @@ def _holders(t: Tensor) -> int:
     return math.prod(mesh.size(dim) for dim, p in enumerate(placements) if p.is_replicate())
 
 
+def _as_real(t: Tensor) -> Tensor:
+    """A real view of a complex tensor (same L2 norm, no copy); other tensors as they are."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _magnitude(t: Tensor) -> Tensor:
+    """Element magnitudes of a complex tensor (``abs``); other tensors as they are."""
+    if not t.is_complex():
+        return t
+    return (t.to(torch.complex64) if t.dtype == torch.complex32 else t).abs()
+
+
 def _is_sharded(t: Tensor) -> bool:
     placements = getattr(t, "placements", None)
     if placements is None:
@@ -266,8 +280,8 @@ class GradStats:
         plan = self._plan()
         with torch.no_grad():
             for bucket in plan.dense:
-                grads = [_local(self._params[p].grad) for p in bucket.positions]  # type: ignore[arg-type]
-                if bucket.dtype in (torch.float32, torch.float64):
+                grads = [_as_real(_local(self._params[p].grad)) for p in bucket.positions]  # type: ignore[arg-type]
+                if bucket.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
                     norms = torch._foreach_norm(grads, 2.0)
                 else:
                     norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
@@ -278,7 +292,7 @@ class GradStats:
             for pos in plan.sparse:
                 grad = self._params[pos].grad
                 assert grad is not None
-                values = grad.coalesce().values()
+                values = _as_real(grad.coalesce().values())
                 sq_norm = torch.linalg.vector_norm(values, dtype=torch.float32).to(self.device, torch.float64)
                 out[self._param_layer[pos]] += sq_norm.square() * self._param_weight[pos]
         if extras:
@@ -309,7 +323,7 @@ class GradStats:
             grad = param.grad
             if grad is None:
                 continue
-            local = grad.coalesce().values() if grad.is_sparse else _local(grad)
+            local = _magnitude(grad.coalesce().values() if grad.is_sparse else _local(grad))
             if local.numel():
                 out.append((layer, local.detach().reshape(-1), weight))
         return out

@@ -1,0 +1,98 @@
+"""Regression tests for issue 13 (defects found trying GradGuard as users would), phase 1."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradGuard
+from lightning_gradguard.keys import tag
+from lightning_gradguard.stats import GradStats
+from tests._models import make_trainer, read_events, scalars
+
+
+# ---------------------------------------------------------------------------------- 4: complex parameters
+class ComplexNet(L.LightningModule):
+    """A complex linear map followed by a real head; a NaN loss at ``nan_at_steps``."""
+
+    def __init__(self, nan_at_steps: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.cplx = nn.Linear(4, 4, dtype=torch.complex64)
+        with torch.no_grad():
+            self.cplx.weight.copy_(torch.randn(4, 4, generator=g, dtype=torch.complex64) * 10)
+        self.head = nn.Linear(4, 1)
+        self.nan_at_steps = nan_at_steps
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.head(self.cplx(x.to(torch.complex64)).abs()), y)
+        if self.trainer.global_step in self.nan_at_steps:
+            loss = loss * float("nan")
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 4, generator=g)
+        return DataLoader(TensorDataset(x, x.sum(1, keepdim=True) * 100), batch_size=8)
+
+
+class PostClip(Callback):
+    """Placed after GradGuard: records what the optimizer will apply (norm of the gradients, weights)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self.weights: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(math.sqrt(sum(float(g.abs().square().sum()) for g in grads)) if grads else math.nan)
+        self.weights.append(pl_module.cplx.weight.detach().clone())  # type: ignore[union-attr]
+
+
+def test_complex_gradient_norms_match_torch() -> None:
+    layer = nn.Linear(3, 2, dtype=torch.complex128)
+    layer.weight.grad = torch.tensor([[3 + 4j, 0, 0], [0, 0, 12j]], dtype=torch.complex128)
+    layer.bias.grad = torch.zeros(2, dtype=torch.complex128)
+    stats = GradStats(layer.named_parameters(), group_by="param")
+    read = stats.read(stats.squared_norms())
+    assert read.layer_norms() == pytest.approx({"weight": 13.0, "bias": 0.0})
+    stats.scale_(0.5)
+    assert layer.weight.grad[0, 0] == 1.5 + 2j
+    ranges = stats.histogram_ranges()
+    hist = stats.read_histograms(ranges, stats.histogram_counts(ranges, 4))["weight"]
+    assert (hist.min, hist.max, hist.num, hist.sum) == (0.0, 6.0, 6.0, 2.5 + 6.0)
+
+
+def test_complex_parameters_clip_skip_and_histograms(tmp_path: Path) -> None:
+    max_norm = 0.5
+    post = PostClip()
+    guard = GradGuard(clip="fixed", max_norm=max_norm, lr_guard=False, histogram_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [guard, post], max_steps=4)
+    trainer.fit(ComplexNet(nan_at_steps=(2,)))
+    # step 2 is skipped (gradients set to None); the others are clipped to max_norm
+    assert guard.skipped_steps == 1
+    assert len(post.norms) == 4 and math.isnan(post.norms[2])
+    finite = [n for i, n in enumerate(post.norms) if i != 2]
+    assert all(n == pytest.approx(max_norm, rel=1e-4) for n in finite)
+    assert torch.equal(post.weights[3], post.weights[2])  # the NaN step left the weights untouched
+    assert torch.isfinite(torch.view_as_real(post.weights[3])).all()
+    acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
+    pre = scalars(acc, tag("global_norm"))
+    assert math.isnan(pre[2]) and all(pre[s] > max_norm for s in (0, 1, 3))
+    assert scalars(acc, tag("skipped_total"))[3] == 1.0
+    hist = acc.Histograms(tag("hist/{layer}", layer="cplx"))
+    assert {h.step for h in hist} == {0, 1, 3}  # the non-finite step has no histogram
+    for h in hist:  # magnitudes: 16 weights + 4 biases, all >= 0
+        assert h.histogram_value.num == 20 and h.histogram_value.min >= 0.0
