@@ -115,6 +115,11 @@ class _Layer:
         self.records: dict[str, dict[str, Any]] = {}
 
 
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, with an ``s`` unless the count is one: ``plural(1, "log step")`` -> ``'1 log step'``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _check_positive(name: str, value: float, minimum: float, inclusive: bool, allowed: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"`{name}` must be a number {allowed}, got {value!r}")
@@ -363,8 +368,14 @@ class GradientDiagnostics:
         if not self._observations:
             return ""
         flagged = [(name, layer) for name, layer in self._layers.items() if layer.records]
-        span = f"steps {self._first_step}-{self._last_step}"
-        head = f"{len(self._layers)} layers over {self._observations} log steps ({span}): {len(flagged)} with verdicts"
+        if self._first_step == self._last_step:
+            span = f"step {self._first_step}"
+        else:
+            span = f"steps {self._first_step}-{self._last_step}"
+        head = (
+            f"{plural(len(self._layers), 'layer')} over {plural(self._observations, 'log step')} ({span}): "
+            f"{len(flagged)} with verdicts"
+        )
         if not flagged:
             return f"{head}; no vanishing, exploding, dead or non-finite gradients."
         lines = [f"{head}."]
@@ -379,7 +390,7 @@ class GradientDiagnostics:
                     kinds_seen.append(kind)
                 episodes = rec["episodes"]
                 parts.append(
-                    f"{kind} ({episodes} episode{'s' if episodes != 1 else ''}, "
+                    f"{kind} ({plural(episodes, 'episode')}, "
                     f"steps {rec['first_step']}-{rec['last_step']})"
                 )
             lines.append(f"  {name}: {', '.join(parts)}")

@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_gradguard.diagnostics import GradientDiagnostics
+from lightning_gradguard.diagnostics import GradientDiagnostics, plural
 
 __all__ = ["ReportError", "RunData", "build_report", "find_runs", "main", "read_run"]
 
 _NAMESPACE = re.compile(r"^(gradguard(?:_opt\d+)?)/(.+)$")
-_LR_TEXT = re.compile(r"\b(lr|learning rate)\b", re.IGNORECASE)
-_REDUCE_TEXT = re.compile(r"reduc|lower|scal|halv|multipl", re.IGNORECASE)
+# The text event the LR guard writes for each reduction (`LRReduction.message()`); nothing else counts as one.
+_LR_EVENT = re.compile(r"^LR guard: step (\d+): LR scale (\S+) -> (\S+) \(reduction \d+\)")
 
 
 class ReportError(Exception):
@@ -167,6 +167,13 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _series(run: RunData, ns: str, name: str) -> list[tuple[int, float]]:
     return sorted(run.scalars.get(f"{ns}/{name}", {}).items())
 
@@ -218,14 +225,23 @@ def _section(run: RunData, ns: str, label: str) -> dict[str, Any]:
     skipped_steps = int(skipped_total[-1][1]) if skipped_total else int(sum(v for _, v in skipped)) if skipped else None
 
     lr_scale = _series(run, ns, "lr_scale")
-    reductions = [
-        {"step": s, "from": prev, "to": cur}
-        for (_, prev), (s, cur) in itertools.pairwise(lr_scale)
-        if cur < prev * (1 - 1e-9)
-    ]
     texts = sorted(run.texts.get(f"{ns}/events", []))
     events = [{"step": s, "text": t} for s, t in texts]
-    lr_events = [{"step": s, "text": t} for s, t in texts if _LR_TEXT.search(t) and _REDUCE_TEXT.search(t)]
+    lr_events = [{"step": s, "text": t} for s, t in texts if _LR_EVENT.match(t)]
+    if lr_scale:
+        reductions = [
+            {"step": s, "from": prev, "to": cur, "source": "lr_scale"}
+            for (_, prev), (s, cur) in itertools.pairwise(lr_scale)
+            if cur < prev * (1 - 1e-9)
+        ]
+    else:  # lr_scale not logged: the LR guard's own text events, one per reduction
+        reductions = []
+        for e in lr_events:
+            match = _LR_EVENT.match(e["text"])
+            assert match is not None
+            reductions.append(
+                {"step": e["step"], "from": _float(match.group(2)), "to": _float(match.group(3)), "source": "events"}
+            )
 
     layers = [t[len(ns) + len("/layer_norm/") :] for t in run.tags if t.startswith(f"{ns}/layer_norm/")]
     numels = {layer: run.hist_numel[f"{ns}/hist/{layer}"] for layer in layers if f"{ns}/hist/{layer}" in run.hist_numel}
@@ -381,9 +397,9 @@ def _text(section: dict[str, Any]) -> str:
     ns = section["namespace"]
     out.append(f"== {section['run']} ({ns}) ==" if ns != "gradguard" else f"== {section['run']} ==")
     st = section["steps"]
-    opt = f", {st['optimizer_steps']} optimizer steps" if st["optimizer_steps"] is not None else ""
+    opt = f", {plural(st['optimizer_steps'], 'optimizer step')}" if st["optimizer_steps"] is not None else ""
     if st["log_steps"]:
-        out.append(f"steps           {st['first']} .. {st['last']} ({st['log_steps']} log steps{opt})")
+        out.append(f"steps           {st['first']} .. {st['last']} ({plural(st['log_steps'], 'log step')}{opt})")
     else:
         out.append("steps           no GradGuard scalars logged")
     g = section["global_norm"]
@@ -395,7 +411,7 @@ def _text(section: dict[str, Any]) -> str:
         )
     c = section["clipping"]
     if c is not None:
-        clipped = "" if c["clipped_steps"] is None else f"{c['clipped_steps']} clipped steps, "
+        clipped = "" if c["clipped_steps"] is None else f"{plural(c['clipped_steps'], 'clipped step')}, "
         thr = "" if c["threshold_median"] is None else f", median threshold {_fmt(c['threshold_median'])}"
         out.append(f"clipping        {clipped}clip rate {_fmt(100 * c['clip_rate'], '.1f')}%{thr}")
     else:
@@ -406,11 +422,9 @@ def _text(section: dict[str, Any]) -> str:
         out.append(f"skipped steps   {section['skipped_steps']} (non-finite gradients){extra}")
     reductions = section["lr_reductions"]
     if reductions:
+        source = " (from events)" if reductions[0]["source"] == "events" else ""
         items = ", ".join(f"step {r['step']} (lr_scale {_fmt(r['from'])} -> {_fmt(r['to'])})" for r in reductions)
-        out.append(f"LR reductions   {len(reductions)}: {items}")
-    elif section["lr_events"]:
-        items = ", ".join(f"step {e['step']}" for e in section["lr_events"])
-        out.append(f"LR reductions   {len(section['lr_events'])} (from events): {items}")
+        out.append(f"LR reductions   {len(reductions)}{source}: {items}")
     elif section["lr_scale_final"] is not None:
         out.append("LR reductions   none")
     if section["events"]:

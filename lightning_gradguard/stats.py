@@ -41,12 +41,29 @@ __all__ = [
     "HistogramData",
     "StepStats",
     "layer_name",
+    "strip_compile_wrapper",
 ]
 
 GroupBy = Literal["module", "param"] | int | Callable[[str], str]
 
 # Offsets of the per-layer histogram row built by `histogram_counts`.
 _H_NUM, _H_SUM, _H_SUMSQ, _H_BINS = 0, 1, 2, 3
+
+
+_COMPILE_WRAPPER = "_orig_mod"  # the attribute under which torch.compile's OptimizedModule keeps the module
+
+
+def strip_compile_wrapper(param_name: str) -> str:
+    """``param_name`` without the ``_orig_mod`` components that ``torch.compile`` wrappers insert.
+
+    Example:
+
+        >>> strip_compile_wrapper("net._orig_mod.0.weight")
+        'net.0.weight'
+    """
+    if _COMPILE_WRAPPER not in param_name:
+        return param_name
+    return ".".join(part for part in param_name.split(".") if part != _COMPILE_WRAPPER)
 
 
 def layer_name(param_name: str, group_by: GroupBy) -> str:
@@ -182,7 +199,9 @@ class GradStats:
 
     Args:
         named_parameters: ``(name, parameter)`` pairs, in model order. Parameters that do not require
-            gradients are left out. A parameter listed twice (tied weights) counts once.
+            gradients are left out. A parameter listed twice (tied weights) counts once. The
+            ``_orig_mod`` components of ``torch.compile``'d modules are dropped from the names, so a
+            compiled model has the same layer names as the eager one.
         group_by: how parameters are grouped into layers, see :func:`layer_name`.
 
     Example:
@@ -206,6 +225,7 @@ class GradStats:
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
+            name = strip_compile_wrapper(name)
             layer = layer_name(name, group_by)
             if layer not in layer_index:
                 layer_index[layer] = len(self.layers)

@@ -96,3 +96,108 @@ def test_complex_parameters_clip_skip_and_histograms(tmp_path: Path) -> None:
     assert {h.step for h in hist} == {0, 1, 3}  # the non-finite step has no histogram
     for h in hist:  # magnitudes: 16 weights + 4 biases, all >= 0
         assert h.histogram_value.num == 20 and h.histogram_value.min >= 0.0
+
+
+# ---------------------------------------------------------------------------------- 14: torch.compile names
+def test_compiled_module_has_the_eager_layer_names() -> None:
+    eager = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Sequential(nn.Linear(3, 1)))
+    outer = nn.Module()
+    outer.net = torch.compile(eager)  # wrapping is lazy: nothing is compiled until the first call
+    names = [n for n, _ in outer.named_parameters()]
+    assert any("_orig_mod" in n for n in names)  # what torch.compile does to the names
+    compiled = torch.compile(outer)
+    for group_by in ("module", "param", 1):
+        stats = GradStats(compiled.named_parameters(), group_by=group_by)  # type: ignore[arg-type]
+        reference = GradStats((f"net.{n}", p) for n, p in eager.named_parameters())
+        if group_by == "module":
+            assert stats.layers == reference.layers == ["net.0", "net.2.0"]
+        assert not any("_orig_mod" in layer for layer in stats.layers), stats.layers
+    assert GradStats(compiled.named_parameters(), group_by=1).layers == ["net"]
+
+
+# ---------------------------------------------------------------------------------- 6: LR reductions in the report
+def _reduction_text(step: int) -> str:
+    from lightning_gradguard.lr_guard import LRReduction
+
+    return LRReduction(
+        step=step, reason="saturation", lr_scale_before=1.0, lr_scale=0.5, num_reductions=1, norm=3.0,
+        threshold=2.0, center=1.0, recent_norms=(2.5, 3.0), level=2.8, reference=1.0, approaching_steps=8,
+        risen_steps=8, patience=8, old_lrs=(0.1,), new_lrs=(0.05,),
+    ).message()  # fmt: skip
+
+
+def _lr_run(run_dir: Path, lr_scale: list[float] | None, texts: list[tuple[int, str]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    for k in range(3):
+        writer.add_scalar(tag("global_norm"), 1.0, 100 * k)
+        if lr_scale is not None:
+            writer.add_scalar(tag("lr_scale"), lr_scale[k], 100 * k)
+    for step, text in texts:
+        writer.add_text(tag("events"), text, step)
+    writer.close()
+
+
+_REMEDY = (
+    "Layer 'fc' has an exploding gradient: L2 norm 309 at step 100. Remedy: clip gradients, lower the learning "
+    "rate or lengthen its warmup, and scale the initialisation down."
+)
+
+
+@pytest.mark.parametrize("lr_scale", [[1.0, 1.0, 1.0], None], ids=["lr_scale-logged", "no-lr_scale"])
+def test_report_does_not_invent_lr_reductions(
+    lr_scale: list[float] | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from lightning_gradguard.report import main
+
+    _lr_run(tmp_path, lr_scale, [(100, _REMEDY)] * 3)
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    (section,) = json.loads(capsys.readouterr().out)["runs"]
+    assert section["lr_reductions"] == [] and section["lr_events"] == []
+    lr_lines = [line for line in text.splitlines() if line.startswith("LR reductions")]
+    assert lr_lines == (["LR reductions   none"] if lr_scale else [])
+
+
+@pytest.mark.parametrize("lr_scale", [[1.0, 0.5, 0.5], None], ids=["lr_scale-logged", "no-lr_scale"])
+def test_report_counts_real_lr_reductions_in_text_and_json_alike(
+    lr_scale: list[float] | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from lightning_gradguard.report import main
+
+    _lr_run(tmp_path, lr_scale, [(0, _REMEDY), (100, _reduction_text(100)), (100, _REMEDY)])
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    (section,) = json.loads(capsys.readouterr().out)["runs"]
+    source = "lr_scale" if lr_scale else "events"
+    assert section["lr_reductions"] == [{"step": 100, "from": 1.0, "to": 0.5, "source": source}]
+    assert [e["step"] for e in section["lr_events"]] == [100]
+    suffix = "" if lr_scale else " (from events)"
+    assert f"LR reductions   1{suffix}: step 100 (lr_scale 1 -> 0.5)" in text.splitlines()
+
+
+# ---------------------------------------------------------------------------------- 14: "1 log steps"
+def test_counts_are_pluralised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_gradguard.diagnostics import GradientDiagnostics
+    from lightning_gradguard.report import main
+
+    diag = GradientDiagnostics()
+    diag.observe(0, {"fc": 1.0}, {"fc": 4})
+    assert diag.summary().startswith("1 layer over 1 log step (step 0): 0 with verdicts")
+    writer = SummaryWriter(str(tmp_path))
+    for name, value in (("global_norm", 1.0), ("steps", 1.0), ("clip_rate", 1.0), ("clipped_total", 1.0)):
+        writer.add_scalar(tag(name), value, 0)
+    writer.close()
+    assert main(["report", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "steps           0 .. 0 (1 log step, 1 optimizer step)" in lines
+    assert any(line.startswith("clipping        1 clipped step, ") for line in lines)

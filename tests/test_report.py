@@ -54,7 +54,7 @@ def write_run(run_dir: Path, histograms: bool = True, lr_drop_at: int = 100) -> 
                     bucket_counts=[numel // 2, numel - numel // 2],
                     global_step=step,
                 )
-    writer.add_text(tag("events"), f"LR guard: lowered the learning rate x0.5 at step {lr_drop_at}", lr_drop_at)
+    writer.add_text(tag("events"), f"LR guard: step {lr_drop_at}: LR scale 1 -> 0.5 (reduction 1). Norm 3", lr_drop_at)
     writer.close()
 
 
@@ -87,7 +87,7 @@ def test_text_report(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "clipping        20 clipped steps, clip rate 10.0%, median threshold 2" in lines
     assert "skipped steps   1 (non-finite gradients)" in lines
     assert "LR reductions   1: step 100 (lr_scale 1 -> 0.5)" in lines
-    assert "  step 100: LR guard: lowered the learning rate x0.5 at step 100" in lines
+    assert "  step 100: LR guard: step 100: LR scale 1 -> 0.5 (reduction 1). Norm 3" in lines
     table = {line.split()[0]: line for line in lines if line.startswith("net.")}
     assert list(table) == LAYERS  # model order
     # first layer: L2 = 2.4e-10 * sqrt(78400) = 6.72e-08, RMS 2.4e-10, vanishing from the first log step
@@ -110,7 +110,7 @@ def test_json_report(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert g["p99"] == pytest.approx(2.881) and g["max"] == pytest.approx(3.4)
     assert section["clipping"] == {"clipped_steps": 20, "clip_rate": pytest.approx(0.1), "threshold_median": 2.0}
     assert section["skipped_steps"] == 1
-    assert section["lr_reductions"] == [{"step": 100, "from": 1.0, "to": 0.5}]
+    assert section["lr_reductions"] == [{"step": 100, "from": 1.0, "to": 0.5, "source": "lr_scale"}]
     assert section["lr_scale_final"] == 0.5
     assert [e["step"] for e in section["lr_events"]] == [100]
     assert section["measure"] == "rms"
