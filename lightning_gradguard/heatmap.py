@@ -1,8 +1,9 @@
-"""Layer x step heatmap of log10 gradient norm, rendered to an RGB array.
+"""Layer x step heatmap of log10 gradient L2 norm, rendered to an RGB array.
 
 One picture that shows vanishing and exploding gradients at a glance: one row per layer in model
-order (first layer on top), one column per log step, colour = log10 of the gradient norm with a
-labelled colour scale. Zero norms (``-inf`` after log10) are drawn black, missing or non-finite
+order (first layer on top), one column per log step, colour = log10 of the layer's gradient L2 norm
+(the logged ``layer_norm/*`` value, :func:`log10_norm`) with a labelled colour scale. The TensorBoard
+image and ``gradguard report --png`` draw this same quantity. Zero norms (``-inf`` after log10) are drawn black, missing or non-finite
 values light grey; a note under the step axis says so.
 
 matplotlib (Agg canvas, no pyplot, no global state) is imported lazily; without it
@@ -11,12 +12,16 @@ matplotlib (Agg canvas, no pyplot, no global state) is imported lazily; without 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["heatmap_size", "render_heatmap"]
+__all__ = ["NORM_LABEL", "heatmap_size", "log10_norm", "norm_grid", "render_heatmap"]
+
+NORM_LABEL = "log10 gradient L2 norm"
+"""Colour-scale label of every GradGuard heatmap (TensorBoard image and report PNG)."""
 
 _DPI = 100
 _MAX_LABEL = 40  # characters of a layer name shown before it is shortened in the middle
@@ -27,6 +32,36 @@ def heatmap_size(n_layers: int, width: int = 1000) -> tuple[int, int]:
     if n_layers < 1:
         raise ValueError(f"`n_layers` must be >= 1, got {n_layers!r}")
     return min(1600, max(360, 150 + 18 * n_layers)), width
+
+
+def log10_norm(norm: float) -> float:
+    """The heatmap cell of one layer norm: ``log10(norm)``; ``-inf`` for zero (drawn black), NaN otherwise.
+
+    NaN (drawn grey) covers non-finite and missing norms, so a NaN gradient is never drawn as a dead layer.
+
+    Example:
+
+        >>> log10_norm(100.0), log10_norm(0.0), log10_norm(float("nan"))
+        (2.0, -inf, nan)
+    """
+    if norm == 0.0:
+        return -math.inf
+    if math.isfinite(norm) and norm > 0:
+        return math.log10(norm)
+    return math.nan
+
+
+def norm_grid(layers: Sequence[str], steps: Sequence[int], norms: Mapping[str, Mapping[int, float]]) -> np.ndarray:
+    """``(len(layers), len(steps))`` grid of :func:`log10_norm` cells from ``layer -> step -> L2 norm``.
+
+    A step missing for a layer is NaN (grey).
+    """
+    grid = np.full((len(layers), len(steps)), np.nan)
+    for r, layer in enumerate(layers):
+        series = norms.get(layer, {})
+        for c, step in enumerate(steps):
+            grid[r, c] = log10_norm(series.get(step, math.nan))
+    return grid
 
 
 def _shorten(name: str) -> str:
@@ -42,7 +77,7 @@ def render_heatmap(
     log10_norms: Any,
     title: str = "Gradient norm per layer",
     *,
-    colorbar_label: str = "log10 gradient L2 norm",
+    colorbar_label: str = NORM_LABEL,
     width: int = 1000,
 ) -> np.ndarray:
     """Render a layer x step heatmap.
@@ -50,8 +85,8 @@ def render_heatmap(
     Args:
         layers: layer names in model order; the first is drawn on top.
         steps: the step of every column.
-        log10_norms: 2-D array-like of shape ``(len(layers), len(steps))`` with log10 norms;
-            ``-inf`` means a zero norm, NaN/``+inf`` a missing or non-finite value.
+        log10_norms: 2-D array-like of shape ``(len(layers), len(steps))`` with log10 norms (see
+            :func:`norm_grid`); ``-inf`` means a zero norm, NaN/``+inf`` a missing or non-finite value.
         title: figure title.
         colorbar_label: label of the colour scale.
         width: image width in pixels (>= 400); the height follows from :func:`heatmap_size`.

@@ -8,7 +8,8 @@ Reads the event files with TensorBoard's own record reader
   (from drops of the ``lr_scale`` scalar and from the ``events`` text);
 * a per-layer table: median/min/max L2 norm, median per-element RMS, and the verdicts of
   :class:`~lightning_gradguard.diagnostics.GradientDiagnostics` replayed over the logged layer norms;
-* with ``--png PATH`` the layer x step heatmap; with ``--json`` one JSON document instead of text.
+* with ``--png PATH`` the layer x step heatmap of log10 L2 norms (the quantity of the TensorBoard
+  heatmap image); with ``--json`` one JSON document instead of text.
 
 A directory holding several runs (sub-directories with event files) gets one section per run.
 Bad input (missing path, no event files, no GradGuard tags, a truncated or corrupt event file) gets
@@ -306,7 +307,6 @@ def _section(run: RunData, ns: str, label: str) -> dict[str, Any]:
         "notes": notes,
         "heatmap": None,
         "_layer_steps": layer_steps,
-        "_numels": numels,
     }
 
 
@@ -354,30 +354,24 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
     return format(value, spec)
 
 
-def _heatmap(section: dict[str, Any], png: Path) -> None:
-    import numpy as np
-
-    from lightning_gradguard.heatmap import render_heatmap
+def _heatmap_grid(section: dict[str, Any]) -> tuple[list[str], list[int], Any]:
+    """Layers, steps and log10 L2-norm grid of a section: the quantity of the TensorBoard heatmap."""
+    from lightning_gradguard.heatmap import norm_grid
 
     run: RunData = section["_run"]
     ns = section["namespace"]
-    numels: dict[str, int] = section["_numels"]
     layers = [row["layer"] for row in section["layers"]]
     steps: list[int] = section["_layer_steps"]
-    grid = np.full((len(layers), len(steps)), np.nan)
-    rms = section["measure"] == "rms"
-    for r, layer in enumerate(layers):
-        data = run.scalars[f"{ns}/layer_norm/{layer}"]
-        scale = math.sqrt(numels[layer]) if rms and layer in numels else 1.0
-        for c, step in enumerate(steps):
-            value = data.get(step, math.nan)
-            if value == 0.0:
-                grid[r, c] = -np.inf
-            elif math.isfinite(value) and value > 0:
-                grid[r, c] = math.log10(value / scale)
-    label = "log10 per-element RMS gradient" if rms else "log10 gradient L2 norm"
-    title = f"{section['run']} ({ns})" if ns != "gradguard" else section["run"]
-    image = render_heatmap(layers, steps, grid, f"Gradient per layer: {title}", colorbar_label=label)
+    norms = {layer: run.scalars[f"{ns}/layer_norm/{layer}"] for layer in layers}
+    return layers, steps, norm_grid(layers, steps, norms)
+
+
+def _heatmap(section: dict[str, Any], png: Path) -> None:
+    from lightning_gradguard.heatmap import NORM_LABEL, render_heatmap
+
+    layers, steps, grid = _heatmap_grid(section)
+    title = f"{section['run']} ({section['namespace']})" if section["namespace"] != "gradguard" else section["run"]
+    image = render_heatmap(layers, steps, grid, f"Gradient norm per layer: {title}", colorbar_label=NORM_LABEL)
     import matplotlib.image
 
     matplotlib.image.imsave(png, image)

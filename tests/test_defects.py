@@ -201,3 +201,37 @@ def test_counts_are_pluralised(tmp_path: Path, capsys: pytest.CaptureFixture[str
     lines = capsys.readouterr().out.splitlines()
     assert "steps           0 .. 0 (1 log step, 1 optimizer step)" in lines
     assert any(line.startswith("clipping        1 clipped step, ") for line in lines)
+
+
+# ---------------------------------------------------------------------------------- 12: one heatmap quantity
+def test_report_heatmap_draws_the_tensorboard_heatmap(tmp_path: Path) -> None:
+    """With histograms (element counts known), the report used to draw per-element RMS where TensorBoard drew L2."""
+    import io
+
+    import matplotlib.image
+    import numpy as np
+
+    from lightning_gradguard.heatmap import render_heatmap
+    from lightning_gradguard.report import _heatmap_grid, build_report
+    from tests._models import TinyRegressor
+
+    guard = GradGuard(histogram_every_n_steps=1, heatmap_every_n_steps=1000, log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [guard], max_steps=6)
+    trainer.fit(TinyRegressor(hidden=64))
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    (image_event,) = read_events(log_dir).Images(tag("heatmap"))
+    tensorboard_image = matplotlib.image.imread(io.BytesIO(image_event.encoded_image_string), format="png")
+    (section,) = build_report(log_dir)
+    assert section["measure"] == "rms"  # element counts known: the case that used to differ
+    layers, steps, grid = _heatmap_grid(section)
+    assert layers == ["net.0", "net.2"] and steps == [0, 1, 2, 3, 4, 5]
+    # the callback's heatmap buffer holds the same quantity (the scalars are float32 in the event file)
+    state = guard.state_dict()["guards"]["0"]
+    assert state["heatmap_steps"] == steps
+    assert np.allclose(grid, np.array(state["heatmap_columns"]).T, rtol=0, atol=1e-6)
+    # and the image TensorBoard shows is the report's picture, pixel for pixel left of the colour scale
+    # (its tick labels may move by a pixel with float32 rounding of the range)
+    redrawn = render_heatmap(layers, steps, grid)
+    tb = np.round(tensorboard_image[:, :, :3] * 255).astype(np.uint8)
+    assert tb.shape == redrawn.shape
+    assert np.array_equal(tb[:, :850], redrawn[:, :850])
