@@ -81,5 +81,5 @@ KEYS: tuple[Key, ...] = (
         "one entry per notable event: skipped step, LR reduction, diagnostic verdict",
         "on event",
     ),
-    Key("heatmap", "image", "layer x step image of log10 gradient norm", "every `heatmap_every_n_steps` steps"),
+    Key("heatmap", "image", "layer x step image of log10 gradient L2 norm", "every `heatmap_every_n_steps` steps"),
 )
