@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_gradguard.diagnostics import GradientDiagnostics, plural
+from lightning_gradguard.tensorboard import split_events
 
 __all__ = ["ReportError", "RunData", "build_report", "find_runs", "main", "read_run"]
 
@@ -136,7 +137,7 @@ def _read_file(path: Path, run: RunData) -> None:
             elif plugin == "text":
                 name = name.removesuffix("/text_summary")
                 texts = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in array.flat]
-                run.texts.setdefault(name, []).append((step, "\n".join(texts)))
+                run.texts.setdefault(name, []).extend((step, t) for t in split_events("\n".join(texts)))
             else:
                 continue
             if name not in run.tags:
@@ -226,7 +227,7 @@ def _section(run: RunData, ns: str, label: str) -> dict[str, Any]:
     skipped_steps = int(skipped_total[-1][1]) if skipped_total else int(sum(v for _, v in skipped)) if skipped else None
 
     lr_scale = _series(run, ns, "lr_scale")
-    texts = sorted(run.texts.get(f"{ns}/events", []))
+    texts = sorted(run.texts.get(f"{ns}/events", []), key=lambda e: e[0])  # stable: in-step order kept
     events = [{"step": s, "text": t} for s, t in texts]
     lr_events = [{"step": s, "text": t} for s, t in texts if _LR_EVENT.match(t)]
     if lr_scale:

@@ -235,3 +235,86 @@ def test_report_heatmap_draws_the_tensorboard_heatmap(tmp_path: Path) -> None:
     tb = np.round(tensorboard_image[:, :, :3] * 255).astype(np.uint8)
     assert tb.shape == redrawn.shape
     assert np.array_equal(tb[:, :850], redrawn[:, :850])
+
+
+# ---------------------------------------------------------------------------------- 11: all events of a step
+def _served_texts(logdir: Path, runs: list[str]) -> dict[str, list[tuple[int, str]]]:
+    """``run -> [(step, html)]`` as the real TensorBoard server's Text tab receives them.
+
+    The server runs as a user starts it (``tensorboard --logdir``: the fast Rust data server where installed).
+    """
+    import json
+    import os
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from tests.test_tensorboard_server import TENSORBOARD, _free_port
+
+    def get(base: str, path: str) -> Any:
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            return json.loads(response.read().decode("utf-8"))
+
+    text_tag = f"{tag('events')}/text_summary"  # torch's SummaryWriter.add_text appends /text_summary
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [str(TENSORBOARD), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with (logdir / "tensorboard.log").open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                served = get(base, "/data/plugin/text/tags")
+                if all(text_tag in served.get(run, []) for run in runs):
+                    break
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                pass
+            time.sleep(0.5)
+        out = {}
+        for run in runs:
+            query = urllib.parse.urlencode({"run": run, "tag": text_tag})
+            out[run] = [(e["step"], e["text"]) for e in get(base, f"/data/plugin/text/text?{query}")]
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def test_text_tab_shows_every_event_of_a_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_tensorboard_server import TENSORBOARD
+
+    if not TENSORBOARD.exists():
+        pytest.skip(f"{TENSORBOARD} not installed")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_gradguard.report import build_report
+    from lightning_gradguard.tensorboard import EventLog
+
+    verdicts = [f"Layer 'enc.{i}' has a vanishing gradient at step 0." for i in range(5)]
+    with SummaryWriter(str(tmp_path / "per_event")) as writer:  # what GradGuard wrote: one add_text per event
+        for text in verdicts:
+            writer.add_text(tag("events"), text, 0)
+        writer.add_scalar(tag("global_norm"), 1.0, 0)
+    with SummaryWriter(str(tmp_path / "joined")) as writer:
+        log = EventLog()
+        for text in verdicts:
+            log.add(tag("events"), 0, text, writer)
+        log.add(tag("events"), 7, "skipped optimizer step 7", writer)
+        log.flush(writer)
+        writer.add_scalar(tag("global_norm"), 1.0, 0)
+    served = _served_texts(tmp_path, ["per_event", "joined"])
+    assert len(served["per_event"]) == 1  # the defect: TensorBoard shows one entry per step
+    assert [step for step, _ in served["joined"]] == [0, 7]
+    html = served["joined"][0][1]
+    assert all(f"enc.{i}" in html for i in range(5)) and "5 events" in html
+    # the report splits joined entries back into events
+    section = next(s for s in build_report(tmp_path) if s["run"].endswith("joined"))
+    assert [e["text"] for e in section["events"]] == [*verdicts, "skipped optimizer step 7"]
