@@ -1,14 +1,67 @@
-"""Helpers shared by the examples: quiet Lightning output and capture of GradGuard's messages."""
+"""Helpers shared by the examples: quiet Lightning output, capture of GradGuard's messages, and the
+follow-up commands they print (which must run as printed, from the directory the user is in)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["GuardMessages", "capture_gradguard_messages", "quiet_lightning"]
+__all__ = [
+    "GuardMessages",
+    "capture_gradguard_messages",
+    "quiet_lightning",
+    "report_command",
+    "tensorboard_command",
+]
+
+
+def _user_dir() -> Path:
+    """The directory the user typed the command in (``dev.py`` runs the examples from the repository root,
+    but the shell's ``PWD`` is inherited unchanged)."""
+    pwd = os.environ.get("PWD")
+    return Path(pwd) if pwd and Path(pwd).is_dir() else Path.cwd()
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the user can type it: relative to their directory when inside it, else absolute."""
+    path = Path(os.path.abspath(path))
+    base = Path(os.path.abspath(_user_dir()))
+    try:
+        rel = path.relative_to(base)
+    except ValueError:
+        return shlex.quote(str(path))
+    text = str(rel)
+    if text == ".":
+        return "."
+    # a bare name would be looked up on PATH when it is a program: keep the ./ in front
+    return shlex.quote(text if os.sep in text else f".{os.sep}{text}")
+
+
+def _script(name: str) -> Path | None:
+    """The console script ``name`` installed beside this interpreter (``.venv/bin/name``), if any."""
+    candidate = Path(sys.executable).with_name(name)  # not resolved: the venv's bin, not the base Python's
+    return candidate if candidate.exists() else None
+
+
+def tensorboard_command(logdir: str | os.PathLike[str]) -> str:
+    """A ``tensorboard --logdir`` command line that runs as printed (``.venv/bin/tensorboard``, not a bare name)."""
+    script = _script("tensorboard")
+    program = _shown(script) if script else f"{_shown(Path(sys.executable))} -m tensorboard.main"
+    return f"{program} --logdir {_shown(Path(logdir))}"
+
+
+def report_command(run_dir: str | os.PathLike[str], *options: str) -> str:
+    """A ``gradguard report`` command line that runs as printed (the venv's script, or ``python -m``)."""
+    script = _script("gradguard")
+    program = _shown(script) if script else f"{_shown(Path(sys.executable))} -m lightning_gradguard"
+    return " ".join([program, "report", _shown(Path(run_dir)), *map(shlex.quote, options)])
 
 
 def quiet_lightning() -> None:

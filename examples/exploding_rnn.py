@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import capture_gradguard_messages, quiet_lightning
+from _common import capture_gradguard_messages, quiet_lightning, report_command, tensorboard_command
 
 from lightning_gradguard import GradGuard
 
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
         for message in guarded.messages:
             if message.startswith("GradGuard: LR guard"):
                 print(f"  {message[:220]}...")
-    print(f"\nTensorBoard: tensorboard --logdir {(args.logdir / 'exploding_rnn').resolve()}")
+    print(f"\nTensorBoard: {tensorboard_command(args.logdir / 'exploding_rnn')}")
+    print(f"Report:      {report_command(args.logdir / 'exploding_rnn')}")
     return results
 
 

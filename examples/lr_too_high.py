@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import capture_gradguard_messages, quiet_lightning
+from _common import capture_gradguard_messages, quiet_lightning, report_command, tensorboard_command
 
 from lightning_gradguard import GradGuard
 
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
         )
     for message in results["lr_guard"].reductions:
         print(f"  {message[:200]}...")
-    print(f"\nTensorBoard: tensorboard --logdir {(args.logdir / 'lr_too_high').resolve()}")
+    print(f"\nTensorBoard: {tensorboard_command(args.logdir / 'lr_too_high')}")
+    print(f"Report:      {report_command(args.logdir / 'lr_too_high')}")
     return results
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import report_command, tensorboard_command
 
 from lightning_gradguard import GradGuard
 
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> GradGuard:
     print(f"  logs                  {logger.log_dir}")
     print()
     print("View them (Custom Scalars tab holds the GradGuard dashboard):")
-    print(f"  tensorboard --logdir {args.logdir.resolve()}")
+    print(f"  {tensorboard_command(args.logdir)}")
+    print("or read them back without a server:")
+    print(f"  {report_command(logger.log_dir)}")
     return guard
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import capture_gradguard_messages, quiet_lightning
+from _common import capture_gradguard_messages, quiet_lightning, report_command, tensorboard_command
 
 from lightning_gradguard import GradGuard
 
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, VariantResult]:
             print(f"    ... and {len(result.verdicts) - 3} more verdicts")
         if result.summary:
             print("  " + "\n  ".join(result.summary.splitlines()))
-    print(f"\nTensorBoard: tensorboard --logdir {(args.logdir / 'vanishing').resolve()}")
+    print(f"\nTensorBoard: {tensorboard_command(args.logdir / 'vanishing')}")
+    print(f"Report:      {report_command(args.logdir / 'vanishing')}")
     return results
 
 

@@ -318,3 +318,42 @@ def test_text_tab_shows_every_event_of_a_step(tmp_path: Path, capsys: pytest.Cap
     # the report splits joined entries back into events
     section = next(s for s in build_report(tmp_path) if s["run"].endswith("joined"))
     assert [e["text"] for e in section["events"]] == [*verdicts, "skipped optimizer step 7"]
+
+
+# ---------------------------------------------------------------------------------- 10: printed commands run
+@pytest.mark.parametrize("where", ["repository root", "elsewhere"])
+def test_printed_follow_up_commands_run_as_printed(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quickstart (``python3 dev.py demo``) prints a tensorboard and a report command: both must run from
+    the user's directory, without ``.venv/bin`` on PATH."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.test_examples import load
+
+    # the user's shell directory: the checkout holding .venv (README flow), or anywhere else
+    user_dir = Path(sys.executable).parents[2] if where == "repository root" else tmp_path / "somewhere"
+    user_dir.mkdir(exist_ok=True)
+    monkeypatch.setenv("PWD", str(user_dir))
+    load("quickstart").main(["--max-steps", "3", "--logdir", str(tmp_path / "logs")])
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    (tb_line,) = [line for line in lines if "--logdir" in line]
+    (report_line,) = [line for line in lines if " report " in line]
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)
+
+    tb = shlex.split(tb_line)
+    program = user_dir / tb[0]  # absolute stays absolute; relative is relative to the user's directory
+    assert program.is_file() and os.access(program, os.X_OK), tb_line
+    if where == "repository root" and Path(sys.executable).parent.parent.name == ".venv":
+        assert tb[0] == os.path.join(".venv", "bin", "tensorboard")  # what the README's user has
+    assert (user_dir / tb[-1]).resolve() == (tmp_path / "logs").resolve()
+    # tensorboard itself starts from there (its --help exits at once)
+    assert subprocess.run([*tb[:-2], "--help"], cwd=user_dir, env=env, capture_output=True).returncode == 0
+
+    done = subprocess.run(shlex.split(report_line), cwd=user_dir, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("== ") and "global norm" in done.stdout
