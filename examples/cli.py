@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import quiet_lightning
+from _common import one_thread_unless_set, quiet_lightning
 from quickstart import DigitsClassifier, digits_loader
 
 
@@ -44,4 +44,5 @@ def main(argv: list[str] | None = None) -> LightningCLI:
 
 
 if __name__ == "__main__":
+    one_thread_unless_set()  # tiny models: a second thread only waits on a busy machine
     main()

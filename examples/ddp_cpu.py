@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import quiet_lightning
+from _common import one_thread_unless_set, quiet_lightning
 from quickstart import DigitsClassifier, digits_loader
 
 from lightning_gradguard import GradGuard
@@ -107,4 +107,5 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    one_thread_unless_set()  # tiny models: a second thread only waits on a busy machine
     main()

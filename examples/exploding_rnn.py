@@ -31,7 +31,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import capture_gradguard_messages, quiet_lightning, report_command, tensorboard_command
+from _common import (
+    capture_gradguard_messages,
+    one_thread_unless_set,
+    quiet_lightning,
+    report_command,
+    tensorboard_command,
+)
 
 from lightning_gradguard import GradGuard
 
@@ -197,4 +203,5 @@ def main(argv: list[str] | None = None) -> dict[str, RunResult]:
 
 
 if __name__ == "__main__":
+    one_thread_unless_set()  # tiny models: a second thread only waits on a busy machine
     main()

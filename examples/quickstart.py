@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report_command, tensorboard_command
+from _common import one_thread_unless_set, report_command, tensorboard_command
 
 from lightning_gradguard import GradGuard
 
@@ -108,4 +108,5 @@ def main(argv: list[str] | None = None) -> GradGuard:
 
 
 if __name__ == "__main__":
+    one_thread_unless_set()  # tiny models: a second thread only waits on a busy machine
     main()

@@ -389,10 +389,7 @@ class GradientDiagnostics:
                 if kind not in kinds_seen:
                     kinds_seen.append(kind)
                 episodes = rec["episodes"]
-                parts.append(
-                    f"{kind} ({plural(episodes, 'episode')}, "
-                    f"steps {rec['first_step']}-{rec['last_step']})"
-                )
+                parts.append(f"{kind} ({plural(episodes, 'episode')}, steps {rec['first_step']}-{rec['last_step']})")
             lines.append(f"  {name}: {', '.join(parts)}")
         lines.append("Remedies:")
         for kind in KINDS:

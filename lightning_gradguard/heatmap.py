@@ -3,8 +3,8 @@
 One picture that shows vanishing and exploding gradients at a glance: one row per layer in model
 order (first layer on top), one column per log step, colour = log10 of the layer's gradient L2 norm
 (the logged ``layer_norm/*`` value, :func:`log10_norm`) with a labelled colour scale. The TensorBoard
-image and ``gradguard report --png`` draw this same quantity. Zero norms (``-inf`` after log10) are drawn black, missing or non-finite
-values light grey; a note under the step axis says so.
+image and ``gradguard report --png`` draw this same quantity. Zero norms (``-inf`` after log10) are drawn
+black, missing or non-finite values light grey; a note under the step axis says so.
 
 matplotlib (Agg canvas, no pyplot, no global state) is imported lazily; without it
 :func:`render_heatmap` raises an ImportError that says what to install.

@@ -39,6 +39,7 @@ EVENT_SEPARATOR = "\n\n---\n\n"
 def find_writer(loggers: Iterable[Logger]) -> Any | None:
     """The ``SummaryWriter`` of the first TensorBoard logger, or ``None``."""
     from lightning.pytorch.loggers import TensorBoardLogger  # here: `gradguard report` starts without Lightning
+
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
@@ -145,15 +146,15 @@ class EventLog:
 
     _pending: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
 
-    def add(self, tag: str, step: int, text: str, writer: Any | None = None) -> None:
-        """Buffer ``text`` for ``(tag, step)``; an earlier step of ``tag`` pending is written to ``writer``."""
-        pending = self._pending.get(tag)
+    def add(self, name: str, step: int, text: str, writer: Any | None = None) -> None:
+        """Buffer ``text`` for tag ``name`` at ``step``; an earlier pending step of ``name`` goes to ``writer``."""
+        pending = self._pending.get(name)
         if pending is not None and step > pending[0]:
             if writer is not None:
-                writer.add_text(tag, join_events(pending[1]), pending[0])
+                writer.add_text(name, join_events(pending[1]), pending[0])
             pending = None
         if pending is None:
-            self._pending[tag] = (step, [text])
+            self._pending[name] = (step, [text])
         else:
             pending[1].append(text)
 
@@ -162,5 +163,5 @@ class EventLog:
         pending, self._pending = self._pending, {}
         if writer is None:
             return
-        for tag, (step, texts) in pending.items():
-            writer.add_text(tag, join_events(texts), step)
+        for name, (step, texts) in pending.items():
+            writer.add_text(name, join_events(texts), step)
