@@ -228,8 +228,9 @@ def _section(run: RunData, ns: str, label: str) -> dict[str, Any]:
 
     lr_scale = _series(run, ns, "lr_scale")
     texts = sorted(run.texts.get(f"{ns}/events", []), key=lambda e: e[0])  # stable: in-step order kept
-    events = [{"step": s, "text": t} for s, t in texts]
-    lr_events = [{"step": s, "text": t} for s, t in texts if _LR_EVENT.match(t)]
+    events: list[dict[str, Any]] = [{"step": s, "text": t} for s, t in texts]
+    lr_texts = [(s, t, m) for s, t in texts if (m := _LR_EVENT.match(t)) is not None]
+    lr_events = [{"step": s, "text": t} for s, t, _ in lr_texts]
     if lr_scale:
         reductions = [
             {"step": s, "from": prev, "to": cur, "source": "lr_scale"}
@@ -237,13 +238,10 @@ def _section(run: RunData, ns: str, label: str) -> dict[str, Any]:
             if cur < prev * (1 - 1e-9)
         ]
     else:  # lr_scale not logged: the LR guard's own text events, one per reduction
-        reductions = []
-        for e in lr_events:
-            match = _LR_EVENT.match(e["text"])
-            assert match is not None
-            reductions.append(
-                {"step": e["step"], "from": _float(match.group(2)), "to": _float(match.group(3)), "source": "events"}
-            )
+        reductions = [
+            {"step": s, "from": _float(m.group(2)), "to": _float(m.group(3)), "source": "events"}
+            for s, _, m in lr_texts
+        ]
 
     layers = [t[len(ns) + len("/layer_norm/") :] for t in run.tags if t.startswith(f"{ns}/layer_norm/")]
     numels = {layer: run.hist_numel[f"{ns}/hist/{layer}"] for layer in layers if f"{ns}/hist/{layer}" in run.hist_numel}
