@@ -311,7 +311,10 @@ def test_text_tab_shows_every_event_of_a_step(tmp_path: Path, capsys: pytest.Cap
         log.flush(writer)
         writer.add_scalar(tag("global_norm"), 1.0, 0)
     served = _served_texts(tmp_path, ["per_event", "joined"])
-    assert len(served["per_event"]) == 1  # the defect: TensorBoard shows one entry per step
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard_data_server") is not None:  # the default (fast) loader
+        assert len(served["per_event"]) == 1  # the defect: TensorBoard shows one entry per step
     assert [step for step, _ in served["joined"]] == [0, 7]
     html = served["joined"][0][1]
     assert all(f"enc.{i}" in html for i in range(5)) and "5 events" in html
