@@ -460,28 +460,31 @@ class RollbackTrigger:
     * ``"nonfinite_loss"``: a non-finite loss on ``nonfinite_loss_steps`` consecutive steps;
     * ``"loss_runaway"``: the loss ran away from its robust running level. The level is the median
       ``M`` of the last ``runaway_window`` finite losses that were not themselves above the threshold,
-      the spread their median absolute deviation ``MAD``; a step is *above* when
-      ``loss > M + max(runaway_mad * MAD, runaway_rel * |M|, runaway_min_margin)``. ``runaway_steps``
-      consecutive steps above fire. Silent until ``runaway_warmup`` losses were seen. The defaults
-      (more than double the level *and* more than 10 MADs above it, 10 steps in a row) sit far outside
-      the batch-to-batch noise of healthy training, while a diverging run crosses them within steps.
+      the spread their median absolute deviation ``MAD``. A loss is *above* when
+      ``loss > M + max(runaway_mad * MAD, runaway_rel * |M|, runaway_min_margin)``; the trigger fires
+      when more than half of the last ``runaway_steps`` losses were above. The level exists from the
+      first loss on (the untrained model's), so a run that diverges in its first steps is caught too.
+      The defaults (more than double the level *and* more than 10 MADs above it, on a majority of
+      10 steps) sit far outside the batch-to-batch noise of healthy training, while a blow-up crosses
+      them within steps. Losses above the threshold never enter the window, so a blow-up cannot
+      drag the level up.
 
-    Each trigger can be turned off by setting its step count to ``0``. A step is healthy (a snapshot may
-    follow) when it fired nothing, has finite loss and gradients, was not skipped, was not above the
-    runaway threshold and no streak is running.
+    Each trigger is turned off by setting its step count to ``0``. A step is healthy (a snapshot may
+    be taken) when it fired nothing, had finite loss and gradients, was not skipped, and none of the
+    last ``runaway_steps`` losses was above the threshold.
 
     After ``max_rollbacks`` rollbacks the next trigger answers a :class:`RecoveryError` naming every
     rollback, its trigger and step, and what to try.
 
     The state (counters, history, loss window, streaks) is a dict of primitives that loads with
-    ``torch.load(weights_only=True)``; it is *not* part of the snapshot, so rollbacks do not undo it.
+    ``torch.load(weights_only=True)``; it is *not* part of the snapshot, so a rollback does not undo it.
 
     Args:
         nonfinite_steps: consecutive non-finite-gradient steps that trigger a rollback (``0``: never).
         nonfinite_loss_steps: consecutive non-finite losses that trigger a rollback (``0``: never).
-        runaway_steps: consecutive steps above the runaway threshold that trigger a rollback (``0``: never).
+        runaway_steps: the runaway check looks at the last ``runaway_steps`` losses and fires when more
+            than half of them are above the threshold (``0``: never).
         runaway_window: finite losses the running level is computed from.
-        runaway_warmup: losses observed before the runaway check starts (at least 5).
         runaway_mad: MADs above the median a loss must be.
         runaway_rel: fraction of ``|median|`` above the median a loss must be.
         runaway_min_margin: absolute floor of the margin (loss units), for losses near zero.
@@ -512,7 +515,6 @@ class RollbackTrigger:
         nonfinite_loss_steps: int = 1,
         runaway_steps: int = 10,
         runaway_window: int = 200,
-        runaway_warmup: int = 20,
         runaway_mad: float = 10.0,
         runaway_rel: float = 1.0,
         runaway_min_margin: float = 1e-3,
@@ -521,20 +523,15 @@ class RollbackTrigger:
         self.nonfinite_steps = check_int("nonfinite_steps", nonfinite_steps, 0)
         self.nonfinite_loss_steps = check_int("nonfinite_loss_steps", nonfinite_loss_steps, 0)
         self.runaway_steps = check_int("runaway_steps", runaway_steps, 0)
-        self.runaway_window = check_int("runaway_window", runaway_window, 5)
-        self.runaway_warmup = check_int("runaway_warmup", runaway_warmup, 5)
-        if self.runaway_warmup > self.runaway_window:
-            raise ValueError(
-                f"`runaway_warmup` must be <= `runaway_window` ({runaway_window}), got {runaway_warmup}"
-            )
+        self.runaway_window = check_int("runaway_window", runaway_window, 1)
         self.runaway_mad = _check_nonneg("runaway_mad", runaway_mad)
         self.runaway_rel = _check_nonneg("runaway_rel", runaway_rel)
         self.runaway_min_margin = _check_nonneg("runaway_min_margin", runaway_min_margin)
         self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 1)
         self._losses: deque[tuple[int, float]] = deque(maxlen=self.runaway_window)
+        self._recent: deque[tuple[int, bool]] = deque(maxlen=max(1, self.runaway_steps))
         self._nonfinite_streak = 0
         self._nonfinite_loss_streak = 0
-        self._runaway_streak = 0
         self._history: list[RollbackRecord] = []
 
     # ---------------------------------------------------------------- counters
@@ -555,14 +552,17 @@ class RollbackTrigger:
         return tuple(self._history)
 
     def level(self) -> tuple[float, float, float] | None:
-        """``(median, MAD, threshold)`` of the runaway check now; ``None`` during its warmup."""
-        if len(self._losses) < self.runaway_warmup:
+        """``(median, MAD, threshold)`` of the runaway check now; ``None`` before the first finite loss."""
+        if not self._losses:
             return None
         values = [v for _, v in self._losses]
         median = statistics.median(values)
         mad = statistics.median(abs(v - median) for v in values)
         margin = max(self.runaway_mad * mad, self.runaway_rel * abs(median), self.runaway_min_margin)
         return median, mad, median + margin
+
+    def _runaway_count(self) -> int:
+        return sum(1 for _, above in self._recent if above)
 
     # ---------------------------------------------------------------- decision
 
@@ -588,13 +588,14 @@ class RollbackTrigger:
             above = level is not None and loss > level[2]
             if not above:
                 self._losses.append((step, float(loss)))
-        if loss is not None and loss_finite:
-            self._runaway_streak = self._runaway_streak + 1 if above else 0
+            if self.runaway_steps:
+                self._recent.append((step, above))
+        n_above = self._runaway_count() if self.runaway_steps else 0
 
         evidence: dict[str, float | int | str] = {
             "nonfinite_streak": self._nonfinite_streak,
             "nonfinite_loss_streak": self._nonfinite_loss_streak,
-            "runaway_streak": self._runaway_streak,
+            "runaway_above": n_above,
             "rollbacks_total": self.rollbacks_total,
         }
         if loss is not None:
@@ -603,33 +604,25 @@ class RollbackTrigger:
             evidence.update(median=level[0], mad=level[1], threshold=level[2])
 
         trigger: Trigger | None = None
+        what = ""
         if 0 < self.nonfinite_steps <= self._nonfinite_streak:
             trigger = "nonfinite_grad"
             what = f"non-finite gradients on {self._nonfinite_streak} consecutive steps"
         elif 0 < self.nonfinite_loss_steps <= self._nonfinite_loss_streak:
             trigger = "nonfinite_loss"
             what = f"non-finite loss ({loss}) on {self._nonfinite_loss_streak} consecutive step(s)"
-        elif 0 < self.runaway_steps <= self._runaway_streak and level is not None:
+        elif self.runaway_steps and 2 * n_above > self.runaway_steps and level is not None:
             trigger = "loss_runaway"
             what = (
-                f"loss {loss:.4g} above {level[2]:.4g} (running median {level[0]:.4g}, MAD {level[1]:.3g}) "
-                f"on {self._runaway_streak} consecutive steps"
+                f"loss {loss:.4g}: {n_above} of the last {self.runaway_steps} losses above {level[2]:.4g} "
+                f"(running median {level[0]:.4g}, MAD {level[1]:.3g})"
             )
         if trigger is None:
-            healthy = (
-                loss_finite
-                and not nonfinite
-                and not skipped
-                and not above
-                and self._nonfinite_streak == 0
-                and self._runaway_streak == 0
-            )
+            healthy = loss_finite and not nonfinite and not skipped and n_above == 0
             return RollbackDecision(step=step, evidence=evidence, snapshot_ok=healthy)
         if self.rollbacks_total >= self.max_rollbacks:
             error = RecoveryError(self._error_message(step, trigger, what))
-            return RollbackDecision(
-                step=step, trigger=trigger, message=str(error), evidence=evidence, error=error
-            )
+            return RollbackDecision(step=step, trigger=trigger, message=str(error), evidence=evidence, error=error)
         message = f"step {step}: {what}: rolling back to the last good snapshot"
         return RollbackDecision(step=step, rollback=True, trigger=trigger, message=message, evidence=evidence)
 
@@ -644,7 +637,8 @@ class RollbackTrigger:
         restored_to = check_int("restored_to", restored_to, 0)
         record = RollbackRecord(step=decision.step, trigger=decision.trigger, restored_to=restored_to)
         self._history.append(record)
-        self._nonfinite_streak = self._nonfinite_loss_streak = self._runaway_streak = 0
+        self._nonfinite_streak = self._nonfinite_loss_streak = 0
+        self._recent.clear()
         kept = [(s, v) for s, v in self._losses if s <= restored_to]
         self._losses.clear()
         self._losses.extend(kept)
@@ -670,9 +664,9 @@ class RollbackTrigger:
             "version": 1,
             "history": [[r.step, r.trigger, r.restored_to] for r in self._history],
             "losses": [[s, v] for s, v in self._losses],
+            "recent": [[s, a] for s, a in self._recent],
             "nonfinite_streak": self._nonfinite_streak,
             "nonfinite_loss_streak": self._nonfinite_loss_streak,
-            "runaway_streak": self._runaway_streak,
             "rollbacks_total": self.rollbacks_total,
             "steps_lost": self.steps_lost,
         }
@@ -682,9 +676,10 @@ class RollbackTrigger:
         self._history = [RollbackRecord(int(s), str(t), int(r)) for s, t, r in state_dict.get("history", [])]
         self._losses.clear()
         self._losses.extend((int(s), float(v)) for s, v in state_dict.get("losses", []))
+        self._recent.clear()
+        self._recent.extend((int(s), bool(a)) for s, a in state_dict.get("recent", []))
         self._nonfinite_streak = int(state_dict.get("nonfinite_streak", 0))
         self._nonfinite_loss_streak = int(state_dict.get("nonfinite_loss_streak", 0))
-        self._runaway_streak = int(state_dict.get("runaway_streak", 0))
 
     def __repr__(self) -> str:
         return (
