@@ -395,7 +395,7 @@ def _as_list(value: Any, kind: type | None, name: str) -> list[Any]:
     if kind is not None:
         for i, item in enumerate(items):
             if not isinstance(item, kind):
-                raise TypeError(f"`{name}[{i}]` must be a {kind.__name__}, got {type(item).__name__}")
+                raise TypeError(f"`{name}[{i}]` must be an instance of {kind.__name__}, got {type(item).__name__}")
     return items
 
 
