@@ -34,6 +34,7 @@ Nothing here imports Lightning.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 import statistics
@@ -529,6 +530,7 @@ class RollbackTrigger:
         self.runaway_min_margin = _check_nonneg("runaway_min_margin", runaway_min_margin)
         self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 1)
         self._losses: deque[tuple[int, float]] = deque(maxlen=self.runaway_window)
+        self._sorted: list[float] = []  # the window's values, sorted: the median in O(1)
         self._recent: deque[tuple[int, bool]] = deque(maxlen=max(1, self.runaway_steps))
         self._nonfinite_streak = 0
         self._nonfinite_loss_streak = 0
@@ -555,11 +557,37 @@ class RollbackTrigger:
         """``(median, MAD, threshold)`` of the runaway check now; ``None`` before the first finite loss."""
         if not self._losses:
             return None
-        values = [v for _, v in self._losses]
-        median = statistics.median(values)
-        mad = statistics.median(abs(v - median) for v in values)
+        median = self._median()
+        mad = statistics.median(abs(v - median) for v in self._sorted)
         margin = max(self.runaway_mad * mad, self.runaway_rel * abs(median), self.runaway_min_margin)
         return median, mad, median + margin
+
+    def _median(self) -> float:
+        n = len(self._sorted)
+        return self._sorted[n // 2] if n % 2 else 0.5 * (self._sorted[n // 2 - 1] + self._sorted[n // 2])
+
+    def _is_above(self, loss: float) -> bool:
+        """``loss > threshold``, computing the MAD only when the cheap lower bound of the margin is passed."""
+        if not self._sorted:
+            return False
+        median = self._median()
+        if loss <= median + max(self.runaway_rel * abs(median), self.runaway_min_margin):
+            return False
+        level = self.level()
+        return level is not None and loss > level[2]
+
+    def _push_loss(self, step: int, loss: float) -> None:
+        if len(self._losses) == self._losses.maxlen:
+            _, old = self._losses[0]
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        self._losses.append((step, loss))
+        bisect.insort(self._sorted, loss)
+
+    def _set_losses(self, items: list[tuple[int, float]]) -> None:
+        self._losses.clear()
+        self._sorted.clear()
+        for s, v in items:
+            self._push_loss(s, v)
 
     def _runaway_count(self) -> int:
         return sum(1 for _, above in self._recent if above)
@@ -582,12 +610,14 @@ class RollbackTrigger:
         loss_finite = loss is None or math.isfinite(loss)
         self._nonfinite_streak = self._nonfinite_streak + 1 if nonfinite else 0
         self._nonfinite_loss_streak = 0 if loss_finite else self._nonfinite_loss_streak + 1
-        level = self.level()
         above = False
+        level: tuple[float, float, float] | None = None
         if loss is not None and loss_finite:
-            above = level is not None and loss > level[2]
-            if not above:
-                self._losses.append((step, float(loss)))
+            above = self._is_above(float(loss))
+            if above:
+                level = self.level()  # the evidence: median, MAD, threshold
+            else:
+                self._push_loss(step, float(loss))
             if self.runaway_steps:
                 self._recent.append((step, above))
         n_above = self._runaway_count() if self.runaway_steps else 0
@@ -600,7 +630,7 @@ class RollbackTrigger:
         }
         if loss is not None:
             evidence["loss"] = float(loss)
-        if level is not None:
+        if above and level is not None:
             evidence.update(median=level[0], mad=level[1], threshold=level[2])
 
         trigger: Trigger | None = None
@@ -611,10 +641,11 @@ class RollbackTrigger:
         elif 0 < self.nonfinite_loss_steps <= self._nonfinite_loss_streak:
             trigger = "nonfinite_loss"
             what = f"non-finite loss ({loss}) on {self._nonfinite_loss_streak} consecutive step(s)"
-        elif self.runaway_steps and 2 * n_above > self.runaway_steps and level is not None:
+        elif self.runaway_steps and 2 * n_above > self.runaway_steps and (level := level or self.level()):
             trigger = "loss_runaway"
+            evidence.update(median=level[0], mad=level[1], threshold=level[2])
             what = (
-                f"loss {loss:.4g}: {n_above} of the last {self.runaway_steps} losses above {level[2]:.4g} "
+                f"loss {_fmt(loss)}: {n_above} of the last {self.runaway_steps} losses above {level[2]:.4g} "
                 f"(running median {level[0]:.4g}, MAD {level[1]:.3g})"
             )
         if trigger is None:
@@ -639,9 +670,7 @@ class RollbackTrigger:
         self._history.append(record)
         self._nonfinite_streak = self._nonfinite_loss_streak = 0
         self._recent.clear()
-        kept = [(s, v) for s, v in self._losses if s <= restored_to]
-        self._losses.clear()
-        self._losses.extend(kept)
+        self._set_losses([(s, v) for s, v in self._losses if s <= restored_to])
         return record
 
     def _error_message(self, step: int, trigger: str, what: str) -> str:
@@ -674,8 +703,7 @@ class RollbackTrigger:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; keys it lacks keep their defaults."""
         self._history = [RollbackRecord(int(s), str(t), int(r)) for s, t, r in state_dict.get("history", [])]
-        self._losses.clear()
-        self._losses.extend((int(s), float(v)) for s, v in state_dict.get("losses", []))
+        self._set_losses([(int(s), float(v)) for s, v in state_dict.get("losses", [])])
         self._recent.clear()
         self._recent.extend((int(s), bool(a)) for s, a in state_dict.get("recent", []))
         self._nonfinite_streak = int(state_dict.get("nonfinite_streak", 0))
@@ -687,6 +715,10 @@ class RollbackTrigger:
             f"{self.nonfinite_loss_steps}, runaway_steps={self.runaway_steps}, runaway_window={self.runaway_window},"
             f" runaway_mad={self.runaway_mad}, runaway_rel={self.runaway_rel}, max_rollbacks={self.max_rollbacks})"
         )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def _check_nonneg(name: str, value: Any) -> float:

@@ -510,3 +510,39 @@ def test_weight_corrupted_to_nan_mid_run_rolls_back_and_finishes_close_to_fault_
     assert all(bool(b.isfinite().all()) for b in model.buffers())
     assert math.isfinite(loss)
     assert abs(loss - clean_loss) < 0.1 + 0.5 * clean_loss, (loss, clean_loss)
+
+
+def _reference_decisions(losses: list[float], window: int = 200, m: int = 10) -> list[bool]:
+    """The runaway rule written the slow, obvious way (full median and MAD every step)."""
+    import statistics
+
+    kept: list[float] = []
+    recent: list[bool] = []
+    out = []
+    for loss in losses:
+        above = False
+        if kept:
+            med = statistics.median(kept)
+            mad = statistics.median(abs(v - med) for v in kept)
+            above = loss > med + max(10.0 * mad, 1.0 * abs(med), 1e-3)
+        if not above:
+            kept = [*kept, loss][-window:]
+        recent = [*recent, above][-m:]
+        out.append(2 * sum(recent) > m)
+    return out
+
+
+def test_runaway_fast_path_matches_the_plain_definition() -> None:
+    rng = random.Random(3)
+    losses = []
+    for i in range(3000):
+        base = 1.0 + 0.5 * math.sin(i / 200)
+        burst = 6.0 if (i // 97) % 9 == 4 and rng.random() < 0.8 else 1.0
+        losses.append(base * burst * rng.lognormvariate(0.0, 0.5))
+    expected = _reference_decisions(losses)
+    assert 0 < sum(expected) < len(losses) // 4  # the stream does exercise the rule both ways
+    trigger = RollbackTrigger(max_rollbacks=10**6, nonfinite_loss_steps=0)
+    got = []
+    for i, v in enumerate(losses):
+        got.append(trigger.update(i, loss=v).trigger == "loss_runaway")
+    assert got == expected
