@@ -546,3 +546,15 @@ def test_runaway_fast_path_matches_the_plain_definition() -> None:
     for i, v in enumerate(losses):
         got.append(trigger.update(i, loss=v).trigger == "loss_runaway")
     assert got == expected
+
+
+def test_docs_page_example_runs() -> None:
+    """docs/recovery.md's plain-loop example runs top to bottom and its own assertions hold."""
+    import re
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "recovery.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1
+    namespace: dict[str, Any] = {"__name__": "recovery_docs"}
+    exec(compile(blocks[0], "recovery.md", "exec"), namespace)
+    assert namespace["trigger"].history[0].trigger in ("nonfinite_loss", "nonfinite_grad")
