@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import math
 import statistics
 from collections import deque
@@ -74,14 +75,23 @@ class RecoveryError(RuntimeError):
 # --------------------------------------------------------------------------------------------- snapshot
 
 
-def _local(t: Tensor) -> Tensor:
-    """The tensor this rank holds: a ``DTensor``'s local shard, else ``t`` itself (no copy)."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t  # type: ignore[no-any-return]
+@functools.cache
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return None
+    return DTensor
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    return callable(getattr(t, "to_local", None))
+    kind = _dtensor_type()
+    return kind is not None and isinstance(t, kind)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor this rank holds: a ``DTensor``'s local shard (a view, no copy), else ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined,no-any-return]
 
 
 def _copy_tree(value: Any) -> Any:
