@@ -19,6 +19,11 @@ EXPECTED_RATIOS = {
         "add_histogram_per_tensor / histogram_step (speed-up)",
         "add_histogram_per_tensor / histogram_step_and_write (speed-up)",
     ],
+    "bench_snapshot.py": [
+        "tiny capture / step",
+        "tiny restore / step",
+        "tiny trigger.update / step",
+    ],
     "bench_clip.py": [
         "gradguard / clip_grad_norm_ when clipping",
         "gradguard / clip_grad_norm_ when not clipping",
