@@ -107,6 +107,9 @@ class UpdateTracker:
     Args:
         stats: the :class:`~lightning_gradguard.stats.GradStats` of the optimizer; its parameters,
             layer grouping and shard weighting are reused.
+        keep_buffers: keep the copy buffers between log steps and refill them in place
+            (``torch._foreach_copy_``) instead of allocating fresh copies at every log step. Saves the
+            allocation (page faults on CPU) at the price of one resident copy of the weights.
 
     Example:
 
@@ -123,8 +126,12 @@ class UpdateTracker:
         (0.005, 5.004)
     """
 
-    def __init__(self, stats: GradStats) -> None:
+    def __init__(self, stats: GradStats, keep_buffers: bool = False) -> None:
+        if not isinstance(keep_buffers, bool):
+            raise TypeError(f"`keep_buffers` must be a bool, got {keep_buffers!r}")
         self._stats = stats
+        self.keep_buffers = keep_buffers
+        self._buffers: dict[int, list[Tensor]] = {}  # id(bucket) -> kept copy buffers
         self._plans: dict[tuple[bool, ...], list[_Bucket]] = {}
         self._pending: list[tuple[_Bucket, list[Tensor]]] | None = None
 
@@ -167,8 +174,19 @@ class UpdateTracker:
 
     def snapshot(self) -> None:
         """Copy the weights that have a gradient now (call right before ``optimizer.step()``)."""
+        pending: list[tuple[_Bucket, list[Tensor]]] = []
         with torch.no_grad():
-            self._pending = [(bucket, list(torch._foreach_mul(self._weights(bucket), 1.0))) for bucket in self._plan()]
+            for bucket in self._plan():
+                weights = self._weights(bucket)
+                if not self.keep_buffers:
+                    pending.append((bucket, list(torch._foreach_mul(weights, 1.0))))
+                    continue
+                buffers = self._buffers.get(id(bucket))
+                if buffers is None:
+                    buffers = self._buffers[id(bucket)] = [torch.empty_like(w) for w in weights]
+                torch._foreach_copy_(buffers, weights)
+                pending.append((bucket, buffers))
+        self._pending = pending
 
     def discard(self) -> None:
         """Drop a snapshot whose step did not happen (a skipped step)."""

@@ -21,6 +21,7 @@ EXPECTED_RATIOS = {
     ],
     "bench_updates.py": [
         "adamw_step_with_updates / adamw_step",
+        "adamw_step_with_updates(keep_buffers) / adamw_step",
         "stats_step / adamw_step",
     ],
     "bench_clip.py": [

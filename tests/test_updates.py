@@ -21,9 +21,10 @@ def _two_layers() -> nn.Sequential:
     return model
 
 
-def test_sgd_step_hand_computed() -> None:
+@pytest.mark.parametrize("keep_buffers", [False, True])
+def test_sgd_step_hand_computed(keep_buffers: bool) -> None:
     model = _two_layers()
-    tracker = UpdateTracker(GradStats(model.named_parameters()))
+    tracker = UpdateTracker(GradStats(model.named_parameters()), keep_buffers=keep_buffers)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model[0].weight.grad = torch.tensor([[0.3, 0.4]])  # update 0.1 * 0.5 = 0.05
     model[1].weight.grad = torch.tensor([[0.0]])
@@ -49,6 +50,11 @@ def test_sgd_step_hand_computed() -> None:
         }
     )
     assert "gradguard_opt1/weight_norm/0" in update_metrics(s, 1)
+    # a second log step measures only its own update (kept buffers are refilled, not accumulated)
+    tracker.snapshot()
+    opt.step()
+    s2 = tracker.read(tracker.squared_norms())
+    assert s2.update_norms == pytest.approx([0.05, 0.0])
 
 
 def test_only_weights_with_a_gradient_are_touched_and_counted() -> None:
