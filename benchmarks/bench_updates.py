@@ -90,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracker.snapshot()
     opt.step()
     tracked = tracker.read(tracker.squared_norms())
-    direct = math.sqrt(sum(float((p.detach() - b).double().square().sum()) for p, b in zip(params, before, strict=True)))
+    direct = math.sqrt(
+        sum(float((p.detach() - b).double().square().sum()) for p, b in zip(params, before, strict=True))
+    )
     del before
     total = math.sqrt(math.fsum(u * u for u in tracked.update_norms))
     if not math.isclose(total, direct, rel_tol=1e-3):

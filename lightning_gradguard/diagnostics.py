@@ -510,7 +510,7 @@ def lr_too_high_verdicts(
     high: float = UPDATE_RATIO_HIGH,
     min_observations: int = UPDATE_RATIO_MIN_OBSERVATIONS,
 ) -> list[UpdateVerdict]:
-    """"LR too high for <layer>": layers whose median log10 update-to-weight ratio is above ``high``.
+    """ "LR too high for <layer>": layers whose median log10 update-to-weight ratio is above ``high``.
 
     Args:
         step: the current step (goes into the verdicts).
@@ -543,7 +543,7 @@ def not_learning_verdicts(
     gap: float = UPDATE_RATIO_GAP,
     min_observations: int = UPDATE_RATIO_MIN_OBSERVATIONS,
 ) -> list[UpdateVerdict]:
-    """"<layer> is not learning": median log10 ratio below ``low``, or ``gap`` decades below the layers' median.
+    """ "<layer> is not learning": median log10 ratio below ``low``, or ``gap`` decades below the layers' median.
 
     A zero update (``-inf``) counts as the lowest possible ratio.
 

@@ -63,7 +63,7 @@ def dashboard_layout(optimizer_indices: Sequence[int]) -> dict[str, dict[str, li
             # charts take regular expressions: anchor them, or `clipped` would also chart `clipped_total`
             return f"^{re.escape(tag(name, idx))}$"
 
-        def each(prefix: str) -> str:
+        def each(prefix: str, ns: str = ns) -> str:
             return f"^{re.escape(ns)}/{prefix}/.*"
 
         title = "GradGuard" if idx == 0 else f"GradGuard (optimizer {idx})"

@@ -231,4 +231,3 @@ class UpdateTracker:
             update_norms=[math.sqrt(v) for v in values[:n]],
             weight_norms=[math.sqrt(v) for v in values[n : 2 * n]],
         )
-

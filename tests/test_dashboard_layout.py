@@ -27,10 +27,7 @@ def _written_layout(tmp_path: Path, indices: list[int]) -> layout_pb2.Layout:
 
 def _documented(full_tag: str) -> bool:
     name = full_tag.split("/", 1)[1]
-    for key in KEYS:
-        if re.fullmatch(re.escape(key.name).replace(re.escape("{layer}"), ".+"), name):
-            return True
-    return False
+    return any(re.fullmatch(re.escape(key.name).replace(re.escape("{layer}"), ".+"), name) for key in KEYS)
 
 
 def test_margin_charts_read_back_from_the_event_file(tmp_path: Path) -> None:
@@ -40,7 +37,11 @@ def test_margin_charts_read_back_from_the_event_file(tmp_path: Path) -> None:
     band = charts["norm within its threshold band"]
     assert band.WhichOneof("content") == "margin"
     (series,) = band.margin.series
-    assert (series.value, series.lower, series.upper) == ("gradguard/global_norm", "gradguard/post_clip_norm", "gradguard/threshold")
+    assert (series.value, series.lower, series.upper) == (
+        "gradguard/global_norm",
+        "gradguard/post_clip_norm",
+        "gradguard/threshold",
+    )
     extremes = charts["per-layer norm extremes"].margin.series
     assert [(s.value, s.lower, s.upper) for s in extremes] == [
         ("gradguard/layer_norm_median", "gradguard/layer_norm_min", "gradguard/layer_norm_max")

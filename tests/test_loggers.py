@@ -166,7 +166,8 @@ def test_tensorboard_writer_and_a_notice_for_csv(tmp_path: Path) -> None:
     writers, notices = rich_writers([csv, tb])
     assert [type(w) for w in writers] == [TensorBoardWriter]
     assert notices == [
-        "GradGuard: CSVLogger cannot take histograms or images; they are skipped for it (its scalars are logged as usual)."
+        "GradGuard: CSVLogger cannot take histograms or images; they are skipped for it "
+        "(its scalars are logged as usual)."
     ]
     hists = _histograms()
     writers[0].histograms(1, 4, hists)
@@ -177,4 +178,3 @@ def test_tensorboard_writer_and_a_notice_for_csv(tmp_path: Path) -> None:
     assert event.step == 4 and list(event.histogram_value.bucket) == hists["0"].bucket_counts
     (img,) = acc.Images("gradguard_opt1/heatmap")
     assert (img.height, img.width) == (12, 20)
-
