@@ -68,6 +68,21 @@ KEYS: tuple[Key, ...] = (
     # clipping
     Key("threshold", "scalar", "clip threshold in force this step (absent while warming up uncapped)", LOG),
     Key("post_clip_norm", "scalar", "global norm after clipping, this step", LOG),
+    Key(
+        "band/global_norm",
+        "scalar",
+        "copy of global_norm for the threshold-band chart, written only while a threshold is in force",
+        LOG,
+    ),
+    Key(
+        "band/post_clip_norm",
+        "scalar",
+        "copy of post_clip_norm for the threshold-band chart, written only while a threshold is in force",
+        LOG,
+    ),
+    Key(
+        "band/threshold", "scalar", "copy of threshold for the threshold-band chart (same steps as the other two)", LOG
+    ),
     Key("clipped", "scalar", "1 if this step was clipped, else 0", LOG),
     Key("clip_rate", "scalar", "fraction of the finite steps since the last log step that were clipped", LOG),
     Key("clipped_total", "scalar", "clipped steps since the start of training", LOG),

@@ -12,7 +12,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gradguard.keys import KEYS, tag
-from lightning_gradguard.tensorboard import dashboard_layout, layer_norm_extremes
+from lightning_gradguard.tensorboard import dashboard_layout, layer_norm_extremes, threshold_band
 
 
 def _written_layout(tmp_path: Path, indices: list[int]) -> layout_pb2.Layout:
@@ -32,15 +32,14 @@ def _documented(full_tag: str) -> bool:
 
 def test_margin_charts_read_back_from_the_event_file(tmp_path: Path) -> None:
     layout = _written_layout(tmp_path, [0])
-    assert [c.title for c in layout.category] == ["GradGuard"]
-    charts = {chart.title: chart for chart in layout.category[0].chart}
+    charts = {chart.title: chart for cat in layout.category for chart in cat.chart}
     band = charts["norm within its threshold band"]
     assert band.WhichOneof("content") == "margin"
     (series,) = band.margin.series
     assert (series.value, series.lower, series.upper) == (
-        "gradguard/global_norm",
-        "gradguard/post_clip_norm",
-        "gradguard/threshold",
+        "gradguard/band/global_norm",
+        "gradguard/band/post_clip_norm",
+        "gradguard/band/threshold",
     )
     extremes = charts["per-layer norm extremes"].margin.series
     assert [(s.value, s.lower, s.upper) for s in extremes] == [
@@ -53,7 +52,14 @@ def test_margin_charts_read_back_from_the_event_file(tmp_path: Path) -> None:
 
 
 def test_loss_lr_and_lr_scale_on_their_own_cards_and_counts_together(tmp_path: Path) -> None:
-    charts = {c.title: c for c in _written_layout(tmp_path, [0]).category[0].chart}
+    layout = _written_layout(tmp_path, [0])
+    assert [c.title for c in layout.category] == [
+        "GradGuard",
+        "GradGuard: layers",
+        "GradGuard: LR, clipping, skipped steps",
+    ]
+    charts = {c.title: c for c in layout.category[0].chart}
+    charts |= {c.title: c for cat in layout.category[1:] for c in cat.chart}
     multiline = {title: list(c.multiline.tag) for title, c in charts.items() if c.WhichOneof("content") == "multiline"}
     assert multiline["loss"] == ["^gradguard/loss$"]
     assert multiline["learning rate"] == ["^gradguard/lr$"]
@@ -69,15 +75,16 @@ def test_loss_lr_and_lr_scale_on_their_own_cards_and_counts_together(tmp_path: P
     assert [t for t in concrete if re.search(multiline["per-layer gradient norm"][0], t)] == [
         "gradguard/layer_norm/net.0"
     ]
-    # the loss card comes right after the threshold band: the two are read together
-    assert list(charts)[:2] == ["norm within its threshold band", "loss"]
+    # the loss card and the threshold band share the first category: TensorBoard draws them side by side
+    assert {c.title for c in layout.category[0].chart} == {"norm within its threshold band", "loss"}
 
 
 def test_second_optimizer_gets_its_own_category(tmp_path: Path) -> None:
     layout = _written_layout(tmp_path, [0, 1])
-    assert [c.title for c in layout.category] == ["GradGuard", "GradGuard (optimizer 1)"]
-    band = {c.title: c for c in layout.category[1].chart}["norm within its threshold band"]
-    assert band.margin.series[0].upper == "gradguard_opt1/threshold"
+    titles = [c.title for c in layout.category]
+    assert titles[0] == "GradGuard" and titles[3] == "GradGuard (optimizer 1)" and len(titles) == 6
+    band = {c.title: c for c in layout.category[3].chart}["norm within its threshold band"]
+    assert band.margin.series[0].upper == "gradguard_opt1/band/threshold"
 
 
 def test_layer_norm_extremes() -> None:
@@ -88,3 +95,25 @@ def test_layer_norm_extremes() -> None:
     }
     assert layer_norm_extremes({"a": math.inf, "b": math.nan}) == {}
     assert layer_norm_extremes({"a": math.nan, "b": 0.0})["layer_norm_max"] == pytest.approx(0.0)
+
+
+def test_threshold_band_tags_share_their_steps_in_the_event_file(tmp_path: Path) -> None:
+    # an uncapped warmup (no threshold), then clipping: the margin chart's three tags must have equal steps
+    steps = [(0, 2.0, 2.0, None), (10, 3.0, 3.0, None), (20, 5.0, 4.0, 4.0), (30, 3.5, 3.5, 4.5)]
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step, norm, post, threshold in steps:
+            for name, value in threshold_band(norm, post, threshold).items():
+                writer.add_scalar(tag(name), value, step)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    series = {
+        name: [(e.step, e.value) for e in acc.Scalars(f"gradguard/band/{name}")]
+        for name in ("global_norm", "post_clip_norm", "threshold")
+    }
+    assert series == {
+        "global_norm": [(20, 5.0), (30, 3.5)],
+        "post_clip_norm": [(20, 4.0), (30, 3.5)],
+        "threshold": [(20, 4.0), (30, 4.5)],
+    }
+    assert threshold_band(1.0, None, 2.0) == {}
+    assert threshold_band(math.inf, 2.0, 2.0) == {}
