@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -438,3 +438,164 @@ class GradientDiagnostics:
             layer.active = {str(k): int(v) for k, v in saved.get("active", {}).items()}
             layer.records = {str(k): dict(v) for k, v in saved.get("records", {}).items()}
             self._layers[str(name)] = layer
+
+
+# ---------------------------------------------------------------------- update-to-weight ratio verdicts
+#
+# Pure functions over the log10 update-to-weight ratios of :mod:`lightning_gradguard.updates`
+# (``log10(||w_after - w_before|| / ||w_after||)`` per layer, at log steps). The caller keeps each
+# layer's last few ratios and reports a verdict once per episode, as for the gradient verdicts.
+#
+# Bands (measured by ``benchmarks/update_ratio_bands.py``: the quickstart's MLP on the digits, 300
+# steps, a ratio every 5 steps): healthy runs (Adam at LR 1e-3, SGD+momentum at LR 0.05) keep every
+# layer's median between -2.6 and -1.8, single log steps between -3.0 and -1.4; at 30x the LR the
+# medians of the first 30 steps are -1.3 to -0.9 with single steps up to -0.3 (SGD then diverges to 10%
+# accuracy); a layer at LR 1e-7 sits at -6.0 while the others stay at -2.3. The widely used rule of
+# thumb puts Adam-style training around -3 (larger models sit lower than this small MLP).
+
+UpdateVerdictKind = Literal["lr_too_high", "not_learning"]
+
+UPDATE_RATIO_HIGH = -1.5
+"""A layer whose median log10 update-to-weight ratio is above this moves too fast (each step changes
+its weights by more than ~3% of their norm)."""
+UPDATE_RATIO_LOW = -5.0
+"""A layer whose median log10 update-to-weight ratio is below this is not learning (each step changes its
+weights by less than 1e-5 of their norm)."""
+UPDATE_RATIO_GAP = 3.0
+"""A layer whose median is this many decades below the median over all layers is not learning either."""
+UPDATE_RATIO_MIN_OBSERVATIONS = 3
+
+UPDATE_REMEDIES: dict[str, str] = {
+    "lr_too_high": (
+        "lower the learning rate (or this layer's param group LR), lengthen the warmup, or clip "
+        "gradients; with Adam-style optimizers a log10 update-to-weight ratio around -3 is the usual target."
+    ),
+    "not_learning": (
+        "check that the layer's param group LR is not tiny or zero, that it is in the optimizer at all, "
+        "that weight decay does not dominate its update and that its gradient is not vanishing (see the "
+        "gradient verdicts); if it is meant to be frozen, set requires_grad=False."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class UpdateVerdict:
+    """One diagnosis of one layer from its update-to-weight ratio.
+
+    Attributes:
+        layer: layer name.
+        kind: ``"lr_too_high"`` or ``"not_learning"``.
+        step: the step the verdict was made at.
+        value: the median log10 update-to-weight ratio behind the verdict.
+        message: plain-language description naming the layer, the measure and the band.
+        remedy: what usually fixes it.
+    """
+
+    layer: str
+    kind: UpdateVerdictKind
+    step: int
+    value: float
+    message: str
+    remedy: str
+
+
+def _ratio_medians(ratios: Mapping[str, Sequence[float]], min_observations: int) -> dict[str, float]:
+    out = {}
+    for layer, values in ratios.items():
+        usable = [v for v in values if not math.isnan(v) and v != math.inf]
+        if len(usable) >= min_observations:
+            out[layer] = statistics.median(usable)
+    return out
+
+
+def _fraction(log10_ratio: float) -> str:
+    return "0" if log10_ratio == -math.inf else f"{10.0**log10_ratio:.2g}"
+
+
+def lr_too_high_verdicts(
+    step: int,
+    ratios: Mapping[str, Sequence[float]],
+    high: float = UPDATE_RATIO_HIGH,
+    min_observations: int = UPDATE_RATIO_MIN_OBSERVATIONS,
+) -> list[UpdateVerdict]:
+    """ "LR too high for <layer>": layers whose median log10 update-to-weight ratio is above ``high``.
+
+    Args:
+        step: the current step (goes into the verdicts).
+        ratios: layer -> its recent log10 update-to-weight ratios (oldest first; NaN ignored).
+        high: upper edge of the usual band, see :data:`UPDATE_RATIO_HIGH`.
+        min_observations: layers with fewer usable ratios get no verdict.
+
+    Example:
+
+        >>> [v.layer for v in lr_too_high_verdicts(10, {"a": [-1.0, -0.8, -1.2], "b": [-3.0, -2.9, -3.1]})]
+        ['a']
+    """
+    verdicts = []
+    for layer, median in _ratio_medians(ratios, min_observations).items():
+        if median > high:
+            n = len(ratios[layer])
+            message = (
+                f"LR too high for layer '{layer}' at step {step}: each optimizer step changes its weights by "
+                f"{_fraction(median)} of their norm (median log10 update-to-weight ratio {median:+.2f} over "
+                f"{n} log steps, above {high:+g}; about -3 is usual for Adam-style training)."
+            )
+            verdicts.append(UpdateVerdict(layer, "lr_too_high", step, median, message, UPDATE_REMEDIES["lr_too_high"]))
+    return verdicts
+
+
+def not_learning_verdicts(
+    step: int,
+    ratios: Mapping[str, Sequence[float]],
+    low: float = UPDATE_RATIO_LOW,
+    gap: float = UPDATE_RATIO_GAP,
+    min_observations: int = UPDATE_RATIO_MIN_OBSERVATIONS,
+) -> list[UpdateVerdict]:
+    """ "<layer> is not learning": median log10 ratio below ``low``, or ``gap`` decades below the layers' median.
+
+    A zero update (``-inf``) counts as the lowest possible ratio.
+
+    Args:
+        step: the current step (goes into the verdicts).
+        ratios: layer -> its recent log10 update-to-weight ratios (oldest first; NaN ignored).
+        low: absolute floor, see :data:`UPDATE_RATIO_LOW`.
+        gap: decades below the median over all layers' medians, see :data:`UPDATE_RATIO_GAP`
+            (needs at least two layers).
+        min_observations: layers with fewer usable ratios get no verdict.
+
+    Example:
+
+        >>> ratios = {"a": [-2.5, -2.4, -2.6], "b": [-6.0, -5.9, -6.1], "c": [-2.2, -2.3, -2.1]}
+        >>> [v.layer for v in not_learning_verdicts(10, ratios)]
+        ['b']
+    """
+    medians = _ratio_medians(ratios, min_observations)
+    overall = statistics.median(medians.values()) if len(medians) >= 2 else math.nan
+    verdicts = []
+    for layer, median in medians.items():
+        reasons = []
+        if median < low:
+            reasons.append(f"below {low:+g}")
+        if math.isfinite(overall) and median < overall - gap:
+            reasons.append(f"more than {gap:g} decades below the median over all layers ({overall:+.2f})")
+        if not reasons:
+            continue
+        n = len(ratios[layer])
+        message = (
+            f"Layer '{layer}' is not learning at step {step}: each optimizer step changes its weights by "
+            f"{_fraction(median)} of their norm (median log10 update-to-weight ratio {median:+.2f} over {n} log "
+            f"steps, {' and '.join(reasons)})."
+        )
+        verdicts.append(UpdateVerdict(layer, "not_learning", step, median, message, UPDATE_REMEDIES["not_learning"]))
+    return verdicts
+
+
+__all__ += [
+    "UPDATE_RATIO_GAP",
+    "UPDATE_RATIO_HIGH",
+    "UPDATE_RATIO_LOW",
+    "UPDATE_REMEDIES",
+    "UpdateVerdict",
+    "lr_too_high_verdicts",
+    "not_learning_verdicts",
+]

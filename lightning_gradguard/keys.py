@@ -55,10 +55,34 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("steps", "scalar", "optimizer steps since the last log step (this one included)", LOG),
     Key("layer_norm/{layer}", "scalar", "pre-clip L2 norm of the layer's gradients, this step", LOG),
+    Key("layer_norm_min", "scalar", "smallest finite pre-clip layer gradient norm, this step", LOG),
+    Key("layer_norm_median", "scalar", "median finite pre-clip layer gradient norm, this step", LOG),
+    Key("layer_norm_max", "scalar", "largest finite pre-clip layer gradient norm, this step", LOG),
+    Key(
+        "loss",
+        "scalar",
+        "mean training loss of the optimizer step's micro-batches (the loss GradGuard carries), this step",
+        LOG,
+    ),
     Key("hist/{layer}", "histogram", "histogram of the layer's gradient values (built on the device)", HIST),
     # clipping
     Key("threshold", "scalar", "clip threshold in force this step (absent while warming up uncapped)", LOG),
     Key("post_clip_norm", "scalar", "global norm after clipping, this step", LOG),
+    Key(
+        "band/global_norm",
+        "scalar",
+        "copy of global_norm for the threshold-band chart, written only while a threshold is in force",
+        LOG,
+    ),
+    Key(
+        "band/post_clip_norm",
+        "scalar",
+        "copy of post_clip_norm for the threshold-band chart, written only while a threshold is in force",
+        LOG,
+    ),
+    Key(
+        "band/threshold", "scalar", "copy of threshold for the threshold-band chart (same steps as the other two)", LOG
+    ),
     Key("clipped", "scalar", "1 if this step was clipped, else 0", LOG),
     Key("clip_rate", "scalar", "fraction of the finite steps since the last log step that were clipped", LOG),
     Key("clipped_total", "scalar", "clipped steps since the start of training", LOG),
@@ -69,6 +93,16 @@ KEYS: tuple[Key, ...] = (
         "scaler_skipped",
         "scalar",
         "steps the AMP GradScaler skipped (inf/NaN at the current loss scale) since the last log step",
+        LOG,
+    ),
+    # recovery
+    Key("rollbacks_total", "scalar", "rollbacks to an earlier saved state since the start of training", LOG),
+    # update-to-weight ratio
+    Key("weight_norm/{layer}", "scalar", "L2 norm of the layer's weights after the optimizer step", LOG),
+    Key(
+        "update_ratio/{layer}",
+        "scalar",
+        "log10 of the layer's update-to-weight ratio: L2 norm of the step's weight change over the weight norm",
         LOG,
     ),
     # LR guard

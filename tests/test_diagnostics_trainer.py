@@ -142,5 +142,9 @@ def test_tensorboard_serves_a_real_gradguard_run(sigmoid_run: tuple[GradGuard, L
     assert tag("global_norm") in data["scalar_tags"] and tag("clip_rate") in data["scalar_tags"]
     assert tag("layer_norm/{layer}", layer="net.0") in data["scalar_tags"]
     assert tag("hist/{layer}", layer="net.0") in data["histogram_tags"]
-    assert [c["title"] for c in data["layout"]["category"]] == ["GradGuard"]
+    assert [c["title"] for c in data["layout"]["category"]] == [
+        "GradGuard",
+        "GradGuard: layers",
+        "GradGuard: LR, clipping, skipped steps",
+    ]
     assert len(data["global_norm"]) >= 6

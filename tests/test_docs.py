@@ -16,7 +16,7 @@ DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(?P<lang>\w*)\n(?P<body>.*?)^```", re.MULTILINE | re.DOTALL)
 IMAGE = re.compile(r"!\[[^\]]*\]\((?P<src>[^)\s]+)\)")
 # Pages whose Python blocks are only compiled: fragments that need a model or data defined elsewhere.
-COMPILED_ONLY = ["index.md", "concepts.md", "dashboard.md", "comparison.md", "benchmarks.md"]
+COMPILED_ONLY = ["index.md", "concepts.md", "dashboard.md", "comparison.md", "benchmarks.md", "alerts.md"]
 
 
 def python_blocks(path: Path) -> list[str]:
