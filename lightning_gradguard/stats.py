@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_gradguard._compat import foreach_norm
+
 __all__ = [
     "GradStats",
     "GroupBy",
@@ -267,10 +269,8 @@ class GradStats:
         with torch.no_grad():
             for bucket in plan.dense:
                 grads = [_local(self._params[p].grad) for p in bucket.positions]  # type: ignore[arg-type]
-                if bucket.dtype in (torch.float32, torch.float64):
-                    norms = torch._foreach_norm(grads, 2.0)
-                else:
-                    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+                wide = bucket.dtype in (torch.float32, torch.float64)
+                norms = foreach_norm(grads, None if wide else torch.float32)
                 sq = torch.stack(norms).to(device=self.device, dtype=torch.float64).square()
                 if bucket.weight is not None:
                     sq = sq * bucket.weight

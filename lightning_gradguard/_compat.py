@@ -1,0 +1,72 @@
+"""The one place where GradGuard touches private internals of Lightning and torch.
+
+Each helper names the internal it reads and falls back to the safe answer when it is missing, so an
+upgrade that renames one breaks one function here, not the decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+StrategyKind = Literal["fsdp1", "deepspeed", "other"]
+
+
+def should_accumulate(trainer: Any) -> bool:
+    """Whether the current batch is inside a gradient-accumulation window (Lightning's private check)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    check = getattr(epoch_loop, "_should_accumulate", None)
+    return bool(check()) if callable(check) else False
+
+
+def scaler_scale(scaler: Any) -> Tensor | None:
+    """The GradScaler's current loss scale tensor (``_scale``; ``None`` before its first use or when disabled)."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, Tensor) else None
+
+
+def steps_scaled_gradients(optimizer: Any) -> bool:
+    """Whether ``optimizer`` unscales inside its own step (fused optimizers: ``_step_supports_amp_scaling``).
+
+    Lightning and GradScaler skip ``unscale_`` for them, so their gradients are still scaled before the step.
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def strategy_kind(strategy: Any) -> StrategyKind:
+    """``"fsdp1"`` for Lightning's FSDPStrategy, ``"deepspeed"`` for DeepSpeedStrategy, else ``"other"``."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp1"
+    if isinstance(strategy, DeepSpeedStrategy):
+        return "deepspeed"
+    return "other"
+
+
+def fabric_strategy_kind(strategy: Any) -> StrategyKind:
+    """:func:`strategy_kind` for Lightning Fabric's strategies."""
+    from lightning.fabric.strategies.deepspeed import DeepSpeedStrategy
+    from lightning.fabric.strategies.fsdp import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp1"
+    if isinstance(strategy, DeepSpeedStrategy):
+        return "deepspeed"
+    return "other"
+
+
+def foreach_norm(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
+    """L2 norm of each tensor: fused ``torch._foreach_norm`` where supported, else one norm per tensor."""
+    foreach = getattr(torch, "_foreach_norm", None)
+    if foreach is not None:
+        try:
+            return list(foreach(list(tensors), 2.0) if dtype is None else foreach(list(tensors), 2.0, dtype=dtype))
+        except (RuntimeError, NotImplementedError, TypeError):
+            pass  # e.g. a device or dtype without a fused kernel
+    return [torch.linalg.vector_norm(t, 2.0, dtype=dtype) for t in tensors]
