@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -62,7 +61,6 @@ from lightning_gradguard._validation import check_int
 
 __all__ = ["LRGuard", "LRReduction"]
 
-log = logging.getLogger(__name__)
 
 #: Number of recent steps whose median log-norm is the "current level" of the rise channel.
 LEVEL_WINDOW = 31

@@ -26,7 +26,7 @@ import warnings
 from collections import deque
 from typing import Any, ClassVar
 
-from lightning_gradguard._validation import check_int
+from lightning_gradguard._validation import CLIP_NAMES, check_int
 
 __all__ = [
     "POLICY_NAMES",
@@ -38,7 +38,7 @@ __all__ = [
     "make_policy",
 ]
 
-POLICY_NAMES: tuple[str, ...] = ("auto", "fixed", "percentile", "zscore")
+POLICY_NAMES: tuple[str, ...] = CLIP_NAMES  # declared once, in _validation
 _STATE_VERSION = 1
 
 
