@@ -6,7 +6,7 @@ upgrade that renames one breaks one function here, not the decisions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -70,3 +70,37 @@ def foreach_norm(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) ->
         except (RuntimeError, NotImplementedError, TypeError):
             pass  # e.g. a device or dtype without a fused kernel
     return [torch.linalg.vector_norm(t, 2.0, dtype=dtype) for t in tensors]
+
+
+def grads_still_scaled(scaler: Any, optimizer: Any) -> bool:
+    """Whether an enabled GradScaler has not yet unscaled ``optimizer``'s gradients this step.
+
+    Reads the scaler's per-optimizer stage (``_per_optimizer_states``, ``OptState.UNSCALED`` after
+    ``scaler.unscale_(optimizer)``); without that record the gradients are taken as still scaled.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return False
+    from torch.amp.grad_scaler import OptState
+
+    states = getattr(scaler, "_per_optimizer_states", None)
+    record = states.get(id(optimizer)) if isinstance(states, Mapping) else None
+    return not (isinstance(record, Mapping) and record.get("stage") is OptState.UNSCALED)
+
+
+def unwrap_model(model: Any) -> Any:
+    """The user's module inside DDP / DataParallel / Fabric wrappers (FSDP2 modules are their own)."""
+    from lightning.fabric.wrappers import _FabricModule
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel | DataParallel | _FabricModule):
+            model = model.module
+        else:
+            return model
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside Fabric's ``_FabricOptimizer`` (its public ``optimizer`` attribute)."""
+    from lightning.fabric.wrappers import _FabricOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, _FabricOptimizer) else optimizer
