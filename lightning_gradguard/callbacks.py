@@ -30,6 +30,7 @@ from lightning_gradguard.engine import (
     GradGuardError,
     GuardEngine,
     NonFiniteGradientsError,
+    StepOutcome,
     apply_outcome,
     optimizer_parameters,
 )
@@ -153,6 +154,12 @@ class GradGuard(Callback):
         """Clip threshold in force at the last step of the first optimizer (``None`` if not clipping)."""
         guard = self._first_guard()
         return guard.last.threshold if guard and guard.last else None
+
+    @property
+    def last_outcome(self) -> StepOutcome | None:
+        """What was decided at the last step of the first optimizer (``None`` before the first step)."""
+        guard = self._first_guard()
+        return guard.last if guard else None
 
     @property
     def clipped_steps(self) -> int:

@@ -200,6 +200,11 @@ class Guard:
         return self.engine.last.threshold if self.engine.last else None
 
     @property
+    def last_outcome(self) -> StepOutcome | None:
+        """What was decided at the last step (``None`` before the first step)."""
+        return self.engine.last
+
+    @property
     def lr_scale(self) -> float:
         """Factor the LR guard applies to the learning rates (1.0 when it never acted)."""
         return self.engine.lr_guard.lr_scale if self.engine.lr_guard else 1.0
