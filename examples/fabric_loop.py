@@ -10,9 +10,7 @@ halves the LR once clipping keeps saturating.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
@@ -20,9 +18,8 @@ from lightning.fabric.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lightning_gradguard import FabricGuard, LRGuard  # noqa: E402
+from lightning_gradguard import FabricGuard, LRGuard
 
 
 def make_data(n: int = 256, dim: int = 16, seed: int = 0) -> TensorDataset:
