@@ -18,7 +18,6 @@ from lightning.fabric.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-
 from lightning_gradguard import FabricGuard, LRGuard
 
 
