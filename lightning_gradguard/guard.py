@@ -146,7 +146,7 @@ class Guard:
     # ------------------------------------------------------------------ outputs
     def _warn(self, text: str) -> None:
         if _rank_zero():
-            warnings.warn(text, UserWarning, stacklevel=4)
+            warnings.warn(text, UserWarning, stacklevel=5)
 
     def _info(self, text: str) -> None:
         if _rank_zero():
