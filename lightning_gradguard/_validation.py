@@ -37,6 +37,56 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a finite float (``TypeError`` for a non-number, bools included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"`{name}` must be finite, got {value!r}")
+    return out
+
+
+def check_positive_real(name: str, value: Any) -> float:
+    """``value`` as a finite float ``> 0``."""
+    out = check_real(name, value)
+    if out <= 0:
+        raise ValueError(f"`{name}` must be > 0, got {value!r}")
+    return out
+
+
+def check_open_unit(name: str, value: Any) -> float:
+    """``value`` as a float in ``(0, 1)``."""
+    out = check_real(name, value)
+    if not 0.0 < out < 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
+    return out
+
+
+def check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    """``value`` as a float in the interval ``lo..hi`` (open or closed at each end; ``inf`` only for ``[.., inf]``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a float, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    ok = math.isfinite(v) or (v == math.inf and hi == math.inf and not hi_open)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"`{name}` must be in {rng}, got {value!r}")
+    return v
+
+
+def check_number(name: str, value: float, minimum: float, inclusive: bool, allowed: str) -> float:
+    """``value`` as a float ``>= minimum`` (``inclusive``) or ``> minimum``; ``allowed`` words the range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"`{name}` must be a number {allowed}, got {value!r}")
+    value = float(value)
+    ok = value >= minimum if inclusive else value > minimum
+    if math.isnan(value) or not ok:
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str], extra: str = "") -> None:
     """``ValueError`` unless ``value`` is one of ``choices`` ("`name` must be one of a, b{extra}, got v")."""
     choices = tuple(choices)
@@ -44,7 +94,7 @@ def check_choice(name: str, value: Any, choices: Iterable[str], extra: str = "")
         raise ValueError(f"`{name}` must be one of {', '.join(choices)}{extra}, got {value!r}")
 
 
-def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
+def check_finite_positive(name: str, value: Any, allow_none: bool = False) -> None:
     """``ValueError`` unless ``value`` is a finite number > 0 (or ``None`` when allowed)."""
     if value is None and allow_none:
         return
@@ -109,7 +159,7 @@ def guard_options(
 
     if clip is not None and not isinstance(clip, ThresholdPolicy):
         check_choice("clip", clip, CLIP_NAMES, ", a ThresholdPolicy or None")
-    check_positive("max_norm", max_norm, allow_none=True)
+    check_finite_positive("max_norm", max_norm, allow_none=True)
     make_policy(clip, max_norm)  # a throwaway policy, so that policy-level errors (e.g. "fixed" without max_norm) show
     check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
     check_int("max_consecutive_skips", max_consecutive_skips, 1)

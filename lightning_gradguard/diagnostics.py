@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_gradguard._validation import check_int
+from lightning_gradguard._validation import check_number as _check_positive
 
 __all__ = ["KINDS", "REMEDIES", "GradientDiagnostics", "Verdict", "VerdictKind"]
 
@@ -113,16 +114,6 @@ class _Layer:
         self.active: dict[str, int] = {}
         # kind -> {"episodes", "first_step", "last_step", "value", "message"}
         self.records: dict[str, dict[str, Any]] = {}
-
-
-def _check_positive(name: str, value: float, minimum: float, inclusive: bool, allowed: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"`{name}` must be a number {allowed}, got {value!r}")
-    value = float(value)
-    ok = value >= minimum if inclusive else value > minimum
-    if math.isnan(value) or not ok:
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-    return value
 
 
 class GradientDiagnostics:
