@@ -136,7 +136,9 @@ class GradGuard(Callback):
         self._pending_state: dict[int, dict[str, Any]] = {}
         self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
         self._saved_config: dict[str, Any] = {}
-        self._reporter = Reporter(self._options, warn=rank_zero_warn, info=rank_zero_info)
+        self._reporter = Reporter(
+            self._options, warn=rank_zero_warn, info=rank_zero_info, log_every=log_every_n_steps or 50
+        )
         self._scaler: Any | None = None
         self._monitor_only = False
         self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (LR guard evidence)
