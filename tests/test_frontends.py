@@ -168,3 +168,41 @@ def test_fabric_example_clips_lowers_the_lr_and_logs_to_tensorboard(tmp_path: Pa
     assert [e.value for e in acc.Scalars("gradguard/lr_scale")][-1] == 0.5
     (text,) = acc.Tensors("gradguard/events/text_summary")  # the LR reduction, as TensorBoard text
     assert b"LR guard" in text.tensor_proto.string_val[0]
+
+
+def _amp_run(unscale_first: bool, poison: int | None = None) -> tuple[list[StepOutcome], list[torch.Tensor]]:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = Guard(model, optimizer, scaler=scaler, **_options())
+    outcomes = []
+    for step, (x, y) in _batches(_loader()):
+        if step == 12:
+            break
+        loss = nn.functional.mse_loss(model(x), y) * (math.inf if step == poison else 1.0)
+        scaler.scale(loss).backward()
+        if unscale_first:
+            scaler.unscale_(optimizer)
+        outcomes.append(guard.before_optimizer_step(loss))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    return outcomes, [p.detach().clone() for p in model.parameters()]
+
+
+def test_grad_scaler_with_or_without_unscale_gives_the_same_decisions() -> None:
+    unscaled, weights_a = _amp_run(unscale_first=True)
+    scaled, weights_b = _amp_run(unscale_first=False)
+    assert sum(o.clipped for o in unscaled) >= 3
+    for a, b in zip(unscaled, scaled, strict=True):
+        assert math.isclose(a.global_norm, b.global_norm, rel_tol=1e-6)  # the guard divided by the scale
+        assert (a.clipped, a.skipped, a.threshold) == (b.clipped, b.skipped, b.threshold)
+    for a, b in zip(weights_a, weights_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_skips_non_finite_steps_itself() -> None:
+    outcomes, weights = _amp_run(unscale_first=True, poison=4)
+    assert outcomes[4].scaler_skipped and not outcomes[4].skipped and outcomes[4].events == ()
+    assert not any(o.scaler_skipped for i, o in enumerate(outcomes) if i != 4)
+    assert torch.isfinite(torch.cat([w.reshape(-1) for w in weights])).all()
