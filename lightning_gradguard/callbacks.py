@@ -34,6 +34,7 @@ from lightning_gradguard.engine import (
     apply_outcome,
     optimizer_parameters,
 )
+from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.outputs import Reporter
 from lightning_gradguard.policies import ThresholdPolicy
@@ -314,9 +315,10 @@ class GradGuard(Callback):
         self._final_state = None
         version = state_dict.get("version", 1)
         if isinstance(version, int) and version > STATE_VERSION:
-            rank_zero_warn(
-                f"GradGuard: the checkpoint's GradGuard state has version {version}, newer than this version "
-                f"({STATE_VERSION}); loading the parts this version knows and ignoring the rest."
+            self._say(
+                "state",
+                f"the checkpoint's GradGuard state has version {version}, newer than this version "
+                f"({STATE_VERSION}); loading the parts this version knows and ignoring the rest.",
             )
         saved = state_dict.get("config")
         self._saved_config = dict(saved) if isinstance(saved, Mapping) else {}
@@ -347,22 +349,25 @@ class GradGuard(Callback):
         homeless = [cb for cb in callbacks if isinstance(cb, GradGuard) and cb.state_key not in states]
         if len(unclaimed) == 1 and len(homeless) == 1:
             key, state = next(iter(unclaimed.items()))
-            rank_zero_warn(
-                f"GradGuard: the checkpoint has no state under this GradGuard's key {self.state_key!r}; loading "
-                f"the GradGuard state saved under {key!r} instead (the GradGuard was configured differently)."
+            self._say(
+                "state",
+                f"the checkpoint has no state under this GradGuard's key {self.state_key!r}; loading "
+                f"the GradGuard state saved under {key!r} instead (the GradGuard was configured differently).",
             )
             self.load_state_dict(copy.deepcopy(state))
             return
         fresh = "starting with fresh GradGuard state: counters at 0, the clip policy warms up again, LR scale 1.0."
         if not ours:
-            rank_zero_info(
-                "GradGuard: the checkpoint holds no GradGuard state (GradGuard was added to an existing run, or "
-                f"the checkpoint predates it); {fresh}"
+            self._say(
+                "notice",
+                "the checkpoint holds no GradGuard state (GradGuard was added to an existing run, or "
+                f"the checkpoint predates it); {fresh}",
             )
         else:
-            rank_zero_warn(
-                f"GradGuard: none of the GradGuard states in the checkpoint ({', '.join(sorted(ours))}) matches "
-                f"this GradGuard's key {self.state_key!r}; {fresh}"
+            self._say(
+                "state",
+                f"none of the GradGuard states in the checkpoint ({', '.join(sorted(ours))}) matches "
+                f"this GradGuard's key {self.state_key!r}; {fresh}",
             )
 
     def _pending_state_items(self) -> list[tuple[str, dict[str, Any]]]:
@@ -381,14 +386,19 @@ class GradGuard(Callback):
             "diagnostics": self._diagnostics_template is not None,
         }
 
+    def _say(self, kind: str, message: str) -> None:
+        """A message about the saved state, as a :class:`GuardEvent` (console only, not TensorBoard text)."""
+        self._reporter.emit(GuardEvent(kind, 0, message), index=None)
+
     def _report_differences(self, guard: GuardEngine, differences: list[str]) -> None:
         if not differences:
             return
         saved = self._saved_config
         origin = f" (saved by {saved.get('class', 'GradGuard')}(clip={saved.get('clip')!r}))" if saved else ""
-        rank_zero_warn(
-            f"GradGuard: the checkpoint's state for optimizer {guard.index} does not fully match this GradGuard"
-            f"{origin}:\n- " + "\n- ".join(differences)
+        self._say(
+            "state",
+            f"the checkpoint's state for optimizer {guard.index} does not fully match this GradGuard"
+            f"{origin}:\n- " + "\n- ".join(differences),
         )
 
     def _report_unused_state(self) -> None:
@@ -396,9 +406,10 @@ class GradGuard(Callback):
         if not self._pending_state:
             return
         have = sorted(g.index for g in self._guards.values())
-        rank_zero_warn(
-            f"GradGuard: the checkpoint has GradGuard state for optimizer(s) {sorted(self._pending_state)}, but this "
-            f"run has optimizer(s) {have}; that state is ignored."
+        self._say(
+            "state",
+            f"the checkpoint has GradGuard state for optimizer(s) {sorted(self._pending_state)}, but this "
+            f"run has optimizer(s) {have}; that state is ignored.",
         )
         self._pending_state.clear()
 

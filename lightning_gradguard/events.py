@@ -1,7 +1,8 @@
 """What GradGuard has to say: one immutable record per event, whatever the front-end or the output.
 
-Every text GradGuard emits during training (a skipped step, non-finite gradients stepped through, an LR
-reduction, a diagnostic verdict, a setup notice) is a :class:`GuardEvent`. The engine produces them; the
+Every text GradGuard emits (a skipped step, non-finite gradients stepped through, an LR reduction, a
+diagnostic verdict, a setup notice, a mismatch in the saved state, the diagnostics summary) is a
+:class:`GuardEvent`. The engine produces them; the
 front-ends route them to ``rank_zero_warn`` / ``rank_zero_info``, TensorBoard text and any alerting.
 """
 
@@ -21,6 +22,8 @@ EVENT_KINDS: Mapping[str, bool] = MappingProxyType(
         "lr_reduction": True,  # the LR guard lowered the learning rate
         "verdict": True,  # a diagnostic verdict (vanishing, exploding, dead, non-finite layer)
         "notice": False,  # a one-off setup notice (no TensorBoard logger, DeepSpeed, heatmap unavailable)
+        "state": True,  # saved state that does not fully match (another version, configuration or model)
+        "summary": False,  # the end-of-training diagnostics summary
     }
 )
 
@@ -54,5 +57,5 @@ class GuardEvent:
 
     @property
     def text(self) -> str:
-        """The message as printed on the console: ``"GradGuard: "`` + :attr:`message`."""
-        return f"GradGuard: {self.message}"
+        """The message as printed: ``"GradGuard: "`` + :attr:`message` (a summary: ``"GradGuard "`` + it)."""
+        return f"GradGuard {self.message}" if self.kind == "summary" else f"GradGuard: {self.message}"

@@ -34,6 +34,7 @@ from lightning_gradguard.engine import (
     apply_outcome,
     optimizer_parameters,
 )
+from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.outputs import Reporter
 from lightning_gradguard.policies import ThresholdPolicy
@@ -238,7 +239,8 @@ class Guard:
         if isinstance(state, Mapping):
             differences = self.engine.load_state_dict(state)
             if differences:
-                self._warn("GradGuard: the saved state does not fully match this Guard:\n- " + "\n- ".join(differences))
+                message = "the saved state does not fully match this Guard:\n- " + "\n- ".join(differences)
+                self.reporter.emit(GuardEvent("state", self.engine.counters.steps, message), index=None)
 
 
 class FabricGuard(Guard):

@@ -153,6 +153,6 @@ class Reporter:
         if engine.diagnostics is not None:
             summary = engine.diagnostics.summary()
             if summary:
-                self.info(f"GradGuard diagnostics summary:\n{summary}")
+                self.emit(GuardEvent("summary", engine.counters.steps, f"diagnostics summary:\n{summary}"), index=None)
         if self.writer is not None:
             self.writer.flush()

@@ -214,6 +214,8 @@ def test_events_are_frozen_and_kinds_checked() -> None:
     assert event.text == "GradGuard: hello" and not event.is_warning and dict(event.evidence) == {}
     with pytest.raises(FrozenInstanceError):
         event.step = 1  # type: ignore[misc]
+    assert GuardEvent("summary", 3, "diagnostics summary:\nx").text == "GradGuard diagnostics summary:\nx"
+    assert GuardEvent("state", 0, "saved state differs").is_warning
     with pytest.raises(ValueError, match="`kind` must be one of skipped, nonfinite"):
         GuardEvent("other", 0, "x")
 
