@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,64 @@ def test_grad_scaler_skips_non_finite_steps_itself() -> None:
     assert outcomes[4].scaler_skipped and not outcomes[4].skipped and outcomes[4].events == ()
     assert not any(o.scaler_skipped for i, o in enumerate(outcomes) if i != 4)
     assert torch.isfinite(torch.cat([w.reshape(-1) for w in weights])).all()
+
+
+def _plain_steps(model: nn.Module, optimizer: torch.optim.Optimizer, guard: Guard, steps: range) -> list[Any]:
+    records = []
+    batches = dict(_batches_upto(_loader(), steps.stop))
+    for step in steps:
+        x, y = batches[step]
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        records.append(_record(guard.before_optimizer_step(loss), guard.lr_scale))
+        optimizer.step()
+        optimizer.zero_grad()
+    return records
+
+
+def _batches_upto(loader: Any, stop: int) -> Any:
+    for step, batch in _batches(loader):
+        if step == stop:
+            return
+        yield step, batch
+
+
+def test_guard_state_resumes_exactly_and_reads_the_callback_format() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    full = _plain_steps(model, optimizer, Guard(model, optimizer, **_options()), range(24))
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    guard = Guard(model, optimizer, **_options())
+    first = _plain_steps(model, optimizer, guard, range(12))
+    saved = torch.load(_roundtrip(guard.state_dict()), weights_only=True)
+    assert saved["version"] == 2 and saved["guards"]["0"]["counters"]["steps"] == 12
+    guard.close()
+    resumed = Guard(model, optimizer, **_options())
+    resumed.load_state_dict(saved)
+    rest = _plain_steps(model, optimizer, resumed, range(12, 24))
+    assert repr(first + rest) == repr(full) and full[-1][6] < 1.0  # LR reduced before the save
+
+
+def test_guard_reads_the_callbacks_state() -> None:
+    lit, callback = _Lit(), GradGuard(**_options())
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    trainer.fit(lit)
+    saved = callback.state_dict()
+    assert saved["guards"]["0"]["counters"]["steps"] == 12 and callback.clipped_steps > 0
+    guard = Guard(lit, torch.optim.SGD(lit.parameters(), lr=LR), **_options())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to report: same layers, same configuration
+        guard.load_state_dict(saved)
+    assert guard.engine.state_dict() == saved["guards"]["0"]
+
+
+def _roundtrip(state: dict[str, Any]) -> Any:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
