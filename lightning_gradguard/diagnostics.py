@@ -190,24 +190,7 @@ class GradientDiagnostics:
         if self._first_step is None:
             self._first_step = step
         self._last_step = step
-
-        current: dict[str, float] = {}
-        baselines: dict[str, float | None] = {}
-        for name, raw in norms.items():
-            value = float(raw)
-            layer = self._layers.get(name)
-            if layer is None:
-                layer = self._layers[name] = _Layer(self.window)
-            numel = int(numels.get(name, 0) or 0)
-            if numel > 0:
-                layer.numel = numel
-            current[name] = value
-            if math.isfinite(value):
-                previous = [v for v in layer.history if v > 0.0]
-                baselines[name] = (
-                    statistics.median(previous) if len(previous) >= min(_MIN_BASELINE, self.window) else None
-                )
-                layer.history.append(value)
+        current, baselines = self._record(norms, numels)
 
         # The level of every finite layer: median of its window, on the per-element measure.
         levels: dict[str, float] = {
@@ -245,6 +228,29 @@ class GradientDiagnostics:
             )
             self._update(layer, name, "exploding", exploding, step, value, verdicts, None, baseline or 0.0)
         return verdicts
+
+    def _record(
+        self, norms: Mapping[str, float], numels: Mapping[str, int]
+    ) -> tuple[dict[str, float], dict[str, float | None]]:
+        """Add one step's norms to each layer's history; the norms, and each finite layer's prior median."""
+        current: dict[str, float] = {}
+        baselines: dict[str, float | None] = {}
+        for name, raw in norms.items():
+            value = float(raw)
+            layer = self._layers.get(name)
+            if layer is None:
+                layer = self._layers[name] = _Layer(self.window)
+            numel = int(numels.get(name, 0) or 0)
+            if numel > 0:
+                layer.numel = numel
+            current[name] = value
+            if math.isfinite(value):
+                previous = [v for v in layer.history if v > 0.0]
+                baselines[name] = (
+                    statistics.median(previous) if len(previous) >= min(_MIN_BASELINE, self.window) else None
+                )
+                layer.history.append(value)
+        return current, baselines
 
     def _measure(self, name: str, l2: float) -> float:
         numel = self._layers[name].numel
