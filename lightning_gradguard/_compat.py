@@ -104,3 +104,21 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     from lightning.fabric.wrappers import _FabricOptimizer
 
     return optimizer.optimizer if isinstance(optimizer, _FabricOptimizer) else optimizer
+
+
+def foreach_mul_(tensors: Sequence[Tensor], factor: float) -> None:
+    """Multiply each tensor in place: fused ``torch._foreach_mul_`` where supported, else one by one."""
+    foreach = getattr(torch, "_foreach_mul_", None)
+    if foreach is not None:
+        try:
+            foreach(list(tensors), factor)
+            return
+        except (RuntimeError, NotImplementedError, TypeError):
+            pass
+    for t in tensors:
+        t.mul_(factor)
+
+
+def legacy_state_key(callback: Any) -> str:
+    """A Lightning callback's ``_legacy_state_key`` (the key of checkpoints from before ``state_key``)."""
+    return str(getattr(callback, "_legacy_state_key", type(callback).__qualname__))

@@ -22,7 +22,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradguard._compat import scaler_scale, should_accumulate, steps_scaled_gradients, strategy_kind
+from lightning_gradguard._compat import (
+    legacy_state_key,
+    scaler_scale,
+    should_accumulate,
+    steps_scaled_gradients,
+    strategy_kind,
+)
 from lightning_gradguard._validation import ClipName, OnNonFinite, guard_options
 from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
 from lightning_gradguard.engine import (
@@ -344,7 +350,7 @@ class GradGuard(Callback):
             return
         ours = {str(k): v for k, v in states.items() if _is_gradguard_state(v)}
         callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
-        claimed = {cb.state_key for cb in callbacks} | {str(cb._legacy_state_key) for cb in callbacks}
+        claimed = {cb.state_key for cb in callbacks} | {legacy_state_key(cb) for cb in callbacks}
         unclaimed = {k: v for k, v in ours.items() if k not in claimed}
         homeless = [cb for cb in callbacks if isinstance(cb, GradGuard) and cb.state_key not in states]
         if len(unclaimed) == 1 and len(homeless) == 1:

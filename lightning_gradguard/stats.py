@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_gradguard._compat import foreach_norm
+from lightning_gradguard._compat import foreach_mul_, foreach_norm
 
 __all__ = [
     "GradStats",
@@ -290,7 +290,7 @@ class GradStats:
         plan = self._plan()
         with torch.no_grad():
             for bucket in plan.dense:
-                torch._foreach_mul_([_local(self._params[p].grad) for p in bucket.positions], coef)  # type: ignore[arg-type]
+                foreach_mul_([_local(self._params[p].grad) for p in bucket.positions], coef)  # type: ignore[arg-type]
             for pos in plan.sparse:
                 grad = self._params[pos].grad
                 assert grad is not None
