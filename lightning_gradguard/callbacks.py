@@ -7,6 +7,10 @@ AMP GradScaler (except for fused optimizers, handled below) and not yet clipped 
 Per step, GradGuard makes one pass over the gradients (:class:`~lightning_gradguard.stats.GradStats`),
 at most one collective (:func:`~lightning_gradguard.distributed.reduce_stats`) and one device-to-host
 transfer; every decision is then taken on the host from that one vector, identically on every rank.
+
+This module is the Lightning glue only: argument validation (:mod:`lightning_gradguard._validation`),
+setup checks, and hooks that call the per-optimizer :class:`~lightning_gradguard.engine.GuardEngine`
+(decisions) and the :class:`~lightning_gradguard.outputs.Reporter` (metrics, TensorBoard, messages).
 """
 
 from __future__ import annotations
