@@ -232,3 +232,15 @@ def test_options_name_the_argument_and_the_value() -> None:
     with pytest.raises(ValueError, match=r"`max_norm` must be a finite number > 0 or None, got inf"):
         guard_options(max_norm=math.inf)
     assert guard_options(clip=None).lr_guard is None and guard_options().lr_guard is not None
+
+
+def test_the_engine_imports_no_lightning() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightning_gradguard.engine, lightning_gradguard.events\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
