@@ -17,9 +17,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GradClip": "callbacks",
     "GradGuard": "callbacks",
-    "GradGuardError": "callbacks",
+    "GradGuardError": "engine",
     "GradMonitor": "callbacks",
-    "NonFiniteGradientsError": "callbacks",
+    "NonFiniteGradientsError": "engine",
+    "GuardEngine": "engine",
+    "StepOutcome": "engine",
+    "GuardEvent": "events",
+    "FabricGuard": "guard",
+    "Guard": "guard",
     "GradientDiagnostics": "diagnostics",
     "Verdict": "diagnostics",
     "LRGuard": "lr_guard",
@@ -35,6 +40,7 @@ _EXPORTS = {
 
 __all__ = [
     "AutoPolicy",
+    "FabricGuard",
     "FixedPolicy",
     "GradClip",
     "GradGuard",
@@ -42,10 +48,14 @@ __all__ = [
     "GradMonitor",
     "GradStats",
     "GradientDiagnostics",
+    "Guard",
+    "GuardEngine",
+    "GuardEvent",
     "LRGuard",
     "LRReduction",
     "NonFiniteGradientsError",
     "PercentilePolicy",
+    "StepOutcome",
     "ThresholdPolicy",
     "Verdict",
     "ZScorePolicy",
@@ -54,14 +64,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lightning_gradguard.callbacks import (
-        GradClip,
-        GradGuard,
-        GradGuardError,
-        GradMonitor,
-        NonFiniteGradientsError,
-    )
+    from lightning_gradguard.callbacks import GradClip, GradGuard, GradMonitor
     from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
+    from lightning_gradguard.engine import GradGuardError, GuardEngine, NonFiniteGradientsError, StepOutcome
+    from lightning_gradguard.events import GuardEvent
+    from lightning_gradguard.guard import FabricGuard, Guard
     from lightning_gradguard.lr_guard import LRGuard, LRReduction
     from lightning_gradguard.policies import (
         AutoPolicy,

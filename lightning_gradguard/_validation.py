@@ -1,8 +1,31 @@
-"""Argument checks shared by every public constructor: messages name the argument, the range and the value."""
+"""Argument checks shared by every public constructor: messages name the argument, the range and the value.
+
+Also the options every front-end (the Lightning callback, :class:`~lightning_gradguard.Guard`, the Fabric
+adapter) takes, validated once in :func:`guard_options`, and the engines built from them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from lightning_gradguard.diagnostics import GradientDiagnostics
+    from lightning_gradguard.engine import GuardEngine
+    from lightning_gradguard.lr_guard import LRGuard
+    from lightning_gradguard.policies import ThresholdPolicy
+    from lightning_gradguard.stats import GroupBy
+
+ClipName = Literal["auto", "fixed", "percentile", "zscore"]
+OnNonFinite = Literal["skip", "raise", "warn"]
+#: The clip policies known by name (declared once, from :data:`ClipName`).
+CLIP_NAMES: tuple[str, ...] = get_args(ClipName)
+ON_NONFINITE: tuple[str, ...] = get_args(OnNonFinite)
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -12,3 +35,161 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a finite float (``TypeError`` for a non-number, bools included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"`{name}` must be finite, got {value!r}")
+    return out
+
+
+def check_positive_real(name: str, value: Any) -> float:
+    """``value`` as a finite float ``> 0``."""
+    out = check_real(name, value)
+    if out <= 0:
+        raise ValueError(f"`{name}` must be > 0, got {value!r}")
+    return out
+
+
+def check_open_unit(name: str, value: Any) -> float:
+    """``value`` as a float in ``(0, 1)``."""
+    out = check_real(name, value)
+    if not 0.0 < out < 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
+    return out
+
+
+def check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    """``value`` as a float in the interval ``lo..hi`` (open or closed at each end; ``inf`` only for ``[.., inf]``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a float, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    ok = math.isfinite(v) or (v == math.inf and hi == math.inf and not hi_open)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"`{name}` must be in {rng}, got {value!r}")
+    return v
+
+
+def check_number(name: str, value: float, minimum: float, inclusive: bool, allowed: str) -> float:
+    """``value`` as a float ``>= minimum`` (``inclusive``) or ``> minimum``; ``allowed`` words the range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"`{name}` must be a number {allowed}, got {value!r}")
+    value = float(value)
+    ok = value >= minimum if inclusive else value > minimum
+    if math.isnan(value) or not ok:
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str], extra: str = "") -> None:
+    """``ValueError`` unless ``value`` is one of ``choices`` ("`name` must be one of a, b{extra}, got v")."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(choices)}{extra}, got {value!r}")
+
+
+def check_finite_positive(name: str, value: Any, allow_none: bool = False) -> None:
+    """``ValueError`` unless ``value`` is a finite number > 0 (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"`{name}` must be a finite number > 0{' or None' if allow_none else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """The validated options of a guard (see :class:`~lightning_gradguard.GradGuard` for their meaning)."""
+
+    clip: Any
+    max_norm: float | None
+    on_nonfinite: OnNonFinite
+    max_consecutive_skips: int
+    lr_guard: LRGuard | None  # template, copied per optimizer; None when disabled
+    group_by: Any
+    log_every_n_steps: int | None
+    log_layer_norms: bool
+    histogram_every_n_steps: int
+    histogram_bins: int
+    diagnostics: GradientDiagnostics | None  # template, copied per optimizer
+    heatmap_every_n_steps: int
+
+    def engine(self, index: int, named_parameters: Iterable[tuple[str, Tensor]], monitor_only: bool) -> GuardEngine:
+        """A fresh :class:`~lightning_gradguard.engine.GuardEngine` for one optimizer's parameters."""
+        from lightning_gradguard.engine import GuardEngine
+        from lightning_gradguard.policies import make_policy
+        from lightning_gradguard.stats import GradStats
+
+        policy = None if monitor_only else make_policy(copy.deepcopy(self.clip), self.max_norm)
+        return GuardEngine(
+            index=index,
+            stats=GradStats(named_parameters, self.group_by),
+            policy=policy,
+            lr_guard=None if monitor_only or policy is None else copy.deepcopy(self.lr_guard),
+            diagnostics=copy.deepcopy(self.diagnostics),
+            on_nonfinite=self.on_nonfinite,
+            max_consecutive_skips=self.max_consecutive_skips,
+            monitor_only=monitor_only,
+        )
+
+
+def guard_options(
+    clip: ClipName | ThresholdPolicy | None = "auto",
+    max_norm: float | None = None,
+    on_nonfinite: OnNonFinite = "skip",
+    max_consecutive_skips: int = 25,
+    lr_guard: bool | LRGuard = True,
+    group_by: GroupBy = "module",
+    log_every_n_steps: int | None = None,
+    log_layer_norms: bool = True,
+    histogram_every_n_steps: int = 100,
+    histogram_bins: int = 64,
+    diagnostics: bool | GradientDiagnostics = True,
+    heatmap_every_n_steps: int = 1000,
+) -> GuardOptions:
+    """Check every option (messages name the argument, the allowed values and the value) and bundle them."""
+    from lightning_gradguard.diagnostics import GradientDiagnostics
+    from lightning_gradguard.lr_guard import LRGuard
+    from lightning_gradguard.policies import ThresholdPolicy, make_policy
+
+    if clip is not None and not isinstance(clip, ThresholdPolicy):
+        check_choice("clip", clip, CLIP_NAMES, ", a ThresholdPolicy or None")
+    check_finite_positive("max_norm", max_norm, allow_none=True)
+    make_policy(clip, max_norm)  # a throwaway policy, so that policy-level errors (e.g. "fixed" without max_norm) show
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+    check_int("max_consecutive_skips", max_consecutive_skips, 1)
+    if not isinstance(lr_guard, bool | LRGuard):
+        raise ValueError(f"`lr_guard` must be True, False or an LRGuard instance, got {lr_guard!r}")
+    if not (callable(group_by) or group_by in ("module", "param") or isinstance(group_by, int)):
+        raise ValueError(f"`group_by` must be 'module', 'param', an int depth >= 1 or a callable, got {group_by!r}")
+    if isinstance(group_by, int) and not isinstance(group_by, bool):
+        check_int("group_by", group_by, 1)
+    if log_every_n_steps is not None:
+        check_int("log_every_n_steps", log_every_n_steps, 1)
+    check_int("histogram_every_n_steps", histogram_every_n_steps, 0)
+    check_int("histogram_bins", histogram_bins, 1)
+    check_int("heatmap_every_n_steps", heatmap_every_n_steps, 0)
+    if not isinstance(diagnostics, bool | GradientDiagnostics):
+        raise ValueError(f"`diagnostics` must be True, False or a GradientDiagnostics instance, got {diagnostics!r}")
+    if clip is None and isinstance(lr_guard, LRGuard):
+        raise ValueError("`lr_guard` needs clipping: pass `clip` (e.g. 'auto') or `lr_guard=False`")
+    template = None if clip is None or lr_guard is False else (LRGuard() if lr_guard is True else lr_guard)
+    return GuardOptions(
+        clip=clip,
+        max_norm=max_norm,
+        on_nonfinite=on_nonfinite,
+        max_consecutive_skips=max_consecutive_skips,
+        lr_guard=template,
+        group_by=group_by,
+        log_every_n_steps=log_every_n_steps,
+        log_layer_norms=log_layer_norms,
+        histogram_every_n_steps=histogram_every_n_steps,
+        histogram_bins=histogram_bins,
+        diagnostics=GradientDiagnostics() if diagnostics is True else diagnostics or None,
+        heatmap_every_n_steps=heatmap_every_n_steps,
+    )

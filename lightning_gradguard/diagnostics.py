@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_gradguard._validation import check_int
+from lightning_gradguard._validation import check_number as _check_positive
 
 __all__ = ["KINDS", "REMEDIES", "GradientDiagnostics", "Verdict", "VerdictKind"]
 
@@ -118,16 +119,6 @@ class _Layer:
 def plural(count: int, noun: str) -> str:
     """``count`` and ``noun``, with an ``s`` unless the count is one: ``plural(1, "log step")`` -> ``'1 log step'``."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _check_positive(name: str, value: float, minimum: float, inclusive: bool, allowed: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"`{name}` must be a number {allowed}, got {value!r}")
-    value = float(value)
-    ok = value >= minimum if inclusive else value > minimum
-    if math.isnan(value) or not ok:
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-    return value
 
 
 class GradientDiagnostics:
@@ -204,24 +195,7 @@ class GradientDiagnostics:
         if self._first_step is None:
             self._first_step = step
         self._last_step = step
-
-        current: dict[str, float] = {}
-        baselines: dict[str, float | None] = {}
-        for name, raw in norms.items():
-            value = float(raw)
-            layer = self._layers.get(name)
-            if layer is None:
-                layer = self._layers[name] = _Layer(self.window)
-            numel = int(numels.get(name, 0) or 0)
-            if numel > 0:
-                layer.numel = numel
-            current[name] = value
-            if math.isfinite(value):
-                previous = [v for v in layer.history if v > 0.0]
-                baselines[name] = (
-                    statistics.median(previous) if len(previous) >= min(_MIN_BASELINE, self.window) else None
-                )
-                layer.history.append(value)
+        current, baselines = self._record(norms, numels)
 
         # The level of every finite layer: median of its window, on the per-element measure.
         levels: dict[str, float] = {
@@ -259,6 +233,29 @@ class GradientDiagnostics:
             )
             self._update(layer, name, "exploding", exploding, step, value, verdicts, None, baseline or 0.0)
         return verdicts
+
+    def _record(
+        self, norms: Mapping[str, float], numels: Mapping[str, int]
+    ) -> tuple[dict[str, float], dict[str, float | None]]:
+        """Add one step's norms to each layer's history; the norms, and each finite layer's prior median."""
+        current: dict[str, float] = {}
+        baselines: dict[str, float | None] = {}
+        for name, raw in norms.items():
+            value = float(raw)
+            layer = self._layers.get(name)
+            if layer is None:
+                layer = self._layers[name] = _Layer(self.window)
+            numel = int(numels.get(name, 0) or 0)
+            if numel > 0:
+                layer.numel = numel
+            current[name] = value
+            if math.isfinite(value):
+                previous = [v for v in layer.history if v > 0.0]
+                baselines[name] = (
+                    statistics.median(previous) if len(previous) >= min(_MIN_BASELINE, self.window) else None
+                )
+                layer.history.append(value)
+        return current, baselines
 
     def _measure(self, name: str, l2: float) -> float:
         numel = self._layers[name].numel

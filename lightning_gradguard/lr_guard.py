@@ -47,7 +47,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -58,11 +57,11 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard._validation import check_float as _check_float
 from lightning_gradguard._validation import check_int
 
 __all__ = ["LRGuard", "LRReduction"]
 
-log = logging.getLogger(__name__)
 
 #: Number of recent steps whose median log-norm is the "current level" of the rise channel.
 LEVEL_WINDOW = 31
@@ -153,18 +152,6 @@ class LRReduction:
 
     def __str__(self) -> str:
         return self.message()
-
-
-def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a float, got {value!r} ({type(value).__name__})")
-    v = float(value)
-    ok = math.isfinite(v) or (v == math.inf and hi == math.inf and not hi_open)
-    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"`{name}` must be in {rng}, got {value!r}")
-    return v
 
 
 def _median(values: Iterable[float]) -> float:

@@ -26,7 +26,10 @@ import warnings
 from collections import deque
 from typing import Any, ClassVar
 
-from lightning_gradguard._validation import check_int
+from lightning_gradguard._validation import CLIP_NAMES, check_int
+from lightning_gradguard._validation import check_open_unit as _check_open_unit
+from lightning_gradguard._validation import check_positive_real as _check_positive
+from lightning_gradguard._validation import check_real as _check_real
 
 __all__ = [
     "POLICY_NAMES",
@@ -38,34 +41,11 @@ __all__ = [
     "make_policy",
 ]
 
-POLICY_NAMES: tuple[str, ...] = ("auto", "fixed", "percentile", "zscore")
+POLICY_NAMES: tuple[str, ...] = CLIP_NAMES  # declared once, in _validation
 _STATE_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------- validation
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"`{name}` must be finite, got {value!r}")
-    return out
-
-
-def _check_positive(name: str, value: Any) -> float:
-    out = _check_real(name, value)
-    if out <= 0:
-        raise ValueError(f"`{name}` must be > 0, got {value!r}")
-    return out
-
-
-def _check_open_unit(name: str, value: Any) -> float:
-    out = _check_real(name, value)
-    if not 0.0 < out < 1.0:
-        raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
-    return out
-
-
 def _check_max_norm(value: Any) -> float | None:
     if value is None:
         return None

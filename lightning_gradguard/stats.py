@@ -35,6 +35,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_gradguard._compat import foreach_mul_, foreach_norm
+
 __all__ = [
     "GradStats",
     "GroupBy",
@@ -301,10 +303,8 @@ class GradStats:
         with torch.no_grad():
             for bucket in plan.dense:
                 grads = [_as_real(_local(self._params[p].grad)) for p in bucket.positions]  # type: ignore[arg-type]
-                if bucket.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
-                    norms = torch._foreach_norm(grads, 2.0)
-                else:
-                    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+                wide = bucket.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128)
+                norms = foreach_norm(grads, None if wide else torch.float32)
                 sq = torch.stack(norms).to(device=self.device, dtype=torch.float64).square()
                 if bucket.weight is not None:
                     sq = sq * bucket.weight
@@ -324,7 +324,7 @@ class GradStats:
         plan = self._plan()
         with torch.no_grad():
             for bucket in plan.dense:
-                torch._foreach_mul_([_local(self._params[p].grad) for p in bucket.positions], coef)  # type: ignore[arg-type]
+                foreach_mul_([_local(self._params[p].grad) for p in bucket.positions], coef)  # type: ignore[arg-type]
             for pos in plan.sparse:
                 grad = self._params[pos].grad
                 assert grad is not None

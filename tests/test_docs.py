@@ -16,7 +16,15 @@ DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(?P<lang>\w*)\n(?P<body>.*?)^```", re.MULTILINE | re.DOTALL)
 IMAGE = re.compile(r"!\[[^\]]*\]\((?P<src>[^)\s]+)\)")
 # Pages whose Python blocks are only compiled: fragments that need a model or data defined elsewhere.
-COMPILED_ONLY = ["index.md", "concepts.md", "dashboard.md", "comparison.md", "benchmarks.md", "alerts.md"]
+COMPILED_ONLY = [
+    "index.md",
+    "concepts.md",
+    "dashboard.md",
+    "comparison.md",
+    "benchmarks.md",
+    "alerts.md",
+    "plain-pytorch.md",
+]
 
 
 def python_blocks(path: Path) -> list[str]:
@@ -74,3 +82,16 @@ def test_images_exist_and_are_small() -> None:
     assert referenced, "no images found: the image pattern no longer matches the docs"
     for target in referenced:
         assert target.stat().st_size < 300_000, f"{target.name} is {target.stat().st_size} bytes (keep < 300 KB)"
+
+
+def test_plain_pytorch_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first block of plain-pytorch.md is a complete loop: it runs, clips, lowers the LR and logs."""
+    block = python_blocks(DOCS / "plain-pytorch.md")[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "plain_pytorch"}
+    with pytest.warns(UserWarning, match="GradGuard: LR guard"):
+        exec(compile(block, "plain-pytorch.md[block 0]", "exec"), namespace)
+    guard = namespace["guard"]
+    assert guard.__class__.__name__ == "Guard"
+    assert guard.clipped_steps > 0 and guard.lr_scale < 1.0 and guard.skipped_steps == 0  # type: ignore[attr-defined]
+    assert list((tmp_path / "runs" / "plain").glob("events.out.tfevents.*"))

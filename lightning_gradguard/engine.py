@@ -1,0 +1,451 @@
+"""The guard itself, free of Lightning: per-optimizer decisions from one step's reduced statistics.
+
+A :class:`GuardEngine` owns everything GradGuard keeps for one optimizer: the gradient statistics, the
+clip policy, the LR guard, the diagnostics, the counters, the aggregates since the last log step and
+the heatmap buffer. One optimizer step is three calls:
+
+1. :meth:`GuardEngine.measure` - one pass over the gradients, at most one collective, one
+   device-to-host transfer (the loss and the AMP scale ride in the same vector);
+2. :meth:`GuardEngine.decide` - host only: threshold, clip coefficient, skip / raise / warn, streaks,
+   LR guard, counters; returns an immutable :class:`StepOutcome`;
+3. :func:`apply_outcome` - scale the gradients or drop them (the LR scale is applied by the LR guard's
+   optimizer hooks).
+
+The Lightning callback, the Fabric adapter and the plain PyTorch :class:`~lightning_gradguard.Guard`
+all go through these calls, so they take bit-identical decisions on the same gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
+from lightning_gradguard.distributed import reduce_histograms, reduce_stats
+from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.lr_guard import LRGuard, LRReduction
+from lightning_gradguard.policies import ThresholdPolicy
+from lightning_gradguard.stats import GradStats, HistogramData, StepStats
+
+__all__ = [
+    "STATE_VERSION",
+    "Counters",
+    "GradGuardError",
+    "GuardEngine",
+    "Interval",
+    "NonFiniteGradientsError",
+    "StepOutcome",
+    "apply_outcome",
+    "optimizer_parameters",
+]
+
+#: Version of the state format (:meth:`GuardEngine.state_dict`, wrapped by every front-end).
+STATE_VERSION = 2
+_HEATMAP_COLUMNS = 512  # bounded memory: past this, keep every other column
+
+
+@dataclass
+class Interval:
+    """Aggregates since the last log step, so nothing between two log steps is lost."""
+
+    steps: int = 0
+    finite: int = 0
+    norm_sum: float = 0.0
+    norm_max: float = 0.0
+    clipped: int = 0
+    skipped: int = 0
+    scaler_skipped: int = 0
+
+
+@dataclass
+class Counters:
+    """Totals since the start of training (saved with the state)."""
+
+    steps: int = 0
+    clipped_total: int = 0
+    skipped_total: int = 0
+    scaler_skipped_total: int = 0
+    consecutive_skips: int = 0
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What the guard decided at one optimizer step.
+
+    Attributes:
+        step: this optimizer's step index (0-based, counted by the guard).
+        stats: the step's host-side statistics (unscaled).
+        global_norm: pre-clip global gradient norm (``nan``/``inf`` when non-finite).
+        loss: mean loss of the step's micro-batches, when it was measured.
+        threshold: the clip threshold in force (``None`` when not clipping or while warming up).
+        coefficient: the factor the gradients are multiplied by when ``clipped``, else ``None``.
+        post_clip_norm: the global norm after clipping (``None`` when not clipping).
+        clipped: the gradients are to be scaled by ``coefficient``.
+        skipped: the gradients are to be dropped (the optimizer step does nothing).
+        scaler_skipped: non-finite under an active AMP GradScaler, which skips the step itself.
+        error: set when training must stop (raise it after the step is accounted and logged).
+        lr_reduction: the LR guard's reduction at this step, if any.
+        events: what is to be reported about this step.
+    """
+
+    step: int
+    stats: StepStats
+    global_norm: float
+    loss: float | None = None
+    threshold: float | None = None
+    coefficient: float | None = None
+    post_clip_norm: float | None = None
+    clipped: bool = False
+    skipped: bool = False
+    scaler_skipped: bool = False
+    error: str | None = None
+    lr_reduction: LRReduction | None = None
+    events: tuple[GuardEvent, ...] = ()
+
+
+def _shown(layers: list[str], limit: int = 5) -> str:
+    return ", ".join(layers[:limit]) + (f" and {len(layers) - limit} more" if len(layers) > limit else "")
+
+
+@dataclass
+class GuardEngine:
+    """Everything GradGuard keeps for one optimizer, and the decisions it takes from it.
+
+    Args:
+        index: the optimizer's index (keys its logged names and its saved state).
+        stats: the gradient statistics over the optimizer's parameters.
+        policy: the clip policy, or ``None`` to only monitor.
+        lr_guard: the LR guard (needs ``policy``), or ``None``.
+        diagnostics: the per-layer diagnostics, or ``None``.
+        on_nonfinite: ``"skip"``, ``"raise"`` or ``"warn"``.
+        max_consecutive_skips: with ``"skip"``, stop after this many consecutive skipped steps.
+        monitor_only: never change training (non-finite steps are reported, stepped through).
+
+    Example::
+
+        engine = GuardEngine(0, GradStats(model.named_parameters()), make_policy("auto"), None, None)
+        stats, loss, scale = engine.measure(loss=loss.detach())
+        outcome = engine.decide(stats, loss=loss)
+        apply_outcome(engine, outcome)
+    """
+
+    index: int
+    stats: GradStats
+    policy: ThresholdPolicy | None
+    lr_guard: LRGuard | None
+    diagnostics: GradientDiagnostics | None
+    on_nonfinite: str = "skip"
+    max_consecutive_skips: int = 25
+    monitor_only: bool = False
+    counters: Counters = field(default_factory=Counters)
+    interval: Interval = field(default_factory=Interval)
+    last: StepOutcome | None = None
+    heatmap_steps: list[int] = field(default_factory=list)
+    heatmap_columns: list[list[float]] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ the step
+    def measure(
+        self, loss: Tensor | None = None, amp_scale: Tensor | None = None
+    ) -> tuple[StepStats, float | None, float | None]:
+        """One pass over the gradients, one collective, one transfer: ``(stats, loss, amp_scale)`` on the host.
+
+        Args:
+            loss: a scalar tensor (the mean unscaled loss of the step), sent in the same vector.
+            amp_scale: the GradScaler's scale when the gradients are still scaled (fused optimizers).
+        """
+        extras = [e for e in (amp_scale, loss) if e is not None]
+        vector = reduce_stats(self.stats.squared_norms(extras=extras), self.stats.sharded_layers)
+        stats = self.stats.read(vector, num_extras=len(extras))
+        scale = stats.extras[0] if amp_scale is not None else None
+        return stats, (stats.extras[-1] if loss is not None else None), scale
+
+    def decide(
+        self,
+        stats: StepStats,
+        *,
+        loss: float | None = None,
+        amp_scale: float | None = None,
+        scaler_enabled: bool = False,
+    ) -> StepOutcome:
+        """Decide one optimizer step from its reduced statistics, and account it.
+
+        Args:
+            stats: the step's statistics (:meth:`measure`); identical on every rank.
+            loss: the step's loss, evidence for the LR guard.
+            amp_scale: the loss scale when the statistics were measured on still-scaled gradients.
+            scaler_enabled: an active AMP GradScaler skips non-finite steps itself.
+        """
+        step = self.counters.steps
+        if amp_scale is not None:
+            inv = 1.0 / (amp_scale**2)
+            stats = StepStats(stats.layers, [v * inv for v in stats.sq_norms], stats.extras)
+        base = StepOutcome(step=step, stats=stats, global_norm=stats.global_norm, loss=loss)
+        if stats.finite:
+            self.counters.consecutive_skips = 0
+            outcome = self._clip(base)
+        else:
+            outcome = self._nonfinite(base, scaler_enabled)
+        self._account(outcome)
+        self.counters.steps += 1
+        self.last = outcome
+        return outcome
+
+    def _clip(self, base: StepOutcome) -> StepOutcome:
+        policy = self.policy
+        if policy is None:
+            return base
+        norm, coef = base.global_norm, None
+        threshold = policy.threshold()
+        if threshold is not None and norm > threshold:
+            coef = threshold / (norm + 1e-6)
+        center = policy.center()  # the typical level the threshold was computed from, before this norm
+        policy.observe(norm)
+        reduction: LRReduction | None = None
+        events: tuple[GuardEvent, ...] = ()
+        if self.lr_guard is not None:
+            reduction = self.lr_guard.update(
+                step=base.step, norm=norm, threshold=threshold, center=center, loss=base.loss
+            )
+            if reduction is not None:
+                evidence = {"norm": norm, "lr_scale": reduction.lr_scale, "reason": reduction.reason}
+                if threshold is not None:
+                    evidence["threshold"] = threshold
+                events = (GuardEvent("lr_reduction", base.step, str(reduction), evidence=evidence),)
+        return replace(
+            base,
+            threshold=threshold,
+            coefficient=coef,
+            post_clip_norm=norm if coef is None else norm * coef,
+            clipped=coef is not None,
+            lr_reduction=reduction,
+            events=events,
+        )
+
+    def _nonfinite(self, base: StepOutcome, scaler_enabled: bool) -> StepOutcome:
+        step, layers = base.step, base.stats.nonfinite_layers
+        shown, evidence = _shown(layers), {"global_norm": str(base.global_norm)}
+        if scaler_enabled:
+            # fp16 AMP: the GradScaler skips this step itself and lowers its loss scale. Not an explosion.
+            return replace(base, scaler_skipped=True)
+        if self.monitor_only or self.on_nonfinite == "warn":
+            text = f"non-finite gradients at step {step} in {shown}; stepping anyway"
+            return replace(base, events=(GuardEvent("nonfinite", step, text, tuple(layers), evidence),))
+        if self.on_nonfinite == "raise":
+            message = (
+                f"GradGuard: non-finite gradients at optimizer step {step} in layer(s) {shown}. "
+                "Use GradGuard(on_nonfinite='skip') to skip such steps, lower the learning rate, or check the "
+                "loss and inputs for NaN/inf."
+            )
+            return replace(base, error=message)
+        self.counters.consecutive_skips += 1
+        streak = self.counters.consecutive_skips
+        text = f"skipped optimizer step {step}: non-finite gradients in {shown}"
+        event = GuardEvent("skipped", step, text, tuple(layers), {**evidence, "consecutive_skips": streak})
+        error: str | None = None
+        if streak >= self.max_consecutive_skips:
+            error = (
+                f"GradGuard: {streak} consecutive optimizer steps had non-finite "
+                f"gradients (last in layer(s) {shown}); training cannot make progress. Lower the learning rate, "
+                "check the data and loss for NaN/inf, or use a more stable precision (bf16-mixed / 32-true). "
+                "Raise `max_consecutive_skips` to tolerate longer streaks."
+            )
+        return replace(base, skipped=True, error=error, events=(event,))
+
+    def _account(self, outcome: StepOutcome) -> None:
+        interval, counters, norm = self.interval, self.counters, outcome.global_norm
+        interval.steps += 1
+        if math.isfinite(norm):
+            interval.finite += 1
+            interval.norm_sum += norm
+            interval.norm_max = max(interval.norm_max, norm)
+        else:
+            interval.norm_max = norm if math.isnan(norm) else math.inf
+        interval.clipped += outcome.clipped
+        interval.skipped += outcome.skipped
+        interval.scaler_skipped += outcome.scaler_skipped
+        counters.clipped_total += outcome.clipped
+        counters.skipped_total += outcome.skipped
+        counters.scaler_skipped_total += outcome.scaler_skipped
+
+    # ------------------------------------------------------------------ log steps
+    def close_interval(self, outcome: StepOutcome, global_step: int, heatmap: bool) -> tuple[GuardEvent, ...]:
+        """At a log step, once the metrics are written: reset the aggregates, record the heatmap, diagnose.
+
+        Returns:
+            The diagnostics' verdicts on this step's per-layer norms, as events.
+        """
+        self.interval = Interval()
+        norms = outcome.stats.layer_norms()
+        if heatmap:
+            self.heatmap_steps.append(global_step)
+            self.heatmap_columns.append([math.log10(v) if v > 0 else -math.inf for v in norms.values()])
+            if len(self.heatmap_steps) > _HEATMAP_COLUMNS:
+                self.heatmap_steps = self.heatmap_steps[::2]
+                self.heatmap_columns = self.heatmap_columns[::2]
+        if self.diagnostics is None:
+            return ()
+        numels = dict(zip(self.stats.layers, self.stats.numels, strict=True))
+        events = []
+        for verdict in self.diagnostics.observe(outcome.step, norms, numels):
+            self.verdicts.append(verdict)
+            text = f"{verdict.message} Remedy: {verdict.remedy}"
+            events.append(GuardEvent("verdict", verdict.step, text, (verdict.layer,), {"value": verdict.value}))
+        return tuple(events)
+
+    def histograms(self, bins: int) -> dict[str, HistogramData]:
+        """Per-layer gradient histograms (two more collectives where some layer is sharded; every rank calls)."""
+        sharded = any(self.stats.sharded_layers)
+        ranges = self.stats.histogram_ranges()
+        if sharded:
+            ranges = reduce_histograms(ranges)
+        counts = self.stats.histogram_counts(ranges, bins)
+        if sharded:
+            counts = reduce_histograms(ranges, counts, self.stats.sharded_layers)
+        return self.stats.read_histograms(ranges, counts)
+
+    def heatmap_grid(self) -> list[list[float]]:
+        """The heatmap buffer as rows (layers) x columns (log steps) of ``log10`` norms."""
+        return [[col[r] for col in self.heatmap_columns] for r in range(len(self.stats.layers))]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """This optimizer's state as primitives (the ``guards[i]`` entry of the format in ``docs/state.md``)."""
+        state: dict[str, Any] = {
+            "counters": asdict(self.counters),
+            "interval": asdict(self.interval),
+            "layers": list(self.stats.layers),
+            "numels": list(self.stats.numels),
+            "heatmap_steps": list(self.heatmap_steps),
+            "heatmap_columns": [list(c) for c in self.heatmap_columns],
+        }
+        if self.policy is not None:
+            state["policy"] = self.policy.state_dict()
+        if self.lr_guard is not None:
+            state["lr_guard"] = self.lr_guard.state_dict()
+            state["lr_guard_config"] = repr(self.lr_guard)
+        if self.diagnostics is not None:
+            state["diagnostics"] = self.diagnostics.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
+        """Apply a saved state (versions 1 and 2); returns the differences found and what was done about each."""
+        self.counters = _restore_fields(Counters, state.get("counters"))
+        self.interval = _restore_fields(Interval, state.get("interval"))
+        layers, now = state.get("layers"), list(self.stats.layers)
+        columns = [list(c) for c in state.get("heatmap_columns", [])]
+        same_layers = layers == now if layers is not None else all(len(c) == len(now) for c in columns)
+        numels = state.get("numels")
+        saved_numel = None if numels is None else sum(int(n) for n in numels)
+        same_params = saved_numel is None or saved_numel == sum(self.stats.numels)
+        differences: list[str] = []
+        if same_layers:
+            self.heatmap_steps = list(state.get("heatmap_steps", []))
+            self.heatmap_columns = columns
+        else:
+            saved_desc = f"{len(layers)}: {_names(layers)}" if layers is not None else "other layers"
+            differences.append(
+                f"layers differ (saved {saved_desc}; now {len(now)}: {_names(now)}): per-layer state (diagnostics, "
+                "heatmap) starts fresh"
+            )
+        if not same_params:
+            differences.append(
+                f"parameters differ (saved {saved_numel} gradient elements, now {sum(self.stats.numels)}): the saved "
+                "norm statistics describe another model, so the clip policy and the LR guard's detector start fresh "
+                "(the LR scale, cooldown and counters are kept)"
+            )
+        differences += self._load_policy(state.get("policy"), same_params)
+        differences += self._load_lr_guard(state, same_params)
+        saved_diag = state.get("diagnostics")
+        if self.diagnostics is not None and isinstance(saved_diag, Mapping) and same_layers:
+            self.diagnostics.load_state_dict(dict(saved_diag))
+        return differences
+
+    def _load_policy(self, saved: Any, same_params: bool) -> list[str]:
+        policy = self.policy
+        if policy is not None and isinstance(saved, Mapping) and same_params:
+            differences = []
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    policy.load_state_dict(dict(saved))
+                except ValueError:
+                    differences.append(
+                        f"clip policy differs (saved {saved.get('name')!r}, now {policy.name!r}): "
+                        f"the {policy.name!r} policy starts fresh and warms up again"
+                    )
+            return differences + [str(w.message) for w in caught]
+        if policy is None and isinstance(saved, Mapping):
+            return [
+                f"the checkpoint has clip-policy state ({saved.get('name')!r}) but this GradGuard does not clip: "
+                "ignored"
+            ]
+        if policy is not None and saved is None and self.counters.steps:
+            return ["the checkpoint has no clip-policy state (saved without clipping): the policy starts fresh"]
+        return []
+
+    def _load_lr_guard(self, state: Mapping[str, Any], same_params: bool) -> list[str]:
+        saved, lr_guard = state.get("lr_guard"), self.lr_guard
+        if lr_guard is not None and isinstance(saved, Mapping):
+            if not same_params:
+                saved = {k: saved[k] for k in ("lr_scale", "num_reductions", "cooldown_left") if k in saved}
+            lr_guard.load_state_dict(saved)
+            saved_config, config = state.get("lr_guard_config"), repr(lr_guard)
+            if saved_config is not None and saved_config != config:
+                return [
+                    f"LR guard configuration differs (saved {saved_config}, now {config}): keeping the current "
+                    f"configuration, continuing from the saved LR scale {lr_guard.lr_scale:g} and history"
+                ]
+        elif lr_guard is None and isinstance(saved, Mapping) and float(saved.get("lr_scale", 1.0)) != 1.0:
+            return [
+                f"the checkpoint has LR scale {float(saved['lr_scale']):g} from an LR guard, which is disabled now: "
+                "the optimizer steps with the scheduler's LR again"
+            ]
+        elif lr_guard is not None and saved is None and self.counters.steps:
+            return ["the checkpoint has no LR-guard state (saved without it): the LR guard starts fresh"]
+        return []
+
+
+def apply_outcome(engine: GuardEngine, outcome: StepOutcome) -> None:
+    """Act on the gradients as decided: scale them by the clip coefficient, or drop them (skip)."""
+    if outcome.skipped:
+        for param in engine.stats.params:
+            param.grad = None
+    elif outcome.coefficient is not None:
+        engine.stats.scale_(outcome.coefficient)
+
+
+def _names(names: list[str], shown: int = 6) -> str:
+    return ", ".join(map(str, names[:shown])) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _restore_fields(cls: type[Any], saved: Any) -> Any:
+    """A dataclass from saved fields: missing ones take their defaults, unknown (newer) ones are ignored."""
+    fields = asdict(cls())
+    if isinstance(saved, Mapping):
+        fields.update({k: type(fields[k])(v) for k, v in saved.items() if k in fields})
+    return cls(**fields)
+
+
+class GradGuardError(RuntimeError):
+    """A setting GradGuard cannot work with (raised at setup, before any step)."""
+
+
+class NonFiniteGradientsError(RuntimeError):
+    """Raised on every rank, at the same step, when non-finite gradients stop training."""
+
+
+def optimizer_parameters(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor]]:
+    """The optimizer's parameters with their names in ``module``, in the module's order (``param_{i}`` if unnamed)."""
+    named = list(module.named_parameters())
+    names = {id(p): n for n, p in named}
+    order = {id(p): i for i, (_, p) in enumerate(named)}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params.sort(key=lambda p: order.get(id(p), len(order)))
+    return [(names.get(id(p), f"param_{i}"), p) for i, p in enumerate(params)]

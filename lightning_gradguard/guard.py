@@ -1,0 +1,290 @@
+"""GradGuard for a plain PyTorch training loop (and, through :class:`FabricGuard`, for Lightning Fabric).
+
+``Guard(model, optimizer)`` takes the same options as :class:`~lightning_gradguard.GradGuard` and makes
+the same decisions through the same :class:`~lightning_gradguard.engine.GuardEngine`; call
+:meth:`Guard.before_optimizer_step` between ``loss.backward()`` and ``optimizer.step()``. See
+``docs/plain-pytorch.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gradguard._compat import (
+    fabric_strategy_kind,
+    grads_still_scaled,
+    scaler_scale,
+    unwrap_model,
+    unwrap_optimizer,
+)
+from lightning_gradguard._validation import ClipName, OnNonFinite, guard_options
+from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
+from lightning_gradguard.engine import (
+    STATE_VERSION,
+    GradGuardError,
+    GuardEngine,
+    StepOutcome,
+    apply_outcome,
+    optimizer_parameters,
+)
+from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.lr_guard import LRGuard
+from lightning_gradguard.outputs import Reporter
+from lightning_gradguard.policies import ThresholdPolicy
+from lightning_gradguard.stats import GroupBy
+
+__all__ = ["FabricGuard", "Guard"]
+
+log = logging.getLogger(__name__)
+
+
+def _rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Guard:
+    r"""GradGuard for one model and one optimizer in a plain PyTorch loop: clip, skip, LR guard, outputs.
+
+    Call :meth:`before_optimizer_step` once per optimizer step, after ``loss.backward()`` (after the
+    last micro-batch when accumulating) and before ``optimizer.step()``. It reads every gradient in one
+    pass, makes at most one collective under ``torch.distributed`` (DDP, FSDP2) and one device-to-host
+    transfer, then clips, skips (drops the gradients, so the optimizer step changes nothing) or stops,
+    and lowers the LR through the LR guard's optimizer hooks.
+
+    With ``torch.amp.GradScaler``, call ``scaler.unscale_(optimizer)`` first and pass ``scaler=``: non-finite
+    steps are then left to the scaler (it skips them itself). Without ``unscale_`` (or with a fused
+    optimizer) the gradients are still scaled; the guard divides its statistics by the scale and clips
+    the scaled gradients to the equivalent threshold.
+
+    Args:
+        model: the model (DDP / DataParallel / Fabric wrappers are unwrapped for layer names).
+        optimizer: the optimizer whose parameters are guarded.
+        writer: a TensorBoard ``SummaryWriter`` for scalars, histograms, text events and the heatmap
+            (used on rank zero only), or ``None``.
+        scaler: the ``torch.amp.GradScaler`` in use, if any.
+        log_every_n_steps: log cadence in optimizer steps (default 50).
+        **options: every other :class:`~lightning_gradguard.GradGuard` argument (``clip``, ``max_norm``,
+            ``on_nonfinite``, ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``,
+            ``histogram_every_n_steps``, ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``).
+
+    Raises:
+        ValueError: an option out of range, with the same messages as GradGuard.
+        NonFiniteGradientsError: from :meth:`before_optimizer_step`, per ``on_nonfinite`` /
+            ``max_consecutive_skips`` (on every rank at the same step).
+
+    Example::
+
+        guard = Guard(model, optimizer)
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            outcome = guard.before_optimizer_step(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        clip: ClipName | ThresholdPolicy | None = "auto",
+        max_norm: float | None = None,
+        on_nonfinite: OnNonFinite = "skip",
+        max_consecutive_skips: int = 25,
+        lr_guard: bool | LRGuard = True,
+        group_by: GroupBy = "module",
+        log_every_n_steps: int | None = None,
+        log_layer_norms: bool = True,
+        histogram_every_n_steps: int = 100,
+        histogram_bins: int = 64,
+        diagnostics: bool | GradientDiagnostics = True,
+        heatmap_every_n_steps: int = 1000,
+        writer: Any | None = None,
+        scaler: Any | None = None,
+    ) -> None:
+        self.options = guard_options(
+            clip=clip,
+            max_norm=max_norm,
+            on_nonfinite=on_nonfinite,
+            max_consecutive_skips=max_consecutive_skips,
+            lr_guard=lr_guard,
+            group_by=group_by,
+            log_every_n_steps=log_every_n_steps,
+            log_layer_norms=log_layer_norms,
+            histogram_every_n_steps=histogram_every_n_steps,
+            histogram_bins=histogram_bins,
+            diagnostics=diagnostics,
+            heatmap_every_n_steps=heatmap_every_n_steps,
+        )
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.scaler = scaler
+        named = optimizer_parameters(unwrap_model(model), self.optimizer)
+        self.engine: GuardEngine = self.options.engine(0, named, monitor_only=False)
+        if self.engine.lr_guard is not None:
+            self.engine.lr_guard.attach(self.optimizer)
+        zero = _rank_zero()
+        self.reporter = Reporter(
+            self.options,
+            warn=self._warn,
+            info=self._info,
+            writer=writer if zero else None,
+            log_metrics=self._scalar_sink(writer) if zero and writer is not None else None,
+            log_every=log_every_n_steps or 50,
+            scaler_enabled=scaler is not None and scaler.is_enabled(),
+        )
+        if self.reporter.writer is not None:
+            from lightning_gradguard.tensorboard import dashboard_layout
+
+            self.reporter.writer.add_custom_scalars(dashboard_layout([0]))
+
+    # ------------------------------------------------------------------ outputs
+    def _warn(self, text: str) -> None:
+        if _rank_zero():
+            warnings.warn(text, UserWarning, stacklevel=5)
+
+    def _info(self, text: str) -> None:
+        if _rank_zero():
+            log.info(text)
+
+    @staticmethod
+    def _scalar_sink(writer: Any) -> Any:
+        def log_metrics(metrics: dict[str, float], step: int) -> None:
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+
+        return log_metrics
+
+    # ------------------------------------------------------------------ the step
+    def before_optimizer_step(self, loss: Tensor | None = None) -> StepOutcome:
+        """Measure, decide and act on this step's gradients; returns what was decided.
+
+        Args:
+            loss: the step's (unscaled) training loss, evidence for the LR guard; it travels to the host
+                with the gradient statistics (no extra synchronisation). ``None`` judges by norms alone.
+
+        Returns:
+            The :class:`~lightning_gradguard.engine.StepOutcome` (threshold, coefficient, clipped, skipped...).
+
+        Raises:
+            NonFiniteGradientsError: training must stop (on every rank alike).
+        """
+        engine = self.engine
+        scale = scaler_scale(self.scaler) if grads_still_scaled(self.scaler, self.optimizer) else None
+        value = None
+        if loss is not None and engine.lr_guard is not None:
+            value = loss.detach().float().reshape(())
+        stats, loss_value, scale_value = engine.measure(loss=value, amp_scale=scale)
+        outcome = engine.decide(
+            stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self.reporter.scaler_enabled
+        )
+        apply_outcome(engine, outcome)
+        self.reporter.after_step(engine, outcome, outcome.step)
+        return outcome
+
+    def close(self) -> None:
+        """End of training: log the last interval, write the heatmap, remove the LR guard's hooks."""
+        self.reporter.end(self.engine, self.engine.counters.steps)
+        if self.engine.lr_guard is not None:
+            self.engine.lr_guard.detach()
+
+    # ------------------------------------------------------------------ views and state
+    @property
+    def threshold(self) -> float | None:
+        """Clip threshold in force at the last step (``None`` if not clipping)."""
+        return self.engine.last.threshold if self.engine.last else None
+
+    @property
+    def last_outcome(self) -> StepOutcome | None:
+        """What was decided at the last step (``None`` before the first step)."""
+        return self.engine.last
+
+    @property
+    def lr_scale(self) -> float:
+        """Factor the LR guard applies to the learning rates (1.0 when it never acted)."""
+        return self.engine.lr_guard.lr_scale if self.engine.lr_guard else 1.0
+
+    @property
+    def clipped_steps(self) -> int:
+        """Steps clipped so far."""
+        return self.engine.counters.clipped_total
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients so far."""
+        return self.engine.counters.skipped_total
+
+    @property
+    def verdicts(self) -> list[Verdict]:
+        """Diagnostic verdicts reported so far, in order."""
+        return list(self.engine.verdicts)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's state, in the same format as the callback's (``docs/state.md``)."""
+        return {
+            "version": STATE_VERSION,
+            "config": {"class": type(self).__qualname__},
+            "guards": {"0": self.engine.state_dict()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (also a GradGuard callback's state for optimizer 0)."""
+        state = (state_dict.get("guards") or {}).get("0")
+        if isinstance(state, Mapping):
+            differences = self.engine.load_state_dict(state)
+            if differences:
+                message = "the saved state does not fully match this Guard:\n- " + "\n- ".join(differences)
+                self.reporter.emit(GuardEvent("state", self.engine.counters.steps, message), index=None)
+
+
+class FabricGuard(Guard):
+    r"""GradGuard for a Lightning Fabric loop: :class:`Guard` wired to the Fabric's loggers, precision and ranks.
+
+    Fabric calls its callbacks only after the optimizer step (``on_after_optimizer_step``), too late to
+    clip or skip, so the guard is called explicitly, as in a plain loop: ``fabric.backward(loss)``, then
+    ``guard.before_optimizer_step(loss)``, then ``optimizer.step()``. Under a Fabric GradScaler
+    (``precision="16-mixed"`` on CUDA) the gradients are still scaled at that point; the guard reads the
+    scale and leaves non-finite steps to the scaler, as the callback does.
+
+    Args:
+        fabric: the ``lightning.fabric.Fabric``.
+        model: the model returned by ``fabric.setup``.
+        optimizer: the optimizer returned by ``fabric.setup`` (or ``fabric.setup_optimizers``).
+        **options: :class:`Guard` / :class:`~lightning_gradguard.GradGuard` options (``writer`` defaults
+            to the first TensorBoard logger of the Fabric; scalars also go to ``fabric.log_dict``).
+
+    Raises:
+        GradGuardError: Fabric's FSDP (FSDP1) or DeepSpeed strategy.
+    """
+
+    def __init__(self, fabric: Any, model: torch.nn.Module, optimizer: Any, **options: Any) -> None:
+        kind = fabric_strategy_kind(fabric.strategy)
+        if kind != "other":
+            raise GradGuardError(
+                f"FabricGuard does not support Fabric's {type(fabric.strategy).__name__}: "
+                + (
+                    "DeepSpeed owns clipping and overflow handling."
+                    if kind == "deepspeed"
+                    else "use FSDP2 (fully_shard)."
+                )
+            )
+        from lightning.fabric.loggers.tensorboard import TensorBoardLogger
+
+        if "writer" not in options:
+            tb = next((lg for lg in fabric.loggers if isinstance(lg, TensorBoardLogger)), None)
+            options["writer"] = tb.experiment if tb is not None and fabric.is_global_zero else None
+        options.setdefault("scaler", getattr(fabric.strategy.precision, "scaler", None))
+        super().__init__(model, optimizer, **options)
+        if fabric.is_global_zero and fabric.loggers:
+            fabric_log = fabric.log_dict
+
+            def log_metrics(metrics: dict[str, float], step: int) -> None:
+                fabric_log(metrics, step=step)  # TensorBoard scalars included, via Fabric's loggers
+
+            self.reporter.log_metrics = log_metrics

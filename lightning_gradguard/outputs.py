@@ -1,0 +1,158 @@
+"""Outputs of every front-end: the logged metrics, TensorBoard histograms, heatmap and text events.
+
+A :class:`Reporter` takes each step's :class:`~lightning_gradguard.engine.StepOutcome` and does what the
+log cadence asks: scalars through ``log_metrics`` (every Lightning logger, or a ``SummaryWriter``),
+histograms / heatmap / text events through a TensorBoard writer, messages through the front-end's
+rank-zero ``warn`` / ``info``. Only rank zero is given a writer and a ``log_metrics``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from lightning_gradguard._validation import GuardOptions
+from lightning_gradguard.engine import GuardEngine, NonFiniteGradientsError, StepOutcome
+from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.keys import tag
+from lightning_gradguard.tensorboard import write_histograms
+
+__all__ = ["Reporter", "step_metrics"]
+
+LogMetrics = Callable[[dict[str, float], int], None]
+Say = Callable[[str], None]
+
+
+def step_metrics(
+    engine: GuardEngine, outcome: StepOutcome, scaler_enabled: bool, layer_norms: bool
+) -> dict[str, float]:
+    """The scalars logged at a log step (see ``docs/logged-keys.md``), from the outcome and the aggregates."""
+    i, interval, counters = engine.index, engine.interval, engine.counters
+    metrics = {
+        tag("global_norm", i): outcome.global_norm,
+        tag("global_norm_max", i): interval.norm_max,
+        tag("global_norm_mean", i): interval.norm_sum / interval.finite if interval.finite else math.nan,
+        tag("steps", i): float(interval.steps),
+        tag("skipped", i): float(interval.skipped),
+        tag("skipped_total", i): float(counters.skipped_total),
+    }
+    if scaler_enabled:
+        metrics[tag("scaler_skipped", i)] = float(interval.scaler_skipped)
+    if engine.policy is not None:
+        if outcome.threshold is not None:
+            metrics[tag("threshold", i)] = outcome.threshold
+        if outcome.post_clip_norm is not None:
+            metrics[tag("post_clip_norm", i)] = outcome.post_clip_norm
+        metrics[tag("clipped", i)] = float(outcome.clipped)
+        metrics[tag("clip_rate", i)] = interval.clipped / interval.finite if interval.finite else 0.0
+        metrics[tag("clipped_total", i)] = float(counters.clipped_total)
+    if engine.lr_guard is not None:
+        metrics[tag("lr_scale", i)] = engine.lr_guard.lr_scale
+        metrics[tag("lr", i)] = engine.lr_guard.effective_lrs()[0]
+    if layer_norms:
+        for layer, norm in outcome.stats.layer_norms().items():
+            metrics[tag("layer_norm/{layer}", i, layer)] = norm
+    return metrics
+
+
+class Reporter:
+    """Routes outcomes and events to the outputs of one front-end.
+
+    Args:
+        options: the guard's options (cadences, histogram bins, layer norms).
+        warn: rank-zero warning (receives the full text, ``"GradGuard: ..."``).
+        info: rank-zero information.
+        writer: a TensorBoard ``SummaryWriter`` (rank zero only), or ``None``.
+        log_metrics: ``(metrics, step) -> None`` for the scalars (rank zero only), or ``None``.
+        log_every: log cadence in optimizer steps.
+        scaler_enabled: whether an active AMP GradScaler is in use (adds ``scaler_skipped``).
+    """
+
+    def __init__(
+        self,
+        options: GuardOptions,
+        warn: Say,
+        info: Say,
+        writer: Any | None = None,
+        log_metrics: LogMetrics | None = None,
+        log_every: int = 50,
+        scaler_enabled: bool = False,
+    ) -> None:
+        self.options = options
+        self.warn, self.info = warn, info
+        self.writer = writer
+        self.log_metrics = log_metrics
+        self.log_every = log_every
+        self.scaler_enabled = scaler_enabled
+        self._notified: set[str] = set()
+
+    def notice_once(self, key: str, message: str) -> None:
+        """A one-off setup notice (``message`` without the ``"GradGuard: "`` prefix), once per key."""
+        if key not in self._notified:
+            self._notified.add(key)
+            self.emit(GuardEvent("notice", 0, message), index=None)
+
+    def emit(self, event: GuardEvent, index: int | None) -> None:
+        """Print ``event`` (warning or information) and, for a step event, write it as TensorBoard text."""
+        (self.warn if event.is_warning else self.info)(event.text)
+        if self.writer is not None and index is not None:
+            self.writer.add_text(tag("events", index), event.message, event.step)
+
+    def after_step(self, engine: GuardEngine, outcome: StepOutcome, global_step: int) -> None:
+        """Events, then the outputs due at this step; raises ``outcome.error`` last (on every rank alike)."""
+        for event in outcome.events:
+            self.emit(event, engine.index)
+        options, step = self.options, outcome.step
+        if step % self.log_every == 0:
+            self.log(engine, outcome, global_step)
+        if options.histogram_every_n_steps and step % options.histogram_every_n_steps == 0:
+            self.histograms(engine, global_step)
+        if options.heatmap_every_n_steps and step and step % options.heatmap_every_n_steps == 0:
+            self.heatmap(engine, global_step)
+        if outcome.error is not None:
+            # Decided from the reduced vector, so every rank raises here at the same step.
+            if self.writer is not None:
+                self.writer.flush()
+            raise NonFiniteGradientsError(outcome.error)
+
+    def log(self, engine: GuardEngine, outcome: StepOutcome, global_step: int) -> None:
+        """Log the scalars, then close the interval (heatmap column, diagnostics verdicts)."""
+        metrics = step_metrics(engine, outcome, self.scaler_enabled, self.options.log_layer_norms)
+        if self.log_metrics is not None:
+            self.log_metrics(metrics, global_step)
+        for event in engine.close_interval(outcome, global_step, heatmap=bool(self.options.heatmap_every_n_steps)):
+            self.emit(event, engine.index)
+
+    def histograms(self, engine: GuardEngine, global_step: int) -> None:
+        """Per-layer histograms (every rank computes them: sharded layers need collectives)."""
+        histograms = engine.histograms(self.options.histogram_bins)
+        if self.writer is not None:
+            write_histograms(self.writer, engine.index, global_step, histograms)
+
+    def heatmap(self, engine: GuardEngine, global_step: int) -> None:
+        """The layer x step heatmap image, once there are two columns."""
+        if self.writer is None or len(engine.heatmap_steps) < 2:
+            return
+        try:
+            from lightning_gradguard.heatmap import render_heatmap
+
+            image = render_heatmap(engine.stats.layers, engine.heatmap_steps, engine.heatmap_grid())
+        except ImportError as exc:
+            self.notice_once("heatmap", f"heatmap skipped ({exc}).")
+            return
+        self.writer.add_image(tag("heatmap", engine.index), image, global_step, dataformats="HWC")
+
+    def end(self, engine: GuardEngine, global_step: int) -> None:
+        """End of training: log an unfinished interval, write the heatmap, print the diagnostics summary."""
+        last = engine.last
+        if last is not None and engine.interval.steps:
+            self.log(engine, last, global_step)
+        if self.options.heatmap_every_n_steps:
+            self.heatmap(engine, global_step)
+        if engine.diagnostics is not None:
+            summary = engine.diagnostics.summary()
+            if summary:
+                self.emit(GuardEvent("summary", engine.counters.steps, f"diagnostics summary:\n{summary}"), index=None)
+        if self.writer is not None:
+            self.writer.flush()

@@ -1,0 +1,85 @@
+"""Two-process worker for the plain ``Guard`` under DDP and FSDP2 (see tests/test_guard_distributed.py).
+
+Started twice with ``RANK`` / ``WORLD_SIZE=2`` / ``MASTER_ADDR`` / ``MASTER_PORT``; runs a DDP loop, then an
+FSDP2 (``fully_shard``) loop, in the same processes over gloo on CPU. Each rank trains on its half of every
+batch; rank 1 alone poisons its loss at step ``POISONED``. Each rank writes what its guard decided at every
+step and the final full weights to ``OUT/{ddp,fsdp2}_rank{r}.pt``.
+
+Imported as a module (by the test), nothing runs: ``make_model``, ``batch`` and ``run_loop`` serve the
+single-process reference run too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_gradguard import Guard, LRGuard
+
+STEPS, LR, POISONED, BATCH = 12, 2.0, 5, 32
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(BATCH, 16, generator=g)
+    return x, torch.sin(x.sum(dim=1, keepdim=True))
+
+
+def run_loop(model: nn.Module, params_of: nn.Module, rank: int, world: int) -> dict[str, Any]:
+    """Train ``STEPS`` steps on this rank's share of each batch; the guard's decisions and final weights."""
+    optimizer = torch.optim.SGD(params_of.parameters(), lr=LR)
+    guard = Guard(model, optimizer, max_norm=1.0, lr_guard=LRGuard(patience=3, cooldown=5))
+    records = []
+    for step in range(STEPS):
+        x, y = batch(step)
+        share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        loss = nn.functional.mse_loss(model(x[share]), y[share])
+        if step == POISONED and rank == world - 1 and world > 1:
+            loss = loss * math.nan
+        loss.backward()
+        o = guard.before_optimizer_step(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        records.append([o.global_norm, o.threshold, o.coefficient, o.clipped, o.skipped, guard.lr_scale])
+    weights = {}
+    for key, value in params_of.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        weights[key] = full.detach().clone()
+    return {"records": records, "weights": weights}
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    module = make_model()
+    ddp = nn.parallel.DistributedDataParallel(module)
+    torch.save(run_loop(ddp, module, rank, world), out / f"ddp_rank{rank}.pt")
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = make_model()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(sharded[0], mesh=mesh)
+    fully_shard(sharded[2], mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    torch.save(run_loop(sharded, sharded, rank, world), out / f"fsdp2_rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(Path(sys.argv[1]))
