@@ -360,7 +360,10 @@ class GuardEngine:
 
     def _update_verdicts(self, step: int) -> tuple[GuardEvent, ...]:
         ratios = {layer: list(values) for layer, values in self.update_ratios.items()}
-        found = lr_too_high_verdicts(step, ratios) + not_learning_verdicts(step, ratios)
+        n = UPDATE_WINDOW  # a verdict needs a full window: early steps move small fresh weights fast
+        found = lr_too_high_verdicts(step, ratios, min_observations=n) + not_learning_verdicts(
+            step, ratios, min_observations=n
+        )
         now = {(v.layer, v.kind) for v in found}
         for key in list(self.update_episodes):
             if key not in now:
