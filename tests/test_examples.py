@@ -150,14 +150,14 @@ def test_alerts_hook_forwards_structured_records(capsys: pytest.CaptureFixture[s
     assert payload["text"].startswith(":rotating_light: GradGuard skip at step 12 in fc1: ")
 
 
-def test_alerts_example_run_reaches_the_hook() -> None:
-    import inspect
+def test_alerts_example_run_reaches_the_hook(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
 
-    from lightning_gradguard import GradGuard
-
-    if "on_event" not in inspect.signature(GradGuard).parameters:
-        pytest.skip("GradGuard(on_event=...) is wired in phase 2 of issue 15")
     sent = load("alerts").main(["--max-steps", "200"])
     kinds = [p["gradguard"]["kind"] for p in sent]
-    assert kinds, "the LR guard fires in this run, so at least one event reaches the hook"
+    assert "lr_reduction" in kinds, "the LR guard fires in this run, and its event reaches the hook"
     assert all(isinstance(p["gradguard"]["step"], int) and p["gradguard"]["message"] for p in sent)
+    reduction = next(p["gradguard"] for p in sent if p["gradguard"]["kind"] == "lr_reduction")
+    assert reduction["evidence"]["lr_scale"] == 0.5 and reduction["evidence"]["norm"] > 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert printed == sent  # what the fake webhook received is what the hook built, one JSON line each
