@@ -45,8 +45,8 @@ from lightning_gradguard.engine import (
     optimizer_parameters,
 )
 from lightning_gradguard.events import GuardEvent
-from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.loggers import rich_writers
+from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.outputs import OnEvent, Reporter
 from lightning_gradguard.policies import ThresholdPolicy
 from lightning_gradguard.stats import GroupBy

@@ -69,9 +69,10 @@ def test_the_callback_writes_loss_band_extremes_and_update_ratios(tmp_path: Path
         assert value == pytest.approx(recorder.loss[source[step]], rel=1e-6)
 
     # The threshold band: three tags at the same steps, the norm between post-clip norm and threshold.
-    norm, band = scalars(acc, "gradguard/global_norm"), {
-        name: scalars(acc, f"gradguard/band/{name}") for name in ("global_norm", "post_clip_norm", "threshold")
-    }
+    norm, band = (
+        scalars(acc, "gradguard/global_norm"),
+        {name: scalars(acc, f"gradguard/band/{name}") for name in ("global_norm", "post_clip_norm", "threshold")},
+    )
     assert sorted(band["global_norm"]) == sorted(band["post_clip_norm"]) == sorted(band["threshold"]) == log_steps
     clipped = 0
     for step in log_steps:
