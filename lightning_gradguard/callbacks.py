@@ -219,7 +219,7 @@ class GradGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._reporter.on_event = self.on_event if trainer.is_global_zero else None
+        self._reporter.on_event = self.on_event if getattr(trainer, "is_global_zero", True) else None
         kind = strategy_kind(trainer.strategy)
         if kind == "fsdp1":
             raise GradGuardError(FSDP1_MESSAGE)
