@@ -505,7 +505,7 @@ class GradMonitor(GradGuard):
 
 
 class GradClip(GradGuard):
-    """GradGuard for clipping and non-finite skipping only: no histograms, diagnostics, heatmap or LR guard.
+    """GradGuard for clipping and non-finite skipping only: no histograms, diagnostics, heatmap, ratios or LR guard.
 
     Args:
         clip: threshold policy, as for :class:`GradGuard` (must not be ``None``).
@@ -520,4 +520,5 @@ class GradClip(GradGuard):
         kwargs.setdefault("diagnostics", False)
         kwargs.setdefault("heatmap_every_n_steps", 0)
         kwargs.setdefault("lr_guard", False)
+        kwargs.setdefault("log_update_ratios", False)
         super().__init__(clip=clip, max_norm=max_norm, **kwargs)
