@@ -36,6 +36,12 @@ _EXPORTS = {
     "ZScorePolicy": "policies",
     "make_policy": "policies",
     "GradStats": "stats",
+    "UpdateStats": "updates",
+    "UpdateTracker": "updates",
+    "UpdateVerdict": "diagnostics",
+    "event_json": "alerts",
+    "event_record": "alerts",
+    "rich_writers": "loggers",
 }
 
 __all__ = [
@@ -57,18 +63,26 @@ __all__ = [
     "PercentilePolicy",
     "StepOutcome",
     "ThresholdPolicy",
+    "UpdateStats",
+    "UpdateTracker",
+    "UpdateVerdict",
     "Verdict",
     "ZScorePolicy",
     "__version__",
+    "event_json",
+    "event_record",
     "make_policy",
+    "rich_writers",
 ]
 
 if TYPE_CHECKING:
+    from lightning_gradguard.alerts import event_json, event_record
     from lightning_gradguard.callbacks import GradClip, GradGuard, GradMonitor
-    from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
+    from lightning_gradguard.diagnostics import GradientDiagnostics, UpdateVerdict, Verdict
     from lightning_gradguard.engine import GradGuardError, GuardEngine, NonFiniteGradientsError, StepOutcome
     from lightning_gradguard.events import GuardEvent
     from lightning_gradguard.guard import FabricGuard, Guard
+    from lightning_gradguard.loggers import rich_writers
     from lightning_gradguard.lr_guard import LRGuard, LRReduction
     from lightning_gradguard.policies import (
         AutoPolicy,
@@ -79,6 +93,7 @@ if TYPE_CHECKING:
         make_policy,
     )
     from lightning_gradguard.stats import GradStats
+    from lightning_gradguard.updates import UpdateStats, UpdateTracker
 
 
 def __getattr__(name: str) -> Any:

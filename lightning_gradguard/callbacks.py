@@ -33,7 +33,7 @@ from lightning_gradguard._compat import (
     steps_scaled_gradients,
     strategy_kind,
 )
-from lightning_gradguard._validation import ClipName, OnNonFinite, guard_options
+from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
 from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
 from lightning_gradguard.engine import (
     STATE_VERSION,
@@ -45,8 +45,9 @@ from lightning_gradguard.engine import (
     optimizer_parameters,
 )
 from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.loggers import rich_writers
 from lightning_gradguard.lr_guard import LRGuard
-from lightning_gradguard.outputs import Reporter
+from lightning_gradguard.outputs import OnEvent, Reporter
 from lightning_gradguard.policies import ThresholdPolicy
 from lightning_gradguard.stats import GroupBy
 from lightning_gradguard.tensorboard import dashboard_layout, find_writer
@@ -60,8 +61,9 @@ class GradGuard(Callback):
     Add it with one line, ``Trainer(callbacks=[GradGuard()])``. At every optimizer step it computes the
     pre-clip gradient norm of every layer in one pass, clips to a threshold that tunes itself from the
     run's own norm history, skips steps whose gradients are non-finite, and lowers the learning rate
-    when clipping keeps saturating. Scalars reach every Lightning logger; histograms, the "GradGuard"
-    custom-scalars dashboard, text events and the heatmap go to TensorBoard.
+    when clipping keeps saturating. Scalars reach every Lightning logger; histograms and the heatmap go to
+    every logger that takes them (TensorBoard, W&B; MLflow the heatmap); the "GradGuard" custom-scalars
+    dashboard and text events go to TensorBoard; every event also goes to ``on_event``.
 
     Args:
         clip: threshold policy: ``"auto"`` (default), ``"fixed"`` (needs ``max_norm``; same as
@@ -86,6 +88,12 @@ class GradGuard(Callback):
             (vanishing, exploding, dead and non-finite layers), an instance, or ``False``.
         heatmap_every_n_steps: write the layer x step heatmap image every this many optimizer steps
             (and at the end of training); ``0`` disables it. Needs matplotlib.
+        log_update_ratios: at log steps, log each layer's weight norm and log10 update-to-weight ratio
+            (``weight_norm/{layer}``, ``update_ratio/{layer}``) and let the diagnostics judge them ("LR too
+            high for <layer>", "<layer> is not learning"). Costs a copy of the weights at log steps only.
+        on_event: called on rank zero with every :class:`~lightning_gradguard.events.GuardEvent` (skipped
+            step, LR reduction, verdict, notice), right before it is logged; forward it to Slack, W&B alerts
+            or a pager (see ``docs/alerts.md``). If it raises, GradGuard warns once and training continues.
 
     Raises:
         ValueError: an argument out of range (the message names it, the allowed values and what it got).
@@ -115,8 +123,11 @@ class GradGuard(Callback):
         histogram_bins: int = 64,
         diagnostics: bool | GradientDiagnostics = True,
         heatmap_every_n_steps: int = 1000,
+        log_update_ratios: bool = True,
+        on_event: OnEvent | None = None,
     ) -> None:
         super().__init__()
+        check_hook("on_event", on_event)
         self._options = guard_options(
             clip=clip,
             max_norm=max_norm,
@@ -130,6 +141,7 @@ class GradGuard(Callback):
             histogram_bins=histogram_bins,
             diagnostics=diagnostics,
             heatmap_every_n_steps=heatmap_every_n_steps,
+            log_update_ratios=log_update_ratios,
         )
         self.clip = clip
         self.max_norm = max_norm
@@ -143,6 +155,8 @@ class GradGuard(Callback):
         self.histogram_bins = histogram_bins
         self._diagnostics_template = self._options.diagnostics
         self.heatmap_every_n_steps = heatmap_every_n_steps
+        self.log_update_ratios = log_update_ratios
+        self.on_event = on_event
         self._guards: dict[int, GuardEngine] = {}  # id(optimizer) -> engine
         self._pending_state: dict[int, dict[str, Any]] = {}
         self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
@@ -152,7 +166,7 @@ class GradGuard(Callback):
         )
         self._scaler: Any | None = None
         self._monitor_only = False
-        self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (LR guard evidence)
+        self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (loss, LR guard)
         self._loss_count = 0
 
     # ------------------------------------------------------------------ public read-only views
@@ -205,6 +219,7 @@ class GradGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._reporter.on_event = self.on_event if getattr(trainer, "is_global_zero", True) else None
         kind = strategy_kind(trainer.strategy)
         if kind == "fsdp1":
             raise GradGuardError(FSDP1_MESSAGE)
@@ -228,10 +243,16 @@ class GradGuard(Callback):
         reporter = self._reporter
         reporter.writer = find_writer(trainer.loggers) if trainer.is_global_zero else None
         reporter.log_metrics = _logger_sink(trainer) if trainer.is_global_zero else None
+        reporter.rich_writers = None
+        if trainer.is_global_zero:
+            writers, notices = rich_writers(trainer.loggers)
+            reporter.rich_writers = writers
+            for notice in notices:
+                reporter.notice_once(notice, notice.removeprefix("GradGuard: "))
         if trainer.is_global_zero and reporter.writer is None and trainer.loggers:
             reporter.notice_once("no-tensorboard", NO_TENSORBOARD_NOTICE)
         for optimizer in trainer.optimizers:
-            self._guard_for(trainer, pl_module, optimizer)
+            reporter.attach(self._guard_for(trainer, pl_module, optimizer), optimizer)  # again after a teardown
         self._report_unused_state()
         if reporter.writer is not None:
             reporter.writer.add_custom_scalars(dashboard_layout(sorted(g.index for g in self._guards.values())))
@@ -247,6 +268,7 @@ class GradGuard(Callback):
             self._report_differences(guard, guard.load_state_dict(pending))
         if guard.lr_guard is not None:
             guard.lr_guard.attach(optimizer)
+        self._reporter.attach(guard, optimizer)
         self._guards[id(optimizer)] = guard
         return guard
 
@@ -257,12 +279,13 @@ class GradGuard(Callback):
         for guard in self._guards.values():
             if guard.lr_guard is not None:
                 guard.lr_guard.detach()
+        self._reporter.detach()
 
     # ------------------------------------------------------------------ the step
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         """Keep the loss on the device; it reaches the host with the step's statistics (no extra sync)."""
-        if self._lr_guard_template is None or self._monitor_only:
+        if self._monitor_only:
             return
         value = loss.detach().float().reshape(())
         scale = scaler_scale(self._scaler)
@@ -435,8 +458,9 @@ DEEPSPEED_NOTICE = (
     "(no clipping, skipping or LR guard), at gradient-accumulation boundaries."
 )
 NO_TENSORBOARD_NOTICE = (
-    "no TensorBoardLogger attached; scalars go to your loggers, but histograms, the "
-    "dashboard layout, text events and the heatmap are skipped."
+    "no TensorBoardLogger attached; the dashboard layout and the text events are TensorBoard-only and are "
+    "skipped (scalars go to every logger, histograms and the heatmap to those that take them, events also "
+    "to the console and to `on_event`)."
 )
 
 
@@ -481,7 +505,7 @@ class GradMonitor(GradGuard):
 
 
 class GradClip(GradGuard):
-    """GradGuard for clipping and non-finite skipping only: no histograms, diagnostics, heatmap or LR guard.
+    """GradGuard for clipping and non-finite skipping only: no histograms, diagnostics, heatmap, ratios or LR guard.
 
     Args:
         clip: threshold policy, as for :class:`GradGuard` (must not be ``None``).
@@ -496,4 +520,5 @@ class GradClip(GradGuard):
         kwargs.setdefault("diagnostics", False)
         kwargs.setdefault("heatmap_every_n_steps", 0)
         kwargs.setdefault("lr_guard", False)
+        kwargs.setdefault("log_update_ratios", False)
         super().__init__(clip=clip, max_norm=max_norm, **kwargs)

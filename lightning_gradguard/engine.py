@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -26,12 +27,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
+from lightning_gradguard.diagnostics import (
+    GradientDiagnostics,
+    UpdateVerdict,
+    Verdict,
+    lr_too_high_verdicts,
+    not_learning_verdicts,
+)
 from lightning_gradguard.distributed import reduce_histograms, reduce_stats
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.lr_guard import LRGuard, LRReduction
 from lightning_gradguard.policies import ThresholdPolicy
 from lightning_gradguard.stats import GradStats, HistogramData, StepStats
+from lightning_gradguard.updates import UpdateStats, UpdateTracker
 
 __all__ = [
     "STATE_VERSION",
@@ -48,6 +56,9 @@ __all__ = [
 #: Version of the state format (:meth:`GuardEngine.state_dict`, wrapped by every front-end).
 STATE_VERSION = 2
 _HEATMAP_COLUMNS = 512  # bounded memory: past this, keep every other column
+#: Log steps of update-to-weight ratios kept per layer for the update verdicts (their medians), and the
+#: verdict-free log steps after which an update verdict's episode ends (a recurrence is reported again).
+UPDATE_WINDOW = 5
 
 
 @dataclass
@@ -149,6 +160,10 @@ class GuardEngine:
     heatmap_steps: list[int] = field(default_factory=list)
     heatmap_columns: list[list[float]] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
+    updates: UpdateTracker | None = None
+    update_ratios: dict[str, deque[float]] = field(default_factory=dict)
+    update_episodes: dict[tuple[str, str], int] = field(default_factory=dict)
+    update_verdicts: list[UpdateVerdict] = field(default_factory=list)
 
     # ------------------------------------------------------------------ the step
     def measure(
@@ -299,6 +314,74 @@ class GuardEngine:
             events.append(GuardEvent("verdict", verdict.step, text, (verdict.layer,), {"value": verdict.value}))
         return tuple(events)
 
+    # ------------------------------------------------------------------ update-to-weight ratios
+    def snapshot_updates(self, outcome: StepOutcome) -> bool:
+        """At a log step, before ``optimizer.step()``: copy the weights the step will move.
+
+        Nothing is copied (and an older copy is dropped) when the step is skipped or left to the AMP
+        GradScaler, or when update tracking is off. Returns whether a copy waits for :meth:`close_updates`.
+        """
+        tracker = self.updates
+        if tracker is None:
+            return False
+        if outcome.skipped or outcome.scaler_skipped or outcome.error is not None:
+            tracker.discard()
+            return False
+        tracker.snapshot()
+        return True
+
+    def close_updates(self, step: int) -> tuple[UpdateStats, tuple[GuardEvent, ...]] | None:
+        """After ``optimizer.step()``: the per-layer update and weight norms since :meth:`snapshot_updates`.
+
+        Reduced across ranks only where some layer is sharded (SUM of the shards' squared norms, one
+        collective; replicas hold the same weights on every rank and need none). The log10 ratios feed
+        the update verdicts ("LR too high for <layer>", "<layer> is not learning"), each reported once per
+        layer and episode.
+
+        Args:
+            step: this optimizer's step index of the snapshot (for the verdicts).
+
+        Returns:
+            ``(stats, events)``, or ``None`` without a pending snapshot.
+        """
+        tracker = self.updates
+        if tracker is None or not tracker.pending:
+            return None
+        vector = tracker.squared_norms()
+        sharded = self.stats.sharded_layers
+        if any(sharded):
+            vector = reduce_stats(vector, list(sharded) * 2)
+        stats = tracker.read(vector)
+        for layer, ratio in stats.log10_ratios().items():
+            self.update_ratios.setdefault(layer, deque(maxlen=UPDATE_WINDOW)).append(ratio)
+        if self.diagnostics is None:
+            return stats, ()
+        return stats, self._update_verdicts(step)
+
+    def _update_verdicts(self, step: int) -> tuple[GuardEvent, ...]:
+        ratios = {layer: list(values) for layer, values in self.update_ratios.items()}
+        n = UPDATE_WINDOW  # a verdict needs a full window: early steps move small fresh weights fast
+        found = lr_too_high_verdicts(step, ratios, min_observations=n) + not_learning_verdicts(
+            step, ratios, min_observations=n
+        )
+        now = {(v.layer, v.kind) for v in found}
+        for key in list(self.update_episodes):
+            if key not in now:
+                self.update_episodes[key] += 1
+                if self.update_episodes[key] >= UPDATE_WINDOW:
+                    del self.update_episodes[key]  # the episode is over
+        events = []
+        for verdict in found:
+            key = (verdict.layer, verdict.kind)
+            new = key not in self.update_episodes
+            self.update_episodes[key] = 0
+            if new:
+                self.update_verdicts.append(verdict)
+                text = f"{verdict.message} Remedy: {verdict.remedy}"
+                evidence = {"value": verdict.value, "verdict": verdict.kind}
+                events.append(GuardEvent("verdict", step, text, (verdict.layer,), evidence))
+        return tuple(events)
+
     def histograms(self, bins: int) -> dict[str, HistogramData]:
         """Per-layer gradient histograms (two more collectives where some layer is sharded; every rank calls)."""
         sharded = any(self.stats.sharded_layers)
@@ -332,6 +415,9 @@ class GuardEngine:
             state["lr_guard_config"] = repr(self.lr_guard)
         if self.diagnostics is not None:
             state["diagnostics"] = self.diagnostics.state_dict()
+        if self.update_ratios:
+            state["update_ratios"] = {layer: list(values) for layer, values in self.update_ratios.items()}
+            state["update_episodes"] = [[layer, kind, n] for (layer, kind), n in self.update_episodes.items()]
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
@@ -365,6 +451,12 @@ class GuardEngine:
         saved_diag = state.get("diagnostics")
         if self.diagnostics is not None and isinstance(saved_diag, Mapping) and same_layers:
             self.diagnostics.load_state_dict(dict(saved_diag))
+        saved_ratios = state.get("update_ratios")
+        if isinstance(saved_ratios, Mapping) and same_layers:
+            self.update_ratios = {
+                str(k): deque((float(v) for v in vs), maxlen=UPDATE_WINDOW) for k, vs in saved_ratios.items()
+            }
+            self.update_episodes = {(str(e[0]), str(e[1])): int(e[2]) for e in state.get("update_episodes", [])}
         return differences
 
     def _load_policy(self, saved: Any, same_params: bool) -> list[str]:

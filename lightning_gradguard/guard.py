@@ -24,7 +24,7 @@ from lightning_gradguard._compat import (
     unwrap_model,
     unwrap_optimizer,
 )
-from lightning_gradguard._validation import ClipName, OnNonFinite, guard_options
+from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
 from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
 from lightning_gradguard.engine import (
     STATE_VERSION,
@@ -36,7 +36,7 @@ from lightning_gradguard.engine import (
 )
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.lr_guard import LRGuard
-from lightning_gradguard.outputs import Reporter
+from lightning_gradguard.outputs import OnEvent, Reporter
 from lightning_gradguard.policies import ThresholdPolicy
 from lightning_gradguard.stats import GroupBy
 
@@ -72,7 +72,8 @@ class Guard:
         log_every_n_steps: log cadence in optimizer steps (default 50).
         **options: every other :class:`~lightning_gradguard.GradGuard` argument (``clip``, ``max_norm``,
             ``on_nonfinite``, ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``,
-            ``histogram_every_n_steps``, ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``).
+            ``histogram_every_n_steps``, ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``,
+            ``log_update_ratios``, ``on_event``).
 
     Raises:
         ValueError: an option out of range, with the same messages as GradGuard.
@@ -108,7 +109,10 @@ class Guard:
         heatmap_every_n_steps: int = 1000,
         writer: Any | None = None,
         scaler: Any | None = None,
+        log_update_ratios: bool = True,
+        on_event: OnEvent | None = None,
     ) -> None:
+        check_hook("on_event", on_event)
         self.options = guard_options(
             clip=clip,
             max_norm=max_norm,
@@ -122,6 +126,7 @@ class Guard:
             histogram_bins=histogram_bins,
             diagnostics=diagnostics,
             heatmap_every_n_steps=heatmap_every_n_steps,
+            log_update_ratios=log_update_ratios,
         )
         self.optimizer = unwrap_optimizer(optimizer)
         self.scaler = scaler
@@ -138,7 +143,9 @@ class Guard:
             log_metrics=self._scalar_sink(writer) if zero and writer is not None else None,
             log_every=log_every_n_steps or 50,
             scaler_enabled=scaler is not None and scaler.is_enabled(),
+            on_event=on_event if zero else None,
         )
+        self.reporter.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
         if self.reporter.writer is not None:
             from lightning_gradguard.tensorboard import dashboard_layout
 
@@ -166,8 +173,9 @@ class Guard:
         """Measure, decide and act on this step's gradients; returns what was decided.
 
         Args:
-            loss: the step's (unscaled) training loss, evidence for the LR guard; it travels to the host
-                with the gradient statistics (no extra synchronisation). ``None`` judges by norms alone.
+            loss: the step's (unscaled) training loss, logged as ``loss`` and evidence for the LR guard; it
+                travels to the host with the gradient statistics (no extra synchronisation). ``None`` judges
+                by norms alone.
 
         Returns:
             The :class:`~lightning_gradguard.engine.StepOutcome` (threshold, coefficient, clipped, skipped...).
@@ -178,7 +186,7 @@ class Guard:
         engine = self.engine
         scale = scaler_scale(self.scaler) if grads_still_scaled(self.scaler, self.optimizer) else None
         value = None
-        if loss is not None and engine.lr_guard is not None:
+        if loss is not None:
             value = loss.detach().float().reshape(())
         stats, loss_value, scale_value = engine.measure(loss=value, amp_scale=scale)
         outcome = engine.decide(
@@ -193,6 +201,7 @@ class Guard:
         self.reporter.end(self.engine, self.engine.counters.steps)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.detach()
+        self.reporter.detach()
 
     # ------------------------------------------------------------------ views and state
     @property

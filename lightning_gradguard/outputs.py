@@ -2,8 +2,15 @@
 
 A :class:`Reporter` takes each step's :class:`~lightning_gradguard.engine.StepOutcome` and does what the
 log cadence asks: scalars through ``log_metrics`` (every Lightning logger, or a ``SummaryWriter``),
-histograms / heatmap / text events through a TensorBoard writer, messages through the front-end's
-rank-zero ``warn`` / ``info``. Only rank zero is given a writer and a ``log_metrics``.
+histograms and the heatmap through the rich writers (:func:`~lightning_gradguard.loggers.rich_writers`:
+TensorBoard, W&B, MLflow) or the TensorBoard writer, text events through the TensorBoard writer, messages
+through the front-end's rank-zero ``warn`` / ``info`` and every event to the user's ``on_event`` hook.
+Only rank zero is given a writer, rich writers, a ``log_metrics`` and the hook.
+
+At log steps the update-to-weight ratios are measured around the optimizer step: the weights are copied
+in :meth:`Reporter.after_step` (before the step) and the ratios read and logged by
+:meth:`Reporter.after_optimizer_step`, which the front-ends call from an optimizer step post-hook
+(:meth:`Reporter.attach`).
 """
 
 from __future__ import annotations
@@ -12,16 +19,20 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from lightning_gradguard._validation import GuardOptions
 from lightning_gradguard.engine import GuardEngine, NonFiniteGradientsError, StepOutcome
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.keys import tag
-from lightning_gradguard.tensorboard import write_histograms
+from lightning_gradguard.tensorboard import layer_norm_extremes, threshold_band, write_histograms
+from lightning_gradguard.updates import update_metrics
 
-__all__ = ["Reporter", "step_metrics"]
+__all__ = ["Reporter", "dashboard_metrics", "step_metrics"]
 
 LogMetrics = Callable[[dict[str, float], int], None]
 Say = Callable[[str], None]
+OnEvent = Callable[[GuardEvent], None]
 
 
 def step_metrics(
@@ -53,6 +64,20 @@ def step_metrics(
     if layer_norms:
         for layer, norm in outcome.stats.layer_norms().items():
             metrics[tag("layer_norm/{layer}", i, layer)] = norm
+    metrics.update(dashboard_metrics(engine, outcome))
+    return metrics
+
+
+def dashboard_metrics(engine: GuardEngine, outcome: StepOutcome) -> dict[str, float]:
+    """The dashboard's extra scalars of a log step: ``loss``, the ``band/*`` triple, the layer-norm extremes."""
+    i, metrics = engine.index, {}
+    if outcome.loss is not None:
+        metrics[tag("loss", i)] = outcome.loss
+    if engine.policy is not None:
+        band = threshold_band(outcome.global_norm, outcome.post_clip_norm, outcome.threshold)
+        metrics.update((tag(name, i), value) for name, value in band.items())
+    extremes = layer_norm_extremes(outcome.stats.layer_norms())
+    metrics.update((tag(name, i), value) for name, value in extremes.items())
     return metrics
 
 
@@ -67,6 +92,10 @@ class Reporter:
         log_metrics: ``(metrics, step) -> None`` for the scalars (rank zero only), or ``None``.
         log_every: log cadence in optimizer steps.
         scaler_enabled: whether an active AMP GradScaler is in use (adds ``scaler_skipped``).
+        on_event: the user's hook, called with every event (rank zero only), or ``None``. An exception
+            it raises is reported once as a warning and training continues.
+        rich_writers: writers for histograms and images (:func:`~lightning_gradguard.loggers.rich_writers`);
+            ``None`` sends them to ``writer``.
     """
 
     def __init__(
@@ -78,6 +107,8 @@ class Reporter:
         log_metrics: LogMetrics | None = None,
         log_every: int = 50,
         scaler_enabled: bool = False,
+        on_event: OnEvent | None = None,
+        rich_writers: list[Any] | None = None,
     ) -> None:
         self.options = options
         self.warn, self.info = warn, info
@@ -85,7 +116,12 @@ class Reporter:
         self.log_metrics = log_metrics
         self.log_every = log_every
         self.scaler_enabled = scaler_enabled
+        self.on_event = on_event
+        self.rich_writers = rich_writers
         self._notified: set[str] = set()
+        self._hook_failed = False
+        self._update_steps: dict[int, int] = {}  # engine index -> global step of the pending weight copy
+        self._hooks: dict[int, Any] = {}  # id(optimizer) -> step post-hook handle
 
     def notice_once(self, key: str, message: str) -> None:
         """A one-off setup notice (``message`` without the ``"GradGuard: "`` prefix), once per key."""
@@ -94,10 +130,55 @@ class Reporter:
             self.emit(GuardEvent("notice", 0, message), index=None)
 
     def emit(self, event: GuardEvent, index: int | None) -> None:
-        """Print ``event`` (warning or information) and, for a step event, write it as TensorBoard text."""
+        """Hand ``event`` to the hook, print it (warning or information) and, for a step event, write it as text."""
+        self.forward(event)
         (self.warn if event.is_warning else self.info)(event.text)
         if self.writer is not None and index is not None:
             self.writer.add_text(tag("events", index), event.message, event.step)
+
+    def forward(self, event: GuardEvent) -> None:
+        """Call the ``on_event`` hook; an exception in it is warned about once and does not stop training."""
+        hook = self.on_event
+        if hook is None:
+            return
+        try:
+            hook(event)
+        except Exception as exc:  # the user's code: never let an alert channel kill a training run
+            if not self._hook_failed:
+                self._hook_failed = True
+                self.warn(
+                    f"GradGuard: the on_event hook raised {type(exc).__name__}: {exc} (on a {event.kind!r} event at "
+                    f"step {event.step}); training continues, and further errors of the hook are not reported."
+                )
+
+    def attach(self, engine: GuardEngine, optimizer: torch.optim.Optimizer) -> None:
+        """Read the update-to-weight ratios after each step of ``optimizer`` (a step post-hook), if tracked."""
+        if engine.updates is None or id(optimizer) in self._hooks:
+            return
+
+        def after(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
+            self.after_optimizer_step(engine)
+
+        self._hooks[id(optimizer)] = optimizer.register_step_post_hook(after)
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks of :meth:`attach`."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+
+    def after_optimizer_step(self, engine: GuardEngine) -> None:
+        """After the optimizer step of a log step: log ``weight_norm/*`` and ``update_ratio/*``, report verdicts."""
+        global_step = self._update_steps.pop(engine.index, None)
+        step = engine.last.step if engine.last is not None else 0
+        closed = engine.close_updates(step)
+        if closed is None or global_step is None:
+            return
+        stats, events = closed
+        if self.log_metrics is not None:
+            self.log_metrics(update_metrics(stats, engine.index), global_step)
+        for event in events:
+            self.emit(event, engine.index)
 
     def after_step(self, engine: GuardEngine, outcome: StepOutcome, global_step: int) -> None:
         """Events, then the outputs due at this step; raises ``outcome.error`` last (on every rank alike)."""
@@ -106,6 +187,8 @@ class Reporter:
         options, step = self.options, outcome.step
         if step % self.log_every == 0:
             self.log(engine, outcome, global_step)
+            if engine.snapshot_updates(outcome):
+                self._update_steps[engine.index] = global_step
         if options.histogram_every_n_steps and step % options.histogram_every_n_steps == 0:
             self.histograms(engine, global_step)
         if options.heatmap_every_n_steps and step and step % options.heatmap_every_n_steps == 0:
@@ -127,12 +210,15 @@ class Reporter:
     def histograms(self, engine: GuardEngine, global_step: int) -> None:
         """Per-layer histograms (every rank computes them: sharded layers need collectives)."""
         histograms = engine.histograms(self.options.histogram_bins)
-        if self.writer is not None:
+        if self.rich_writers is not None:
+            for rich in self.rich_writers:
+                rich.histograms(engine.index, global_step, histograms)
+        elif self.writer is not None:
             write_histograms(self.writer, engine.index, global_step, histograms)
 
     def heatmap(self, engine: GuardEngine, global_step: int) -> None:
         """The layer x step heatmap image, once there are two columns."""
-        if self.writer is None or len(engine.heatmap_steps) < 2:
+        if (self.writer is None and not self.rich_writers) or len(engine.heatmap_steps) < 2:
             return
         try:
             from lightning_gradguard.heatmap import render_heatmap
@@ -141,7 +227,12 @@ class Reporter:
         except ImportError as exc:
             self.notice_once("heatmap", f"heatmap skipped ({exc}).")
             return
-        self.writer.add_image(tag("heatmap", engine.index), image, global_step, dataformats="HWC")
+        name = tag("heatmap", engine.index)
+        if self.rich_writers is not None:
+            for rich in self.rich_writers:
+                rich.image(name, image, global_step)
+        elif self.writer is not None:
+            self.writer.add_image(name, image, global_step, dataformats="HWC")
 
     def end(self, engine: GuardEngine, global_step: int) -> None:
         """End of training: log an unfinished interval, write the heatmap, print the diagnostics summary."""

@@ -211,7 +211,7 @@ class UpdateTracker:
             for bucket, before in self._pending:
                 after = self._weights(bucket)
                 torch._foreach_sub_(before, after)  # the copies become the (negated) update
-                low = before[0].dtype not in (torch.float32, torch.float64)
+                low = before[0].dtype not in (torch.float32, torch.float64) and not before[0].is_complex()
                 kw = {"dtype": torch.float32} if low else {}
                 du = torch.stack(torch._foreach_norm(before, 2.0, **kw))
                 w = torch.stack(torch._foreach_norm(after, 2.0, **kw))

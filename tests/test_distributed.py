@@ -288,6 +288,10 @@ def test_sharded_norms_and_clipping_match_one_process(
         assert abs(a["global_norm"] / worker.SHARDED_MAX_NORM - 1) > 1e-4
         assert b["clipped"] == a["clipped"]
         assert b["post_clip_norm"] == pytest.approx(a["post_clip_norm"], rel=1e-5)
+        # update-to-weight ratios: the shards' squared norms SUM-reduced, as the full weights give them
+        assert set(b["update_ratios"]) == set(a["update_ratios"]) == {"net.0", "net.2"}
+        for layer, ratio in a["update_ratios"].items():
+            assert b["update_ratios"][layer] == pytest.approx(ratio, abs=1e-4)
     assert 0 < sum(s["clipped"] for s in one) < len(one)  # some steps clipped, some not
     # One collective per step; histogram steps (0, 3, 6) add the two histogram reductions (ranges, counts).
     assert [s["collectives"] for s in two] == [3 if s["step"] % 3 == 0 else 1 for s in two]

@@ -30,6 +30,13 @@ def test_quickstart(tmp_path: Path) -> None:
     assert list((tmp_path / "quickstart").glob("version_*/events.out.tfevents.*"))
 
 
+def test_quickstart_is_healthy_by_its_update_ratios_too(tmp_path: Path) -> None:
+    guard = load("quickstart").main(["--max-steps", "120", "--logdir", str(tmp_path)])
+    engine = guard._first_guard()
+    assert engine is not None and all(len(r) == 5 for r in engine.update_ratios.values())  # full windows judged
+    assert engine.update_verdicts == []  # no "LR too high" / "not learning" on the healthy demo
+
+
 def test_vanishing_sigmoid_flagged_bn_relu_not(tmp_path: Path) -> None:
     results = load("vanishing").main(["--max-steps", "30", "--logdir", str(tmp_path)])
     sigmoid, tanh, bn_relu = results["sigmoid"], results["tanh"], results["bn_relu"]
@@ -150,14 +157,16 @@ def test_alerts_hook_forwards_structured_records(capsys: pytest.CaptureFixture[s
     assert payload["text"].startswith(":rotating_light: GradGuard skip at step 12 in fc1: ")
 
 
-def test_alerts_example_run_reaches_the_hook() -> None:
-    import inspect
+def test_alerts_example_run_reaches_the_hook(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
 
-    from lightning_gradguard import GradGuard
-
-    if "on_event" not in inspect.signature(GradGuard).parameters:
-        pytest.skip("GradGuard(on_event=...) is wired in phase 2 of issue 15")
     sent = load("alerts").main(["--max-steps", "200"])
     kinds = [p["gradguard"]["kind"] for p in sent]
-    assert kinds, "the LR guard fires in this run, so at least one event reaches the hook"
+    assert "lr_reduction" in kinds, "the LR guard fires in this run, and its event reaches the hook"
     assert all(isinstance(p["gradguard"]["step"], int) and p["gradguard"]["message"] for p in sent)
+    reduction = next(p["gradguard"] for p in sent if p["gradguard"]["kind"] == "lr_reduction")
+    assert reduction["evidence"]["lr_scale"] == 0.5 and reduction["evidence"]["norm"] > 0
+    too_fast = [p["gradguard"] for p in sent if p["gradguard"]["evidence"].get("verdict") == "lr_too_high"]
+    assert too_fast and all(r["kind"] == "verdict" and len(r["layers"]) == 1 for r in too_fast)
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert printed == sent  # what the fake webhook received is what the hook built, one JSON line each

@@ -167,8 +167,8 @@ def test_fabric_example_clips_lowers_the_lr_and_logs_to_tensorboard(tmp_path: Pa
     norms = acc.Scalars("gradguard/global_norm")
     assert [e.step for e in norms] == [0, 10, 20, 30]  # log_every_n_steps=10, plus the end-of-training log
     assert [e.value for e in acc.Scalars("gradguard/lr_scale")][-1] == 0.5
-    (text,) = acc.Tensors("gradguard/events/text_summary")  # the LR reduction, as TensorBoard text
-    assert b"LR guard" in text.tensor_proto.string_val[0]
+    texts = [t.tensor_proto.string_val[0] for t in acc.Tensors("gradguard/events/text_summary")]
+    assert any(b"LR guard" in t for t in texts)  # the LR reduction, as TensorBoard text
 
 
 def _amp_run(unscale_first: bool, poison: int | None = None) -> tuple[list[StepOutcome], list[torch.Tensor]]:

@@ -50,6 +50,12 @@ def test_every_written_tag_is_documented_and_the_core_ones_are_written(tmp_path:
         "clip_rate",
         "skipped",
         "lr_scale",
+        "loss",
+        "layer_norm_min",
+        "layer_norm_median",
+        "layer_norm_max",
+        "weight_norm/net.0",
+        "update_ratio/net.2",
     ):
         assert f"gradguard/{name}" in written
     assert "gradguard/hist/net.0" in written and "gradguard/layer_norm/net.2" in written

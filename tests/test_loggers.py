@@ -80,10 +80,28 @@ def _wandb_records(path: Path) -> Iterator[Any]:
             yield record
 
 
+def _finish_wandb(run: Any) -> None:
+    """Finish the run and shut W&B's service process down, so that the run file is complete on disk.
+
+    ``run.finish()`` returns once the service has handled the run's exit record, but the service
+    process writes the ``.wandb`` transaction log on its own schedule; read right after ``finish()`` on
+    a loaded machine, the file could end before the last history rows. ``wandb.teardown()`` waits for
+    the service process to exit, which closes (and so flushes) every file it writes.
+    """
+    import wandb
+
+    try:
+        run.finish()
+    finally:
+        wandb.teardown()
+
+
 def _wandb_history(run_dir: Path) -> list[dict[str, Any]]:
     (path,) = run_dir.glob("run-*.wandb")
     rows = []
+    kinds = []
     for record in _wandb_records(path):
+        kinds.append(record.WhichOneof("record_type"))
         if record.WhichOneof("record_type") != "history":
             continue
         row: dict[str, Any] = {}
@@ -94,6 +112,7 @@ def _wandb_history(run_dir: Path) -> list[dict[str, Any]]:
                 node = node.setdefault(k, {})
             node[keys[-1]] = json.loads(item.value_json)
         rows.append(row)
+    assert "exit" in kinds, f"the run file ends before the run's exit record (records: {kinds})"
     return rows
 
 
@@ -115,7 +134,7 @@ def test_wandb_offline_run_holds_the_histograms_and_the_heatmap(
         writers[0].histograms(0, 7, hists)
         writers[0].image("gradguard/heatmap", image, 7)
     finally:
-        logger.experiment.finish()
+        _finish_wandb(logger.experiment)
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     rows = _wandb_history(run_dir)
     hist_row = next(r for r in rows if "gradguard/hist/0" in r)
@@ -131,6 +150,49 @@ def test_wandb_offline_run_holds_the_histograms_and_the_heatmap(
     assert meta["_type"] == "image-file" and (meta["height"], meta["width"]) == image.shape[:2]
     png = run_dir / "files" / meta["path"]
     np.testing.assert_array_equal(np.asarray(Image.open(png).convert("RGB")), image)
+
+
+def test_wandb_offline_run_of_a_trainer_fit_receives_gradguard_histograms_and_heatmap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_gradguard import GradGuard
+
+    from ._models import GradRecorder, TinyRegressor, make_trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = WandbLogger(project="gradguard-test", save_dir=str(tmp_path), offline=True)
+    recorder = GradRecorder()
+    guard = GradGuard(histogram_every_n_steps=3, histogram_bins=BINS, heatmap_every_n_steps=4, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [recorder, guard], max_steps=8, logger=logger)
+    try:
+        trainer.fit(TinyRegressor())
+    finally:
+        _finish_wandb(logger.experiment)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    rows = _wandb_history(run_dir)
+    hist_rows = [r for r in rows if "gradguard/hist/net.0" in r]
+    assert [r["trainer/global_step"] for r in hist_rows] == [0, 3, 6]
+    for row in hist_rows:
+        step = row["trainer/global_step"]
+        for layer in ("net.0", "net.2"):
+            logged = row[f"gradguard/hist/{layer}"]
+            assert logged["_type"] == "histogram" and len(logged["values"]) == BINS
+            numel = 8 * 16 + 16 if layer == "net.0" else 16 + 1
+            assert sum(logged["values"]) == numel  # every gradient element of the layer, binned on the device
+            assert logged["bins"][0] <= logged["bins"][-1]
+        assert step in recorder.steps
+    heatmaps = [r for r in rows if "gradguard/heatmap" in r]
+    assert [r["trainer/global_step"] for r in heatmaps] == [4, 8]  # every 4 steps and at the end of fit
+    for row in heatmaps:
+        meta = row["gradguard/heatmap"]
+        assert meta["_type"] == "image-file" and (run_dir / "files" / meta["path"]).is_file()
+    scalar_rows = [r for r in rows if "gradguard/update_ratio/net.0" in r]
+    assert [r["trainer/global_step"] for r in scalar_rows] == [0, 2, 4, 6]  # the scalars reach W&B too
 
 
 # ---------------------------------------------------------------- MLflow

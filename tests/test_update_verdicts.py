@@ -18,15 +18,15 @@ from lightning_gradguard.updates import UpdateTracker
 
 def test_lr_too_high_uses_the_median_and_names_the_layer() -> None:
     ratios = {
-        "enc": [-1.2, -0.9, -3.0, -1.1],  # median -1.15 > -1.5, despite one low step
+        "enc": [-0.7, -0.4, -3.0, -0.6],  # median -0.65 > -1.0, despite one low step
         "head": [-2.5, -0.2, -2.6],  # one spike, median -2.5: healthy
         "new": [-0.5, -0.4],  # too few observations
     }
     (v,) = lr_too_high_verdicts(40, ratios)
     assert (v.layer, v.kind, v.step) == ("enc", "lr_too_high", 40)
-    assert math.isclose(v.value, -1.15)
-    assert "LR too high for layer 'enc'" in v.message and "-1.15" in v.message and "-1.5" in v.message
-    assert "0.071 of their norm" in v.message  # 10**-1.15
+    assert math.isclose(v.value, -0.65)
+    assert "LR too high for layer 'enc'" in v.message and "-0.65" in v.message and "above -1;" in v.message
+    assert "0.22 of their norm" in v.message  # 10**-0.65
     assert "learning rate" in v.remedy
     assert [x.layer for x in lr_too_high_verdicts(40, ratios, high=-3.0)] == ["enc", "head"]
     assert lr_too_high_verdicts(40, ratios, min_observations=2)[-1].layer == "new"

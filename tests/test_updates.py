@@ -114,3 +114,15 @@ def test_log10_update_ratio_edges() -> None:
     assert log10_update_ratio(0.0, 3.0) == -math.inf
     assert math.isnan(log10_update_ratio(1.0, 0.0))
     assert math.isnan(log10_update_ratio(math.nan, 1.0))
+
+
+def test_complex_weights_give_real_norms() -> None:
+    w = torch.nn.Parameter(torch.tensor([3 + 4j, 0j], dtype=torch.complex64))
+    w.grad = torch.ones_like(w)
+    tracker = UpdateTracker(GradStats([("w", w)]))
+    tracker.snapshot()
+    with torch.no_grad():
+        w.sub_(torch.tensor([0j, 0.03j], dtype=torch.complex64))  # |update| 0.03, |w| ~5
+    stats = tracker.read(tracker.squared_norms())
+    assert stats.update_norms[0] == pytest.approx(0.03, rel=1e-5)
+    assert stats.weight_norms[0] == pytest.approx(math.hypot(5.0, 0.03), rel=1e-6)

@@ -11,6 +11,7 @@ headless Chromium (``--screenshot``), crop the empty area away and save a palett
 from __future__ import annotations
 
 import argparse
+import http.server
 import io
 import json
 import shutil
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -31,10 +33,12 @@ RUN = "quickstart/version_0"
 WIDTH = 1400
 
 # file name -> (URL fragment, window height, crop height)
+# Smoothing off (a URL setting); outlier clipping off is a browser-stored setting, see _untick_outliers.
 VIEWS: dict[str, tuple[str, int, int]] = {
-    "dashboard.png": ("#custom_scalars", 1240, 1240),
+    "dashboard.png": ("#custom_scalars&_smoothingWeight=0", 1240, 1240),
     "scalars.png": (
-        "#scalars&tagFilter=" + urllib.parse.quote("gradguard/(global_norm|threshold|clip_rate|lr_scale)$", safe=""),
+        "#scalars&_smoothingWeight=0&tagFilter="
+        + urllib.parse.quote("gradguard/(global_norm|threshold|clip_rate|lr_scale)$", safe=""),
         900,
         740,
     ),
@@ -95,12 +99,54 @@ def _save(png: bytes, path: Path, crop_height: int | None = None) -> None:
     print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size / 1024:.0f} KiB, {image.width}x{image.height})")
 
 
+def _untick_outliers(chromium: str, port: int, tmp: Path) -> None:
+    """Store TensorBoard's "Ignore outliers in chart scaling" as off in the browser profile.
+
+    TensorBoard keeps that checkbox in the page origin's localStorage (key ``_ignoreYOutliers``), which no
+    URL can set: serve a one-line page on the port TensorBoard will use (same origin), let the headless
+    browser store the setting in its profile, then stop that server. Clipped outliers would hide exactly
+    the spikes the dashboard exists to show.
+    """
+    page = b"<script>localStorage.setItem('_ignoreYOutliers', 'false')</script>ok"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        subprocess.run(
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp / 'chromium'}",
+                "--dump-dom",
+                f"http://127.0.0.1:{port}/",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _shoot(
     chromium: str, logdir: Path, views: dict[str, tuple[str, int, int]], tmp: Path, heatmap: bool = False
 ) -> str:
     """Serve ``logdir`` with TensorBoard and screenshot each view; returns the base URL's run listing."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
+    _untick_outliers(chromium, port, tmp)
     tensorboard = Path(sys.executable).with_name("tensorboard")
     server = subprocess.Popen(
         [tensorboard, "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)],

@@ -210,6 +210,12 @@ class Recorder:
                     }
                 )
 
+            def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+                # measured by GradGuard's optimizer post-hook: the latest update-to-weight ratio of each layer
+                g = guard._first_guard()
+                assert g is not None
+                recorder.steps[-1]["update_ratios"] = {k: v[-1] for k, v in g.update_ratios.items() if v}
+
         return [Before(), guard, After()]
 
 
