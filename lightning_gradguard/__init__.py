@@ -36,6 +36,8 @@ _EXPORTS = {
     "ZScorePolicy": "policies",
     "make_policy": "policies",
     "GradStats": "stats",
+    "RecoveryError": "recovery",
+    "RollbackTrigger": "recovery",
 }
 
 __all__ = [
@@ -55,6 +57,8 @@ __all__ = [
     "LRReduction",
     "NonFiniteGradientsError",
     "PercentilePolicy",
+    "RecoveryError",
+    "RollbackTrigger",
     "StepOutcome",
     "ThresholdPolicy",
     "Verdict",
@@ -70,6 +74,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.events import GuardEvent
     from lightning_gradguard.guard import FabricGuard, Guard
     from lightning_gradguard.lr_guard import LRGuard, LRReduction
+    from lightning_gradguard.recovery import RecoveryError, RollbackTrigger
     from lightning_gradguard.policies import (
         AutoPolicy,
         FixedPolicy,

@@ -97,6 +97,12 @@ KEYS: tuple[Key, ...] = (
     ),
     # recovery
     Key("rollbacks_total", "scalar", "rollbacks to an earlier saved state since the start of training", LOG),
+    Key(
+        "steps_lost",
+        "scalar",
+        "optimizer steps whose work rollbacks discarded (step of the rollback minus step restored), in total",
+        LOG,
+    ),
     # update-to-weight ratio
     Key("weight_norm/{layer}", "scalar", "L2 norm of the layer's weights after the optimizer step", LOG),
     Key(

@@ -41,16 +41,19 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gradguard._validation import check_int
+from lightning_gradguard.engine import GradGuardError, GuardEngine, StepOutcome
+from lightning_gradguard.events import GuardEvent
 
 __all__ = [
     "SNAPSHOT_EVERY_N_STEPS",
+    "Recovery",
     "TRIGGERS",
     "RecoveryError",
     "RollbackDecision",
@@ -68,7 +71,7 @@ SNAPSHOT_EVERY_N_STEPS = 100
 TRIGGERS: tuple[str, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_runaway")
 
 
-class RecoveryError(RuntimeError):
+class RecoveryError(GradGuardError):
     """Raised on every rank, at the same step, when a trigger fires after ``max_rollbacks`` rollbacks."""
 
 
@@ -742,3 +745,158 @@ def _check_nonneg(name: str, value: Any) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"`{name}` must be a finite float >= 0, got {value!r}")
     return float(value)
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+
+
+class Recovery:
+    """A :class:`RollbackTrigger` and a :class:`Snapshot` wired to GradGuard's engines (every front-end).
+
+    The front-end calls :meth:`attach` once the model, optimizers and schedulers exist, then
+    :meth:`after_decide` at every optimizer step, right after :meth:`GuardEngine.decide
+    <lightning_gradguard.engine.GuardEngine.decide>` and before
+    :func:`~lightning_gradguard.engine.apply_outcome`. The decision is taken from the outcome (the loss
+    and the non-finite flag come from the reduced statistics vector), so every rank acts at the same step.
+
+    The first optimizer (index 0) drives recovery; the snapshot holds every optimizer. On a rollback, in
+    this order: the model, optimizers and schedulers are restored; GradGuard's own state of every engine
+    (clip policy, LR guard, diagnostics) is restored; the LR guard of every engine lowers the LR
+    (:meth:`~lightning_gradguard.lr_guard.LRGuard.force_reduction`, scheduler-proof); the step is
+    skipped. Counters (steps, totals) are never rolled back.
+
+    Args:
+        trigger: the trigger (its state is GradGuard's ``state_dict()["recovery"]``).
+        every_n_steps: take a snapshot at healthy steps whose index is a multiple of this (and at the
+            first healthy step, so the first rollback always has a target).
+    """
+
+    def __init__(self, trigger: RollbackTrigger, every_n_steps: int = SNAPSHOT_EVERY_N_STEPS) -> None:
+        if not isinstance(trigger, RollbackTrigger):
+            raise TypeError(f"`trigger` must be a RollbackTrigger, got {type(trigger).__name__}")
+        self.trigger = trigger
+        self.every_n_steps = check_int("snapshot_every_n_steps", every_n_steps, 1)
+        self.snapshot: Snapshot | None = None
+
+    def attach(
+        self,
+        model: nn.Module,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        schedulers: Any | Sequence[Any] | None = None,
+    ) -> None:
+        """Start snapshotting ``model``, ``optimizers`` and ``schedulers`` (drops any earlier snapshot)."""
+        self.snapshot = Snapshot(model, optimizers, schedulers)
+
+    def metrics(self) -> dict[str, float]:
+        """``gradguard/rollbacks_total`` and ``gradguard/steps_lost``, for the log steps."""
+        from lightning_gradguard.keys import tag
+
+        return {
+            tag("rollbacks_total"): float(self.trigger.rollbacks_total),
+            tag("steps_lost"): float(self.trigger.steps_lost),
+        }
+
+    def after_decide(
+        self, engine: GuardEngine, outcome: StepOutcome, engines: Sequence[GuardEngine]
+    ) -> tuple[StepOutcome, RecoveryError | None]:
+        """Feed the trigger; roll back, snapshot, or do nothing; returns the outcome to apply and any error.
+
+        Args:
+            engine: the engine that decided ``outcome`` (only index 0 drives recovery).
+            outcome: what it decided.
+            engines: every engine of the front-end (their own state is snapshotted and restored).
+
+        Returns:
+            ``(outcome, error)``: on a rollback the outcome is marked skipped, its streak error cleared and
+            a ``"rollback"`` event added; ``error`` is a :class:`RecoveryError` to raise (every rank, same
+            step) once the step has been reported, else ``None``.
+        """
+        if engine.index != 0 or engine.monitor_only or self.snapshot is None:
+            return outcome, None
+        step = outcome.step
+        # A step the AMP GradScaler skips is its calibration's business (its loss may overflow too).
+        scaler = outcome.scaler_skipped
+        decision = self.trigger.update(
+            step,
+            loss=None if scaler else outcome.loss,
+            nonfinite=not outcome.stats.finite and not scaler,
+            skipped=outcome.skipped or scaler,
+        )
+        snapshot = self.snapshot
+        if decision.error is not None:
+            return outcome, decision.error
+        if outcome.error is not None and engine.on_nonfinite == "skip" and not decision.rollback:
+            # Escalation: a non-finite streak that reached `max_consecutive_skips` rolls back before it stops.
+            if snapshot.step is not None and self.trigger.rollbacks_total < self.trigger.max_rollbacks:
+                what = f"{engine.counters.consecutive_skips} consecutive steps with non-finite gradients"
+                decision = RollbackDecision(
+                    step=step,
+                    rollback=True,
+                    trigger="nonfinite_grad",
+                    message=f"step {step}: {what}: rolling back to the last good snapshot",
+                    evidence=decision.evidence,
+                )
+        if decision.rollback and snapshot.step is not None and (engine.on_nonfinite != "raise" or not outcome.error):
+            return self._roll_back(decision, outcome, engines), None
+        if decision.snapshot_ok and (snapshot.step is None or step % self.every_n_steps == 0):
+            snapshot.capture(step, extra={"engines": {str(e.index): _own_state(e) for e in engines}})
+        return outcome, None
+
+    def _roll_back(
+        self, decision: RollbackDecision, outcome: StepOutcome, engines: Sequence[GuardEngine]
+    ) -> StepOutcome:
+        snapshot = self.snapshot
+        assert snapshot is not None and snapshot.step is not None
+        saved = snapshot.extra.get("engines", {})
+        restored_to = snapshot.restore()
+        record = self.trigger.record_rollback(decision, restored_to)
+        scales = []
+        for e in engines:
+            _load_own_state(e, saved.get(str(e.index)))
+            e.counters.consecutive_skips = 0
+            if e.lr_guard is not None:
+                scales.append(e.lr_guard.force_reduction())
+        if scales:
+            before, after = scales[0]
+            lr_text = f"LR scale {before:.4g} -> {after:.4g}"
+        else:
+            before = after = 1.0
+            lr_text = "LR unchanged (no LR guard)"
+        message = (
+            f"rollback {self.trigger.rollbacks_total}/{self.trigger.max_rollbacks}: {decision.message}; restored "
+            f"step {restored_to} ({record.steps_lost} step(s) lost), {lr_text}, step {decision.step} skipped"
+        )
+        evidence = dict(decision.evidence)
+        evidence.update(
+            trigger=str(decision.trigger),
+            restored_to=restored_to,
+            steps_lost=record.steps_lost,
+            rollbacks_total=self.trigger.rollbacks_total,
+            lr_scale_before=before,
+            lr_scale=after,
+        )
+        event = GuardEvent("rollback", decision.step, message, evidence=evidence)
+        return replace(outcome, skipped=True, clipped=False, coefficient=None, error=None, events=(*outcome.events, event))
+
+
+def _own_state(engine: GuardEngine) -> dict[str, Any]:
+    """The parts of an engine's state a rollback puts back (the clip policy, LR guard and diagnostics)."""
+    state: dict[str, Any] = {}
+    if engine.policy is not None:
+        state["policy"] = engine.policy.state_dict()
+    if engine.lr_guard is not None:
+        state["lr_guard"] = engine.lr_guard.state_dict()
+    if engine.diagnostics is not None:
+        state["diagnostics"] = engine.diagnostics.state_dict()
+    return state
+
+
+def _load_own_state(engine: GuardEngine, state: Mapping[str, Any] | None) -> None:
+    if not state:
+        return
+    if engine.policy is not None and "policy" in state:
+        engine.policy.load_state_dict(dict(state["policy"]))
+    if engine.lr_guard is not None and "lr_guard" in state:
+        engine.lr_guard.load_state_dict(state["lr_guard"])
+    if engine.diagnostics is not None and "diagnostics" in state:
+        engine.diagnostics.load_state_dict(dict(state["diagnostics"]))
