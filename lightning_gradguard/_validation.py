@@ -210,7 +210,8 @@ def guard_options(
         histogram_bins=histogram_bins,
         diagnostics=GradientDiagnostics() if diagnostics is True else diagnostics or None,
         heatmap_every_n_steps=heatmap_every_n_steps,
-        # Monitoring only (clip=None) changes nothing unless a RollbackTrigger is passed explicitly.
-        rollback=(RollbackTrigger() if rollback is True and clip is not None else rollback) or None,
+        # `True` builds on the LR guard (a rollback lowers the LR through it): without clipping or without the
+        # LR guard it means off; a RollbackTrigger passed explicitly is honoured (rollbacks without an LR cut).
+        rollback=rollback if isinstance(rollback, RollbackTrigger) else (RollbackTrigger() if rollback and template else None),
         snapshot_every_n_steps=snapshot_every_n_steps,
     )

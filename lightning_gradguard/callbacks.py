@@ -91,8 +91,9 @@ class GradGuard(Callback):
             :class:`~lightning_gradguard.recovery.RollbackTrigger`, an instance to configure it, or
             ``False`` to turn it off. When it fires (non-finite gradients on 3 consecutive steps, a
             non-finite loss, a loss run away from its running level), every rank restores the last good
-            snapshot, the LR guard lowers the LR and the step is skipped. Off when ``clip=None`` unless
-            a ``RollbackTrigger`` is passed.
+            snapshot, the LR guard lowers the LR and the step is skipped. ``True`` needs the LR guard (it
+            means off when ``clip=None`` or ``lr_guard=False``); a ``RollbackTrigger`` passed explicitly
+            is always honoured (without an LR guard, rollbacks do not lower the LR).
         snapshot_every_n_steps: keep a snapshot of the last good state (weights, optimizer and
             scheduler state, GradGuard's own state) in host memory every this many optimizer steps.
 

@@ -480,7 +480,8 @@ class RollbackTrigger:
     * ``"loss_runaway"``: the loss ran away from its robust running level. The level is the median
       ``M`` of the last ``runaway_window`` finite losses that were not themselves above the threshold,
       the spread their median absolute deviation ``MAD``. A loss is *above* when
-      ``loss > M + max(runaway_mad * MAD, runaway_rel * |M|, runaway_min_margin)``; the trigger fires
+      ``loss > M + max(runaway_mad * MAD, runaway_rel * |M|, runaway_min_margin)`` (while the window
+      holds ``n < runaway_steps`` losses, ``runaway_rel`` is scaled by ``runaway_steps / n``); the trigger fires
       when more than half of the last ``runaway_steps`` losses were above. The level exists from the
       first loss on (the untrained model's), so a run that diverges in its first steps is caught too.
       The defaults (more than double the level *and* more than 10 MADs above it, on a majority of
@@ -531,7 +532,7 @@ class RollbackTrigger:
         self,
         *,
         nonfinite_steps: int = 3,
-        nonfinite_loss_steps: int = 1,
+        nonfinite_loss_steps: int = 3,
         runaway_steps: int = 10,
         runaway_window: int = 200,
         runaway_mad: float = 10.0,
@@ -577,8 +578,19 @@ class RollbackTrigger:
             return None
         median = self._median()
         mad = statistics.median(abs(v - median) for v in self._sorted)
-        margin = max(self.runaway_mad * mad, self.runaway_rel * abs(median), self.runaway_min_margin)
+        margin = max(self.runaway_mad * mad, self._rel() * abs(median), self.runaway_min_margin)
         return median, mad, median + margin
+
+    def _rel(self) -> float:
+        """``runaway_rel``, widened while the window holds fewer than ``runaway_steps`` losses.
+
+        With ``n`` losses the relative margin is ``runaway_rel * runaway_steps / n``: a level read from
+        one or two batches is not trusted to within a factor of two (a low first batch would otherwise
+        keep every later, ordinary loss out of the window), while a divergence, orders of magnitude
+        above, still fires in the first steps.
+        """
+        n = len(self._losses)
+        return self.runaway_rel * max(1.0, self.runaway_steps / n) if n else self.runaway_rel
 
     def _median(self) -> float:
         n = len(self._sorted)
@@ -589,7 +601,7 @@ class RollbackTrigger:
         if not self._sorted:
             return False
         median = self._median()
-        if loss <= median + max(self.runaway_rel * abs(median), self.runaway_min_margin):
+        if loss <= median + max(self._rel() * abs(median), self.runaway_min_margin):
             return False
         level = self.level()
         return level is not None and loss > level[2]
