@@ -909,6 +909,10 @@ def _load_own_state(engine: GuardEngine, state: Mapping[str, Any] | None) -> Non
     if engine.policy is not None and "policy" in state:
         engine.policy.load_state_dict(dict(state["policy"]))
     if engine.lr_guard is not None and "lr_guard" in state:
-        engine.lr_guard.load_state_dict(state["lr_guard"])
+        # The detector goes back to the snapshot; the LR scale does not: the cuts made since (by the
+        # detector or by earlier rollbacks) stay, and the rollback's own cut comes on top.
+        saved = dict(state["lr_guard"])
+        saved.update(lr_scale=engine.lr_guard.lr_scale, num_reductions=engine.lr_guard.num_reductions)
+        engine.lr_guard.load_state_dict(saved)
     if engine.diagnostics is not None and "diagnostics" in state:
         engine.diagnostics.load_state_dict(dict(state["diagnostics"]))
