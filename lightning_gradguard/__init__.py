@@ -74,7 +74,6 @@ if TYPE_CHECKING:
     from lightning_gradguard.events import GuardEvent
     from lightning_gradguard.guard import FabricGuard, Guard
     from lightning_gradguard.lr_guard import LRGuard, LRReduction
-    from lightning_gradguard.recovery import RecoveryError, RollbackTrigger
     from lightning_gradguard.policies import (
         AutoPolicy,
         FixedPolicy,
@@ -83,6 +82,7 @@ if TYPE_CHECKING:
         ZScorePolicy,
         make_policy,
     )
+    from lightning_gradguard.recovery import RecoveryError, RollbackTrigger
     from lightning_gradguard.stats import GradStats
 
 

@@ -212,6 +212,8 @@ def guard_options(
         heatmap_every_n_steps=heatmap_every_n_steps,
         # `True` builds on the LR guard (a rollback lowers the LR through it): without clipping or without the
         # LR guard it means off; a RollbackTrigger passed explicitly is honoured (rollbacks without an LR cut).
-        rollback=rollback if isinstance(rollback, RollbackTrigger) else (RollbackTrigger() if rollback and template else None),
+        rollback=rollback
+        if isinstance(rollback, RollbackTrigger)
+        else (RollbackTrigger() if rollback and template else None),
         snapshot_every_n_steps=snapshot_every_n_steps,
     )

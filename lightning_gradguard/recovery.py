@@ -53,8 +53,8 @@ from lightning_gradguard.events import GuardEvent
 
 __all__ = [
     "SNAPSHOT_EVERY_N_STEPS",
-    "Recovery",
     "TRIGGERS",
+    "Recovery",
     "RecoveryError",
     "RollbackDecision",
     "RollbackRecord",
@@ -837,17 +837,18 @@ class Recovery:
         snapshot = self.snapshot
         if decision.error is not None:
             return outcome, decision.error
-        if outcome.error is not None and engine.on_nonfinite == "skip" and not decision.rollback:
-            # Escalation: a non-finite streak that reached `max_consecutive_skips` rolls back before it stops.
-            if snapshot.step is not None and self.trigger.rollbacks_total < self.trigger.max_rollbacks:
-                what = f"{engine.counters.consecutive_skips} consecutive steps with non-finite gradients"
-                decision = RollbackDecision(
-                    step=step,
-                    rollback=True,
-                    trigger="nonfinite_grad",
-                    message=f"step {step}: {what}: rolling back to the last good snapshot",
-                    evidence=decision.evidence,
-                )
+        # Escalation: a non-finite streak that reached `max_consecutive_skips` rolls back before it stops.
+        streak_error = outcome.error is not None and engine.on_nonfinite == "skip" and not decision.rollback
+        room = self.trigger.rollbacks_total < self.trigger.max_rollbacks
+        if streak_error and snapshot.step is not None and room:
+            what = f"{engine.counters.consecutive_skips} consecutive steps with non-finite gradients"
+            decision = RollbackDecision(
+                step=step,
+                rollback=True,
+                trigger="nonfinite_grad",
+                message=f"step {step}: {what}: rolling back to the last good snapshot",
+                evidence=decision.evidence,
+            )
         if decision.rollback and snapshot.step is not None and (engine.on_nonfinite != "raise" or not outcome.error):
             return self._roll_back(decision, outcome, engines), None
         if decision.snapshot_ok and (snapshot.step is None or step % self.every_n_steps == 0):
@@ -888,7 +889,9 @@ class Recovery:
             lr_scale=after,
         )
         event = GuardEvent("rollback", decision.step, message, evidence=evidence)
-        return replace(outcome, skipped=True, clipped=False, coefficient=None, error=None, events=(*outcome.events, event))
+        return replace(
+            outcome, skipped=True, clipped=False, coefficient=None, error=None, events=(*outcome.events, event)
+        )
 
 
 def _own_state(engine: GuardEngine) -> dict[str, Any]:

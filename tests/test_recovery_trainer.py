@@ -26,7 +26,7 @@ from lightning_gradguard.keys import tag
 from . import test_frontends as frontends
 from ._models import TinyRegressor, make_trainer, read_events, regression_data, scalars, weights
 from .test_lr_guard_trainer import _fit_regression
-from .test_resume import Model, Probe, _every_step, _fit
+from .test_resume import Model, _every_step, _fit
 
 
 class CorruptWeight(Callback):
@@ -104,7 +104,7 @@ def test_healthy_runs_never_roll_back(tmp_path: Path, optimizer: str) -> None:
 
 def test_an_isolated_nan_loss_is_skipped_not_rolled_back(tmp_path: Path) -> None:
     guard = GradGuard(histogram_every_n_steps=0)
-    model, _, _ = _tiny_fit(tmp_path, guard, 12, nan_at_steps=(4,))
+    _tiny_fit(tmp_path, guard, 12, nan_at_steps=(4,))
     assert guard.skipped_steps == 1 and guard.rollbacks_total == 0
 
 
@@ -174,7 +174,9 @@ def test_resume_from_a_checkpoint_taken_after_a_rollback_equals_the_uninterrupte
     saved = torch.load(ckpt, weights_only=True)["callbacks"][guard.state_key]["recovery"]
     assert saved["history"] == [[5, "nonfinite_grad", 2]]
     resumed_guard = _resume_guard()
-    resumed, probe = _fit(tmp_path / "resumed", copy.deepcopy(init), resumed_guard, n, ckpt_path=ckpt, extra=(_Fault(),))
+    resumed, probe = _fit(
+        tmp_path / "resumed", copy.deepcopy(init), resumed_guard, n, ckpt_path=ckpt, extra=(_Fault(),)
+    )
     assert resumed_guard.rollbacks_total == 1 and resumed_guard.steps_lost == 3
     assert {s: probe.rows[s] for s in range(k, n)} == {s: straight_probe.rows[s] for s in range(k, n)}
     a, b = weights(straight.lightning_module), weights(resumed.lightning_module)

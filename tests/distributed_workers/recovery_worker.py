@@ -77,8 +77,16 @@ def run_ddp(out: Path) -> None:
     from lightning.pytorch.strategies import DDPStrategy
 
     fault = CorruptWeight(FAULT_RANK, (FAULT_STEP,))
-    fit(out, "ddp_rollback", Net(), recovery_guard(), STEPS, strategy=DDPStrategy(timeout=TIMEOUT), devices=2,
-        before=[fault])
+    fit(
+        out,
+        "ddp_rollback",
+        Net(),
+        recovery_guard(),
+        STEPS,
+        strategy=DDPStrategy(timeout=TIMEOUT),
+        devices=2,
+        before=[fault],
+    )
     fit_expecting_recovery_error(
         out,
         "ddp_exhausted",
@@ -96,8 +104,16 @@ def run_fsdp2(out: Path) -> None:
 
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
     fault = CorruptWeight(FAULT_RANK, (FAULT_STEP,))
-    fit(out, "fsdp2_rollback", Net(shard="fsdp", split=False), recovery_guard(), STEPS, strategy=strategy, devices=2,
-        before=[fault])
+    fit(
+        out,
+        "fsdp2_rollback",
+        Net(shard="fsdp", split=False),
+        recovery_guard(),
+        STEPS,
+        strategy=strategy,
+        devices=2,
+        before=[fault],
+    )
 
 
 SETS = {"ddp": run_ddp, "fsdp2": run_fsdp2}
