@@ -47,9 +47,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -466,6 +467,25 @@ class LRGuard:
         if self._in_step:
             self._apply_scale()
         return before, self._lr_scale
+
+    @contextlib.contextmanager
+    def scheduler_lrs(self) -> Iterator[None]:
+        """Within this block the param groups hold the scheduler's own LRs, even inside ``optimizer.step``.
+
+        Lightning runs its hooks inside ``optimizer.step``, where the groups hold the scaled LR. A
+        snapshot taken or restored in this block sees the scheduler's values; whatever the groups hold
+        at its end is the scheduler's value for the rest of the step (the scale is applied on top again).
+        Outside ``optimizer.step`` it changes nothing.
+        """
+        if not self._in_step or self._saved is None:
+            yield
+            return
+        self._restore()
+        try:
+            yield
+        finally:
+            self._in_step = True
+            self._apply_scale()
 
     # ----------------------------------------------------------------- action
 

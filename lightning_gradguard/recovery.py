@@ -35,6 +35,7 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import functools
 import math
@@ -850,9 +851,11 @@ class Recovery:
                 evidence=decision.evidence,
             )
         if decision.rollback and snapshot.step is not None and (engine.on_nonfinite != "raise" or not outcome.error):
-            return self._roll_back(decision, outcome, engines), None
+            with _scheduler_lrs(engines):
+                return self._roll_back(decision, outcome, engines), None
         if decision.snapshot_ok and (snapshot.step is None or step % self.every_n_steps == 0):
-            snapshot.capture(step, extra={"engines": {str(e.index): _own_state(e) for e in engines}})
+            with _scheduler_lrs(engines):
+                snapshot.capture(step, extra={"engines": {str(e.index): _own_state(e) for e in engines}})
         return outcome, None
 
     def _roll_back(
@@ -892,6 +895,16 @@ class Recovery:
         return replace(
             outcome, skipped=True, clipped=False, coefficient=None, error=None, events=(*outcome.events, event)
         )
+
+
+@contextlib.contextmanager
+def _scheduler_lrs(engines: Sequence[GuardEngine]) -> Iterator[None]:
+    """The param groups hold the schedulers' own LRs (not the LR guard's scaled ones) within the block."""
+    with contextlib.ExitStack() as stack:
+        for e in engines:
+            if e.lr_guard is not None:
+                stack.enter_context(e.lr_guard.scheduler_lrs())
+        yield
 
 
 def _own_state(engine: GuardEngine) -> dict[str, Any]:

@@ -203,3 +203,45 @@ def test_callback_fabric_and_plain_loop_roll_back_identically(monkeypatch: pytes
     for a, b, c in zip(plain_weights, fabric_weights, callback_weights, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
         assert bool(a.isfinite().all())
+
+
+class _Faults(Callback):
+    def __init__(self, steps: tuple[int, ...]) -> None:
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_rollbacks_restore_the_schedulers_own_lr_not_the_lr_guards_scaled_one(tmp_path: Path) -> None:
+    # Lightning's hooks run inside optimizer.step, where the groups hold lr_scale x the scheduler's LR.
+    # A chained scheduler (StepLR multiplies the group's LR) must get its own value back after a rollback.
+    guard = _resume_guard()
+    trainer, _ = _fit(tmp_path, Model(scheduler=True), guard, 14, extra=(_Faults((3, 8)),))
+    assert [(r.step, r.restored_to) for r in guard._recovery.trigger.history] == [(5, 2), (10, 6)]  # type: ignore[union-attr]
+    assert guard.lr_scale == 0.25
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    (group,) = trainer.optimizers[0].param_groups
+    assert group["lr"] == pytest.approx(0.05 * 0.7 ** (sched.last_epoch // 3), rel=1e-12)
+
+
+def test_lr_guard_forced_cut_is_scheduler_proof_and_not_a_detector_reduction() -> None:
+    from lightning_gradguard import LRGuard
+
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    guard = LRGuard(max_reductions=1).attach(opt)
+    assert guard.force_reduction() == (1.0, 0.5) and guard.force_reduction(0.1) == (0.5, 0.05)
+    assert guard.num_reductions == 0
+    used = []
+    opt.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
+    for _ in range(3):
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+        sched.step()
+    assert used == pytest.approx([0.05, 0.025, 0.0125]) and opt.param_groups[0]["lr"] == 0.125
+    with pytest.raises(ValueError, match="`factor` must be in"):
+        guard.force_reduction(1.5)
