@@ -118,7 +118,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "events",
         "text",
-        "one entry per notable event: skipped step, LR reduction, diagnostic verdict",
+        "one entry per notable event: skipped step, LR reduction, diagnostic verdict, rollback",
         "on event",
     ),
     Key("heatmap", "image", "layer x step image of log10 gradient L2 norm", "every `heatmap_every_n_steps` steps"),
