@@ -42,6 +42,8 @@ _EXPORTS = {
     "event_json": "alerts",
     "event_record": "alerts",
     "rich_writers": "loggers",
+    "RecoveryError": "recovery",
+    "RollbackTrigger": "recovery",
 }
 
 __all__ = [
@@ -61,6 +63,8 @@ __all__ = [
     "LRReduction",
     "NonFiniteGradientsError",
     "PercentilePolicy",
+    "RecoveryError",
+    "RollbackTrigger",
     "StepOutcome",
     "ThresholdPolicy",
     "UpdateStats",
@@ -92,6 +96,7 @@ if TYPE_CHECKING:
         ZScorePolicy,
         make_policy,
     )
+    from lightning_gradguard.recovery import RecoveryError, RollbackTrigger
     from lightning_gradguard.stats import GradStats
     from lightning_gradguard.updates import UpdateStats, UpdateTracker
 

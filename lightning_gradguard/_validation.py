@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from lightning_gradguard.engine import GuardEngine
     from lightning_gradguard.lr_guard import LRGuard
     from lightning_gradguard.policies import ThresholdPolicy
+    from lightning_gradguard.recovery import Recovery, RollbackTrigger
     from lightning_gradguard.stats import GradStats, GroupBy
 
 ClipName = Literal["auto", "fixed", "percentile", "zscore"]
@@ -125,6 +126,16 @@ class GuardOptions:
     diagnostics: GradientDiagnostics | None  # template, copied per optimizer
     heatmap_every_n_steps: int
     log_update_ratios: bool = True
+    rollback: RollbackTrigger | None = None  # template, copied per front-end; None when recovery is off
+    snapshot_every_n_steps: int = 100
+
+    def recovery(self) -> Recovery | None:
+        """A fresh :class:`~lightning_gradguard.recovery.Recovery` (``None`` when ``rollback`` is off)."""
+        from lightning_gradguard.recovery import Recovery
+
+        if self.rollback is None:
+            return None
+        return Recovery(copy.deepcopy(self.rollback), self.snapshot_every_n_steps)
 
     def engine(self, index: int, named_parameters: Iterable[tuple[str, Tensor]], monitor_only: bool) -> GuardEngine:
         """A fresh :class:`~lightning_gradguard.engine.GuardEngine` for one optimizer's parameters."""
@@ -176,6 +187,8 @@ def guard_options(
     diagnostics: bool | GradientDiagnostics = True,
     heatmap_every_n_steps: int = 1000,
     log_update_ratios: bool = True,
+    rollback: bool | RollbackTrigger = True,
+    snapshot_every_n_steps: int = 100,
 ) -> GuardOptions:
     """Check every option (messages name the argument, the allowed values and the value) and bundle them."""
     from lightning_gradguard.diagnostics import GradientDiagnostics
@@ -206,6 +219,11 @@ def guard_options(
     if clip is None and isinstance(lr_guard, LRGuard):
         raise ValueError("`lr_guard` needs clipping: pass `clip` (e.g. 'auto') or `lr_guard=False`")
     template = None if clip is None or lr_guard is False else (LRGuard() if lr_guard is True else lr_guard)
+    from lightning_gradguard.recovery import RollbackTrigger
+
+    if not isinstance(rollback, bool | RollbackTrigger):
+        raise ValueError(f"`rollback` must be True, False or a RollbackTrigger instance, got {rollback!r}")
+    check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1)
     return GuardOptions(
         clip=clip,
         max_norm=max_norm,
@@ -220,4 +238,10 @@ def guard_options(
         diagnostics=GradientDiagnostics() if diagnostics is True else diagnostics or None,
         heatmap_every_n_steps=heatmap_every_n_steps,
         log_update_ratios=log_update_ratios,
+        # `True` builds on the LR guard (a rollback lowers the LR through it): without clipping or without the
+        # LR guard it means off; a RollbackTrigger passed explicitly is honoured (rollbacks without an LR cut).
+        rollback=rollback
+        if isinstance(rollback, RollbackTrigger)
+        else (RollbackTrigger() if rollback and template else None),
+        snapshot_every_n_steps=snapshot_every_n_steps,
     )

@@ -49,6 +49,7 @@ from lightning_gradguard.loggers import rich_writers
 from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.outputs import OnEvent, Reporter
 from lightning_gradguard.policies import ThresholdPolicy
+from lightning_gradguard.recovery import Recovery, RollbackTrigger
 from lightning_gradguard.stats import GroupBy
 from lightning_gradguard.tensorboard import dashboard_layout, find_writer
 
@@ -94,12 +95,22 @@ class GradGuard(Callback):
         on_event: called on rank zero with every :class:`~lightning_gradguard.events.GuardEvent` (skipped
             step, LR reduction, verdict, notice), right before it is logged; forward it to Slack, W&B alerts
             or a pager (see ``docs/alerts.md``). If it raises, GradGuard warns once and training continues.
+        rollback: recovery (``docs/recovery.md``): ``True`` (default) for the default
+            :class:`~lightning_gradguard.recovery.RollbackTrigger`, an instance to configure it, or
+            ``False`` to turn it off. When it fires (non-finite gradients on 3 consecutive steps, a
+            non-finite loss, a loss run away from its running level), every rank restores the last good
+            snapshot, the LR guard lowers the LR and the step is skipped. ``True`` needs the LR guard (it
+            means off when ``clip=None`` or ``lr_guard=False``); a ``RollbackTrigger`` passed explicitly
+            is always honoured (without an LR guard, rollbacks do not lower the LR).
+        snapshot_every_n_steps: keep a snapshot of the last good state (weights, optimizer and
+            scheduler state, GradGuard's own state) in host memory every this many optimizer steps.
 
     Raises:
         ValueError: an argument out of range (the message names it, the allowed values and what it got).
         GradGuardError: at setup, a conflicting Trainer setting, e.g. ``gradient_clip_val`` together
             with GradGuard clipping.
         NonFiniteGradientsError: during training, per ``on_nonfinite`` / ``max_consecutive_skips``.
+        RecoveryError: during training, when recovery would roll back more than ``max_rollbacks`` times.
 
     Example:
 
@@ -125,6 +136,8 @@ class GradGuard(Callback):
         heatmap_every_n_steps: int = 1000,
         log_update_ratios: bool = True,
         on_event: OnEvent | None = None,
+        rollback: bool | RollbackTrigger = True,
+        snapshot_every_n_steps: int = 100,
     ) -> None:
         super().__init__()
         check_hook("on_event", on_event)
@@ -142,6 +155,8 @@ class GradGuard(Callback):
             diagnostics=diagnostics,
             heatmap_every_n_steps=heatmap_every_n_steps,
             log_update_ratios=log_update_ratios,
+            rollback=rollback,
+            snapshot_every_n_steps=snapshot_every_n_steps,
         )
         self.clip = clip
         self.max_norm = max_norm
@@ -168,6 +183,9 @@ class GradGuard(Callback):
         self._monitor_only = False
         self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (loss, LR guard)
         self._loss_count = 0
+        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self._recovery: Recovery | None = self._options.recovery()
+        self._reporter.recovery = self._recovery
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -210,6 +228,16 @@ class GradGuard(Callback):
         """Factor the LR guard applies to the first optimizer's learning rates (1.0 when it never acted)."""
         guard = self._first_guard()
         return guard.lr_guard.lr_scale if guard and guard.lr_guard else 1.0
+
+    @property
+    def rollbacks_total(self) -> int:
+        """Rollbacks to the last good snapshot so far (0 when recovery is off)."""
+        return self._recovery.trigger.rollbacks_total if self._recovery is not None else 0
+
+    @property
+    def steps_lost(self) -> int:
+        """Optimizer steps whose work the rollbacks discarded so far."""
+        return self._recovery.trigger.steps_lost if self._recovery is not None else 0
 
     def _first_guard(self) -> GuardEngine | None:
         return min(self._guards.values(), key=lambda g: g.index, default=None)
@@ -254,6 +282,9 @@ class GradGuard(Callback):
         for optimizer in trainer.optimizers:
             reporter.attach(self._guard_for(trainer, pl_module, optimizer), optimizer)  # again after a teardown
         self._report_unused_state()
+        if self._recovery is not None and not self._monitor_only:
+            schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+            self._recovery.attach(pl_module, list(trainer.optimizers), schedulers)
         if reporter.writer is not None:
             reporter.writer.add_custom_scalars(dashboard_layout(sorted(g.index for g in self._guards.values())))
 
@@ -311,8 +342,14 @@ class GradGuard(Callback):
         outcome = guard.decide(
             stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self._reporter.scaler_enabled
         )
+        failure = None
+        if self._recovery is not None:
+            outcome, failure = self._recovery.after_decide(guard, outcome, list(self._guards.values()))
+            guard.last = outcome
         apply_outcome(guard, outcome)
         self._reporter.after_step(guard, outcome, trainer.global_step)
+        if failure is not None:
+            raise failure  # decided from the reduced vector: every rank raises at the same step
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -335,7 +372,10 @@ class GradGuard(Callback):
             guards.update(self._final_state)
         else:
             guards.update((str(g.index), g.state_dict()) for g in self._guards.values())
-        return {"version": STATE_VERSION, "config": self._config_summary(), "guards": guards}
+        state = {"version": STATE_VERSION, "config": self._config_summary(), "guards": guards}
+        if self._recovery is not None:
+            state["recovery"] = self._recovery.trigger.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -355,6 +395,9 @@ class GradGuard(Callback):
             )
         saved = state_dict.get("config")
         self._saved_config = dict(saved) if isinstance(saved, Mapping) else {}
+        recovery = state_dict.get("recovery")
+        if self._recovery is not None and isinstance(recovery, Mapping):
+            self._recovery.trigger.load_state_dict(recovery)
         for key, state in (state_dict.get("guards") or {}).items():
             index = int(key)
             guard = next((g for g in self._guards.values() if g.index == index), None)
@@ -498,10 +541,10 @@ class GradMonitor(GradGuard):
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        for name in ("clip", "max_norm", "lr_guard", "on_nonfinite", "max_consecutive_skips"):
+        for name in ("clip", "max_norm", "lr_guard", "on_nonfinite", "max_consecutive_skips", "rollback"):
             if name in kwargs:
                 raise ValueError(f"GradMonitor only monitors; `{name}` is not accepted (use GradGuard for it)")
-        super().__init__(clip=None, lr_guard=False, on_nonfinite="warn", **kwargs)
+        super().__init__(clip=None, lr_guard=False, on_nonfinite="warn", rollback=False, **kwargs)
 
 
 class GradClip(GradGuard):

@@ -24,6 +24,7 @@ EVENT_KINDS: Mapping[str, bool] = MappingProxyType(
         "notice": False,  # a one-off setup notice (no TensorBoard logger, DeepSpeed, heatmap unavailable)
         "state": True,  # saved state that does not fully match (another version, configuration or model)
         "summary": False,  # the end-of-training diagnostics summary
+        "rollback": True,  # recovery restored the last good snapshot and lowered the LR
     }
 )
 

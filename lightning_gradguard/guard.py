@@ -38,6 +38,7 @@ from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.outputs import OnEvent, Reporter
 from lightning_gradguard.policies import ThresholdPolicy
+from lightning_gradguard.recovery import Recovery, RollbackTrigger
 from lightning_gradguard.stats import GroupBy
 
 __all__ = ["FabricGuard", "Guard"]
@@ -73,12 +74,14 @@ class Guard:
         **options: every other :class:`~lightning_gradguard.GradGuard` argument (``clip``, ``max_norm``,
             ``on_nonfinite``, ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``,
             ``histogram_every_n_steps``, ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``,
-            ``log_update_ratios``, ``on_event``).
+            ``log_update_ratios``, ``on_event``, ``rollback``, ``snapshot_every_n_steps``). Recovery snapshots
+            ``model`` and ``optimizer`` (param-group LRs included); a scheduler's own state is not known to the guard.
 
     Raises:
         ValueError: an option out of range, with the same messages as GradGuard.
         NonFiniteGradientsError: from :meth:`before_optimizer_step`, per ``on_nonfinite`` /
             ``max_consecutive_skips`` (on every rank at the same step).
+        RecoveryError: from :meth:`before_optimizer_step`, after ``max_rollbacks`` rollbacks.
 
     Example::
 
@@ -111,6 +114,8 @@ class Guard:
         scaler: Any | None = None,
         log_update_ratios: bool = True,
         on_event: OnEvent | None = None,
+        rollback: bool | RollbackTrigger = True,
+        snapshot_every_n_steps: int = 100,
     ) -> None:
         check_hook("on_event", on_event)
         self.options = guard_options(
@@ -127,6 +132,8 @@ class Guard:
             diagnostics=diagnostics,
             heatmap_every_n_steps=heatmap_every_n_steps,
             log_update_ratios=log_update_ratios,
+            rollback=rollback,
+            snapshot_every_n_steps=snapshot_every_n_steps,
         )
         self.optimizer = unwrap_optimizer(optimizer)
         self.scaler = scaler
@@ -146,6 +153,10 @@ class Guard:
             on_event=on_event if zero else None,
         )
         self.reporter.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
+        self.recovery: Recovery | None = self.options.recovery()
+        self.reporter.recovery = self.recovery
+        if self.recovery is not None:
+            self.recovery.attach(model, self.optimizer)
         if self.reporter.writer is not None:
             from lightning_gradguard.tensorboard import dashboard_layout
 
@@ -192,8 +203,14 @@ class Guard:
         outcome = engine.decide(
             stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self.reporter.scaler_enabled
         )
+        failure = None
+        if self.recovery is not None:
+            outcome, failure = self.recovery.after_decide(engine, outcome, [engine])
+            engine.last = outcome
         apply_outcome(engine, outcome)
         self.reporter.after_step(engine, outcome, outcome.step)
+        if failure is not None:
+            raise failure  # decided from the reduced vector: every rank raises at the same step
         return outcome
 
     def close(self) -> None:
@@ -220,6 +237,11 @@ class Guard:
         return self.engine.lr_guard.lr_scale if self.engine.lr_guard else 1.0
 
     @property
+    def rollbacks_total(self) -> int:
+        """Rollbacks to the last good snapshot so far (0 when recovery is off)."""
+        return self.recovery.trigger.rollbacks_total if self.recovery is not None else 0
+
+    @property
     def clipped_steps(self) -> int:
         """Steps clipped so far."""
         return self.engine.counters.clipped_total
@@ -236,14 +258,20 @@ class Guard:
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's state, in the same format as the callback's (``docs/state.md``)."""
-        return {
+        state = {
             "version": STATE_VERSION,
             "config": {"class": type(self).__qualname__},
             "guards": {"0": self.engine.state_dict()},
         }
+        if self.recovery is not None:
+            state["recovery"] = self.recovery.trigger.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (also a GradGuard callback's state for optimizer 0)."""
+        recovery = state_dict.get("recovery")
+        if self.recovery is not None and isinstance(recovery, Mapping):
+            self.recovery.trigger.load_state_dict(recovery)
         state = (state_dict.get("guards") or {}).get("0")
         if isinstance(state, Mapping):
             differences = self.engine.load_state_dict(state)

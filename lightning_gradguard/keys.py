@@ -97,6 +97,12 @@ KEYS: tuple[Key, ...] = (
     ),
     # recovery
     Key("rollbacks_total", "scalar", "rollbacks to an earlier saved state since the start of training", LOG),
+    Key(
+        "steps_lost",
+        "scalar",
+        "optimizer steps whose work rollbacks discarded (step of the rollback minus step restored), in total",
+        LOG,
+    ),
     # update-to-weight ratio
     Key("weight_norm/{layer}", "scalar", "L2 norm of the layer's weights after the optimizer step", LOG),
     Key(
@@ -112,7 +118,7 @@ KEYS: tuple[Key, ...] = (
     Key(
         "events",
         "text",
-        "one entry per notable event: skipped step, LR reduction, diagnostic verdict",
+        "one entry per notable event: skipped step, LR reduction, diagnostic verdict, rollback",
         "on event",
     ),
     Key("heatmap", "image", "layer x step image of log10 gradient L2 norm", "every `heatmap_every_n_steps` steps"),

@@ -47,9 +47,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -438,6 +439,53 @@ class LRGuard:
             loss_recent=None if losses is None else losses[1],
             loss_before=None if losses is None else losses[0],
         )
+
+    def force_reduction(self, factor: float | None = None) -> tuple[float, float]:
+        """Lower the LR scale now, whatever the detector says (GradGuard calls it after a rollback).
+
+        The cut goes through :attr:`lr_scale`, like every reduction, so an LR scheduler does not undo it.
+        It is not counted against ``max_reductions`` (it is recovery's decision, not the detector's),
+        restarts the cooldown and clears the pressing streak.
+
+        Args:
+            factor: multiply the scale by this, in ``(0, 1)``; ``None`` uses the guard's :attr:`factor`.
+
+        Returns:
+            ``(lr_scale_before, lr_scale_after)``.
+
+        Example:
+
+            >>> guard = LRGuard(factor=0.5)
+            >>> guard.force_reduction()
+            (1.0, 0.5)
+        """
+        factor = self.factor if factor is None else _check_float("factor", factor, 0.0, 1.0, True, True)
+        before = self._lr_scale
+        self._lr_scale = before * factor
+        self._cooldown_left = self.cooldown
+        self._streak.clear()
+        if self._in_step:
+            self._apply_scale()
+        return before, self._lr_scale
+
+    @contextlib.contextmanager
+    def scheduler_lrs(self) -> Iterator[None]:
+        """Within this block the param groups hold the scheduler's own LRs, even inside ``optimizer.step``.
+
+        Lightning runs its hooks inside ``optimizer.step``, where the groups hold the scaled LR. A
+        snapshot taken or restored in this block sees the scheduler's values; whatever the groups hold
+        at its end is the scheduler's value for the rest of the step (the scale is applied on top again).
+        Outside ``optimizer.step`` it changes nothing.
+        """
+        if not self._in_step or self._saved is None:
+            yield
+            return
+        self._restore()
+        try:
+            yield
+        finally:
+            self._in_step = True
+            self._apply_scale()
 
     # ----------------------------------------------------------------- action
 

@@ -122,6 +122,7 @@ class Reporter:
         self._hook_failed = False
         self._update_steps: dict[int, int] = {}  # engine index -> global step of the pending weight copy
         self._hooks: dict[int, Any] = {}  # id(optimizer) -> step post-hook handle
+        self.recovery: Any | None = None  # a Recovery: its counters join the first optimizer's scalars
 
     def notice_once(self, key: str, message: str) -> None:
         """A one-off setup notice (``message`` without the ``"GradGuard: "`` prefix), once per key."""
@@ -202,6 +203,8 @@ class Reporter:
     def log(self, engine: GuardEngine, outcome: StepOutcome, global_step: int) -> None:
         """Log the scalars, then close the interval (heatmap column, diagnostics verdicts)."""
         metrics = step_metrics(engine, outcome, self.scaler_enabled, self.options.log_layer_norms)
+        if self.recovery is not None and engine.index == 0:
+            metrics.update(self.recovery.metrics())
         if self.log_metrics is not None:
             self.log_metrics(metrics, global_step)
         for event in engine.close_interval(outcome, global_step, heatmap=bool(self.options.heatmap_every_n_steps)):

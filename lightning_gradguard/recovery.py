@@ -35,23 +35,27 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import functools
 import math
 import statistics
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gradguard._validation import check_int
+from lightning_gradguard.engine import GradGuardError, GuardEngine, StepOutcome
+from lightning_gradguard.events import GuardEvent
 
 __all__ = [
     "SNAPSHOT_EVERY_N_STEPS",
     "TRIGGERS",
+    "Recovery",
     "RecoveryError",
     "RollbackDecision",
     "RollbackRecord",
@@ -68,7 +72,7 @@ SNAPSHOT_EVERY_N_STEPS = 100
 TRIGGERS: tuple[str, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_runaway")
 
 
-class RecoveryError(RuntimeError):
+class RecoveryError(GradGuardError):
     """Raised on every rank, at the same step, when a trigger fires after ``max_rollbacks`` rollbacks."""
 
 
@@ -477,7 +481,8 @@ class RollbackTrigger:
     * ``"loss_runaway"``: the loss ran away from its robust running level. The level is the median
       ``M`` of the last ``runaway_window`` finite losses that were not themselves above the threshold,
       the spread their median absolute deviation ``MAD``. A loss is *above* when
-      ``loss > M + max(runaway_mad * MAD, runaway_rel * |M|, runaway_min_margin)``; the trigger fires
+      ``loss > M + max(runaway_mad * MAD, runaway_rel * |M|, runaway_min_margin)`` (while the window
+      holds ``n < runaway_steps`` losses, ``runaway_rel`` is scaled by ``runaway_steps / n``); the trigger fires
       when more than half of the last ``runaway_steps`` losses were above. The level exists from the
       first loss on (the untrained model's), so a run that diverges in its first steps is caught too.
       The defaults (more than double the level *and* more than 10 MADs above it, on a majority of
@@ -528,7 +533,7 @@ class RollbackTrigger:
         self,
         *,
         nonfinite_steps: int = 3,
-        nonfinite_loss_steps: int = 1,
+        nonfinite_loss_steps: int = 3,
         runaway_steps: int = 10,
         runaway_window: int = 200,
         runaway_mad: float = 10.0,
@@ -574,8 +579,19 @@ class RollbackTrigger:
             return None
         median = self._median()
         mad = statistics.median(abs(v - median) for v in self._sorted)
-        margin = max(self.runaway_mad * mad, self.runaway_rel * abs(median), self.runaway_min_margin)
+        margin = max(self.runaway_mad * mad, self._rel() * abs(median), self.runaway_min_margin)
         return median, mad, median + margin
+
+    def _rel(self) -> float:
+        """``runaway_rel``, widened while the window holds fewer than ``runaway_steps`` losses.
+
+        With ``n`` losses the relative margin is ``runaway_rel * runaway_steps / n``: a level read from
+        one or two batches is not trusted to within a factor of two (a low first batch would otherwise
+        keep every later, ordinary loss out of the window), while a divergence, orders of magnitude
+        above, still fires in the first steps.
+        """
+        n = len(self._losses)
+        return self.runaway_rel * max(1.0, self.runaway_steps / n) if n else self.runaway_rel
 
     def _median(self) -> float:
         n = len(self._sorted)
@@ -586,7 +602,7 @@ class RollbackTrigger:
         if not self._sorted:
             return False
         median = self._median()
-        if loss <= median + max(self.runaway_rel * abs(median), self.runaway_min_margin):
+        if loss <= median + max(self._rel() * abs(median), self.runaway_min_margin):
             return False
         level = self.level()
         return level is not None and loss > level[2]
@@ -742,3 +758,177 @@ def _check_nonneg(name: str, value: Any) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"`{name}` must be a finite float >= 0, got {value!r}")
     return float(value)
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+
+
+class Recovery:
+    """A :class:`RollbackTrigger` and a :class:`Snapshot` wired to GradGuard's engines (every front-end).
+
+    The front-end calls :meth:`attach` once the model, optimizers and schedulers exist, then
+    :meth:`after_decide` at every optimizer step, right after :meth:`GuardEngine.decide
+    <lightning_gradguard.engine.GuardEngine.decide>` and before
+    :func:`~lightning_gradguard.engine.apply_outcome`. The decision is taken from the outcome (the loss
+    and the non-finite flag come from the reduced statistics vector), so every rank acts at the same step.
+
+    The first optimizer (index 0) drives recovery; the snapshot holds every optimizer. On a rollback, in
+    this order: the model, optimizers and schedulers are restored; GradGuard's own state of every engine
+    (clip policy, LR guard, diagnostics) is restored; the LR guard of every engine lowers the LR
+    (:meth:`~lightning_gradguard.lr_guard.LRGuard.force_reduction`, scheduler-proof); the step is
+    skipped. Counters (steps, totals) are never rolled back.
+
+    Args:
+        trigger: the trigger (its state is GradGuard's ``state_dict()["recovery"]``).
+        every_n_steps: take a snapshot at healthy steps whose index is a multiple of this (and at the
+            first healthy step, so the first rollback always has a target).
+    """
+
+    def __init__(self, trigger: RollbackTrigger, every_n_steps: int = SNAPSHOT_EVERY_N_STEPS) -> None:
+        if not isinstance(trigger, RollbackTrigger):
+            raise TypeError(f"`trigger` must be a RollbackTrigger, got {type(trigger).__name__}")
+        self.trigger = trigger
+        self.every_n_steps = check_int("snapshot_every_n_steps", every_n_steps, 1)
+        self.snapshot: Snapshot | None = None
+
+    def attach(
+        self,
+        model: nn.Module,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        schedulers: Any | Sequence[Any] | None = None,
+    ) -> None:
+        """Start snapshotting ``model``, ``optimizers`` and ``schedulers`` (drops any earlier snapshot)."""
+        self.snapshot = Snapshot(model, optimizers, schedulers)
+
+    def metrics(self) -> dict[str, float]:
+        """``gradguard/rollbacks_total`` and ``gradguard/steps_lost``, for the log steps."""
+        from lightning_gradguard.keys import tag
+
+        return {
+            tag("rollbacks_total"): float(self.trigger.rollbacks_total),
+            tag("steps_lost"): float(self.trigger.steps_lost),
+        }
+
+    def after_decide(
+        self, engine: GuardEngine, outcome: StepOutcome, engines: Sequence[GuardEngine]
+    ) -> tuple[StepOutcome, RecoveryError | None]:
+        """Feed the trigger; roll back, snapshot, or do nothing; returns the outcome to apply and any error.
+
+        Args:
+            engine: the engine that decided ``outcome`` (only index 0 drives recovery).
+            outcome: what it decided.
+            engines: every engine of the front-end (their own state is snapshotted and restored).
+
+        Returns:
+            ``(outcome, error)``: on a rollback the outcome is marked skipped, its streak error cleared and
+            a ``"rollback"`` event added; ``error`` is a :class:`RecoveryError` to raise (every rank, same
+            step) once the step has been reported, else ``None``.
+        """
+        if engine.index != 0 or engine.monitor_only or self.snapshot is None:
+            return outcome, None
+        step = outcome.step
+        # A step the AMP GradScaler skips is its calibration's business (its loss may overflow too).
+        scaler = outcome.scaler_skipped
+        decision = self.trigger.update(
+            step,
+            loss=None if scaler else outcome.loss,
+            nonfinite=not outcome.stats.finite and not scaler,
+            skipped=outcome.skipped or scaler,
+        )
+        snapshot = self.snapshot
+        if decision.error is not None:
+            return outcome, decision.error
+        # Escalation: a non-finite streak that reached `max_consecutive_skips` rolls back before it stops.
+        streak_error = outcome.error is not None and engine.on_nonfinite == "skip" and not decision.rollback
+        room = self.trigger.rollbacks_total < self.trigger.max_rollbacks
+        if streak_error and snapshot.step is not None and room:
+            what = f"{engine.counters.consecutive_skips} consecutive steps with non-finite gradients"
+            decision = RollbackDecision(
+                step=step,
+                rollback=True,
+                trigger="nonfinite_grad",
+                message=f"step {step}: {what}: rolling back to the last good snapshot",
+                evidence=decision.evidence,
+            )
+        if decision.rollback and snapshot.step is not None and (engine.on_nonfinite != "raise" or not outcome.error):
+            with _scheduler_lrs(engines):
+                return self._roll_back(decision, outcome, engines), None
+        if decision.snapshot_ok and (snapshot.step is None or step % self.every_n_steps == 0):
+            with _scheduler_lrs(engines):
+                snapshot.capture(step, extra={"engines": {str(e.index): _own_state(e) for e in engines}})
+        return outcome, None
+
+    def _roll_back(
+        self, decision: RollbackDecision, outcome: StepOutcome, engines: Sequence[GuardEngine]
+    ) -> StepOutcome:
+        snapshot = self.snapshot
+        assert snapshot is not None and snapshot.step is not None
+        saved = snapshot.extra.get("engines", {})
+        restored_to = snapshot.restore()
+        record = self.trigger.record_rollback(decision, restored_to)
+        scales = []
+        for e in engines:
+            _load_own_state(e, saved.get(str(e.index)))
+            e.counters.consecutive_skips = 0
+            if e.lr_guard is not None:
+                scales.append(e.lr_guard.force_reduction())
+        if scales:
+            before, after = scales[0]
+            lr_text = f"LR scale {before:.4g} -> {after:.4g}"
+        else:
+            before = after = 1.0
+            lr_text = "LR unchanged (no LR guard)"
+        message = (
+            f"rollback {self.trigger.rollbacks_total}/{self.trigger.max_rollbacks}: {decision.message}; restored "
+            f"step {restored_to} ({record.steps_lost} step(s) lost), {lr_text}, step {decision.step} skipped"
+        )
+        evidence = dict(decision.evidence)
+        evidence.update(
+            trigger=str(decision.trigger),
+            restored_to=restored_to,
+            steps_lost=record.steps_lost,
+            rollbacks_total=self.trigger.rollbacks_total,
+            lr_scale_before=before,
+            lr_scale=after,
+        )
+        event = GuardEvent("rollback", decision.step, message, evidence=evidence)
+        return replace(
+            outcome, skipped=True, clipped=False, coefficient=None, error=None, events=(*outcome.events, event)
+        )
+
+
+@contextlib.contextmanager
+def _scheduler_lrs(engines: Sequence[GuardEngine]) -> Iterator[None]:
+    """The param groups hold the schedulers' own LRs (not the LR guard's scaled ones) within the block."""
+    with contextlib.ExitStack() as stack:
+        for e in engines:
+            if e.lr_guard is not None:
+                stack.enter_context(e.lr_guard.scheduler_lrs())
+        yield
+
+
+def _own_state(engine: GuardEngine) -> dict[str, Any]:
+    """The parts of an engine's state a rollback puts back (the clip policy, LR guard and diagnostics)."""
+    state: dict[str, Any] = {}
+    if engine.policy is not None:
+        state["policy"] = engine.policy.state_dict()
+    if engine.lr_guard is not None:
+        state["lr_guard"] = engine.lr_guard.state_dict()
+    if engine.diagnostics is not None:
+        state["diagnostics"] = engine.diagnostics.state_dict()
+    return state
+
+
+def _load_own_state(engine: GuardEngine, state: Mapping[str, Any] | None) -> None:
+    if not state:
+        return
+    if engine.policy is not None and "policy" in state:
+        engine.policy.load_state_dict(dict(state["policy"]))
+    if engine.lr_guard is not None and "lr_guard" in state:
+        # The detector goes back to the snapshot; the LR scale does not: the cuts made since (by the
+        # detector or by earlier rollbacks) stay, and the rollback's own cut comes on top.
+        saved = dict(state["lr_guard"])
+        saved.update(lr_scale=engine.lr_guard.lr_scale, num_reductions=engine.lr_guard.num_reductions)
+        engine.lr_guard.load_state_dict(saved)
+    if engine.diagnostics is not None and "diagnostics" in state:
+        engine.diagnostics.load_state_dict(dict(state["diagnostics"]))

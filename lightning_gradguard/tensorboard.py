@@ -125,7 +125,7 @@ def dashboard_layout(optimizer_indices: Sequence[int]) -> dict[str, dict[str, li
             "clipping": ["Multiline", [t("clip_rate"), t("clipped")]],
             "skipped steps and rollbacks": [
                 "Multiline",
-                [t("skipped"), t("skipped_total"), t("scaler_skipped"), t("rollbacks_total")],
+                [t("skipped"), t("skipped_total"), t("scaler_skipped"), t("rollbacks_total"), t("steps_lost")],
             ],
             "global gradient norm": [
                 "Multiline",
