@@ -131,24 +131,25 @@ class GradGuard(Callback):
             diagnostics=diagnostics,
             heatmap_every_n_steps=heatmap_every_n_steps,
         )
+        options = self._options  # numbers as Python numbers (numpy scalars / 0-d tensors converted)
         self.clip = clip
-        self.max_norm = max_norm
+        self.max_norm = options.max_norm
         self.on_nonfinite: OnNonFinite = on_nonfinite
-        self.max_consecutive_skips = max_consecutive_skips
+        self.max_consecutive_skips = options.max_consecutive_skips
         self._lr_guard_template: LRGuard | None = self._options.lr_guard
-        self.group_by = group_by
-        self.log_every_n_steps = log_every_n_steps
-        self.log_layer_norms = log_layer_norms
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.histogram_bins = histogram_bins
+        self.group_by = options.group_by
+        self.log_every_n_steps = options.log_every_n_steps
+        self.log_layer_norms = options.log_layer_norms
+        self.histogram_every_n_steps = options.histogram_every_n_steps
+        self.histogram_bins = options.histogram_bins
         self._diagnostics_template = self._options.diagnostics
-        self.heatmap_every_n_steps = heatmap_every_n_steps
+        self.heatmap_every_n_steps = options.heatmap_every_n_steps
         self._guards: dict[int, GuardEngine] = {}  # id(optimizer) -> engine
         self._pending_state: dict[int, dict[str, Any]] = {}
         self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
         self._saved_config: dict[str, Any] = {}
         self._reporter = Reporter(
-            self._options, warn=rank_zero_warn, info=rank_zero_info, log_every=log_every_n_steps or 50
+            self._options, warn=rank_zero_warn, info=rank_zero_info, log_every=options.log_every_n_steps or 50
         )
         self._scaler: Any | None = None
         self._monitor_only = False

@@ -29,6 +29,7 @@ from torch import Tensor
 from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
 from lightning_gradguard.distributed import reduce_histograms, reduce_stats
 from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.heatmap import log10_norm
 from lightning_gradguard.lr_guard import LRGuard, LRReduction
 from lightning_gradguard.policies import ThresholdPolicy
 from lightning_gradguard.stats import GradStats, HistogramData, StepStats
@@ -285,7 +286,7 @@ class GuardEngine:
         norms = outcome.stats.layer_norms()
         if heatmap:
             self.heatmap_steps.append(global_step)
-            self.heatmap_columns.append([math.log10(v) if v > 0 else -math.inf for v in norms.values()])
+            self.heatmap_columns.append([log10_norm(v) for v in norms.values()])  # NaN (grey) for non-finite
             if len(self.heatmap_steps) > _HEATMAP_COLUMNS:
                 self.heatmap_steps = self.heatmap_steps[::2]
                 self.heatmap_columns = self.heatmap_columns[::2]

@@ -136,7 +136,7 @@ class Guard:
             info=self._info,
             writer=writer if zero else None,
             log_metrics=self._scalar_sink(writer) if zero and writer is not None else None,
-            log_every=log_every_n_steps or 50,
+            log_every=self.options.log_every_n_steps or 50,
             scaler_enabled=scaler is not None and scaler.is_enabled(),
         )
         if self.reporter.writer is not None:
