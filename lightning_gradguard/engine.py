@@ -234,7 +234,7 @@ class GuardEngine:
         shown, evidence = _shown(layers), {"global_norm": str(base.global_norm)}
         if scaler_enabled:
             # fp16 AMP: the GradScaler skips this step itself and lowers its loss scale. Not an explosion.
-            return replace(base, scaler_skipped=True)
+            return self._scaler_skipped(base)
         if self.monitor_only or self.on_nonfinite == "warn":
             text = f"non-finite gradients at step {step} in {shown}; stepping anyway"
             return replace(base, events=(GuardEvent("nonfinite", step, text, tuple(layers), evidence),))
@@ -258,6 +258,22 @@ class GuardEngine:
                 "Raise `max_consecutive_skips` to tolerate longer streaks."
             )
         return replace(base, skipped=True, error=error, events=(event,))
+
+    def _scaler_skipped(self, base: StepOutcome) -> StepOutcome:
+        """A step the AMP GradScaler skips: routine, unless it goes on long enough to show no progress."""
+        if self.monitor_only or self.on_nonfinite == "warn":
+            return replace(base, scaler_skipped=True)
+        self.counters.consecutive_skips += 1
+        streak = self.counters.consecutive_skips
+        error: str | None = None
+        if streak >= self.max_consecutive_skips:
+            error = (
+                f"GradGuard: the AMP GradScaler skipped {streak} consecutive optimizer steps (non-finite gradients "
+                f"at every loss scale it tried, last in layer(s) {_shown(base.stats.nonfinite_layers)}); training "
+                "cannot make progress. Check the loss and inputs for NaN/inf (a NaN loss is NaN at any scale), "
+                "lower the learning rate, or use bf16-mixed. Raise `max_consecutive_skips` to tolerate longer streaks."
+            )
+        return replace(base, scaler_skipped=True, error=error)
 
     def _account(self, outcome: StepOutcome) -> None:
         interval, counters, norm = self.interval, self.counters, outcome.global_norm
@@ -290,8 +306,8 @@ class GuardEngine:
             if len(self.heatmap_steps) > _HEATMAP_COLUMNS:
                 self.heatmap_steps = self.heatmap_steps[::2]
                 self.heatmap_columns = self.heatmap_columns[::2]
-        if self.diagnostics is None:
-            return ()
+        if self.diagnostics is None or outcome.scaler_skipped:
+            return ()  # a GradScaler overflow is routine fp16 loss scaling, not a verdict on a layer
         numels = dict(zip(self.stats.layers, self.stats.numels, strict=True))
         events = []
         for verdict in self.diagnostics.observe(outcome.step, norms, numels):

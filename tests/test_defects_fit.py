@@ -1,0 +1,153 @@
+"""Regression tests for issue 13, phase 2: the callback-side defects (one section per item of the issue)."""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_gradguard import GradGuard, GradMonitor
+from lightning_gradguard.engine import GradGuardError, NonFiniteGradientsError
+from lightning_gradguard.keys import tag
+from tests._models import TinyRegressor, make_trainer, read_events, scalars
+
+
+# ---------------------------------------------------------------------------------- 3: numpy / tensor numbers
+@pytest.mark.parametrize("make", [np.float64, np.float32, torch.tensor], ids=["np.float64", "np.float32", "tensor"])
+def test_numpy_and_tensor_numbers_are_stored_as_python_numbers(make: Any, tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    guard = GradGuard(
+        clip="fixed", max_norm=make(5.0), max_consecutive_skips=np.int64(3), histogram_every_n_steps=np.int32(2)
+    )
+    assert type(guard.max_norm) is float and guard.max_norm == 5.0
+    assert type(guard.max_consecutive_skips) is int and type(guard.histogram_every_n_steps) is int
+    ckpt = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path, [guard, ckpt], max_steps=3, enable_checkpointing=True)
+    trainer.fit(TinyRegressor())
+    last = tmp_path / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["callbacks"][guard.state_key]
+    assert saved["config"]["max_norm"] == 5.0 and saved["guards"]["0"]["counters"]["steps"] == 3
+    resumed = GradGuard(clip="fixed", max_norm=make(5.0))
+    ckpt = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path / "b", [resumed, ckpt], max_steps=5, enable_checkpointing=True)
+    trainer.fit(TinyRegressor(), ckpt_path=str(last), weights_only=True)
+    assert resumed.last_outcome is not None and resumed.last_outcome.step == 4  # continued from step 3
+
+
+# ---------------------------------------------------------------------------------- 8: argument holes
+@pytest.mark.parametrize("value", [True, False])
+def test_group_by_bool_is_refused(value: bool) -> None:
+    with pytest.raises(ValueError, match=rf"`group_by` must be 'module', 'param', an int .* got {value}"):
+        GradGuard(group_by=value)
+
+
+@pytest.mark.parametrize("value", ["no", 0, None, 1])
+def test_log_layer_norms_must_be_a_bool(value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"`log_layer_norms` must be True or False, got {value!r}"):
+        GradGuard(log_layer_norms=value)
+
+
+def test_numpy_bool_log_layer_norms_is_a_bool() -> None:
+    assert GradGuard(log_layer_norms=np.bool_(False)).log_layer_norms is False
+
+
+# ---------------------------------------------------------------------------------- 12: NaN in the heatmap
+def test_nan_step_is_nan_in_the_heatmap_not_a_dead_layer(tmp_path: Path) -> None:
+    guard = GradGuard(heatmap_every_n_steps=1000, histogram_every_n_steps=0, log_every_n_steps=1)
+    make_trainer(tmp_path, [guard], max_steps=3).fit(TinyRegressor(nan_at_steps=(1,)))
+    columns = guard.state_dict()["guards"]["0"]["heatmap_columns"]
+    assert len(columns) == 3
+    assert all(math.isnan(v) for v in columns[1])  # grey, "no value", not -inf ("dead layer", black)
+    assert all(math.isfinite(v) for v in columns[0] + columns[2])
+
+
+# ---------------------------------------------------------------------------------- 9: off by one
+def test_end_of_fit_flush_is_logged_at_the_last_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_gradguard.report import main
+
+    guard = GradGuard(log_every_n_steps=4, histogram_every_n_steps=0)
+    trainer = make_trainer(tmp_path, [guard], max_steps=6)
+    with caplog.at_level("INFO"):
+        trainer.fit(TinyRegressor())
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    assert sorted(scalars(read_events(log_dir), tag("global_norm"))) == [0, 4, 5]  # not 6: the run is steps 0-5
+    summaries = [r.getMessage() for r in caplog.records if "diagnostics summary" in r.getMessage()]
+    assert len(summaries) == 1 and "(steps 0-5)" in summaries[0]
+    capsys.readouterr()
+    assert main(["report", str(log_dir)]) == 0
+    assert "steps           0 .. 5 (" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- 11: events in one entry
+def test_events_of_one_step_are_one_text_entry(tmp_path: Path) -> None:
+    guard = GradGuard(on_nonfinite="skip", histogram_every_n_steps=0, log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [guard], max_steps=4)
+    trainer.fit(TinyRegressor(nan_at_steps=(1, 3)))
+    texts = read_events(trainer.logger.log_dir).Tensors(f"{tag('events')}/text_summary")  # type: ignore[union-attr]
+    entries = {e.step: e.tensor_proto.string_val[0].decode() for e in texts}
+    assert [e.step for e in texts] == [1, 3]  # one entry per step; the last one written at the end of fit
+    assert entries[1].startswith("**3 events**")  # the skip and the two layers' non-finite verdicts, together
+    assert "skipped optimizer step 1" in entries[1] and "'net.0'" in entries[1] and "'net.2'" in entries[1]
+    assert entries[3].startswith("skipped optimizer step 3")
+
+
+def test_events_are_written_before_the_streak_error(tmp_path: Path) -> None:
+    guard = GradGuard(max_consecutive_skips=2, histogram_every_n_steps=0, log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [guard], max_steps=5)
+    with pytest.raises(NonFiniteGradientsError):
+        trainer.fit(TinyRegressor(nan_at_steps=(0, 1, 2, 3)))
+    texts = read_events(trainer.logger.log_dir).Tensors(f"{tag('events')}/text_summary")  # type: ignore[union-attr]
+    assert [e.step for e in texts] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------- 5: fp16 GradScaler
+class ScaledLoss(TinyRegressor):
+    """The loss is multiplied by inf at the chosen steps (an fp16 overflow)."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        return loss * math.inf if self.trainer.global_step in self.nan_at_steps else loss
+
+
+def _amp_trainer(tmp_path: Path, guard: GradGuard, max_steps: int) -> L.Trainer:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
+    return make_trainer(tmp_path, [guard], max_steps=max_steps, plugins=[plugin])
+
+
+def test_one_scaler_overflow_is_no_verdict_and_no_guard_skip(tmp_path: Path) -> None:
+    guard = GradGuard(histogram_every_n_steps=0, log_every_n_steps=1)
+    trainer = _amp_trainer(tmp_path, guard, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ScaledLoss(nan_at_steps=(1,)))
+    texts = [str(w.message) for w in caught]
+    assert not any("non-finite" in t or "skips such optimizer steps" in t or "skipped optimizer" in t for t in texts)
+    assert guard.verdicts == [] or all(v.kind != "nonfinite" for v in guard.verdicts)
+    counters = guard.state_dict()["guards"]["0"]["counters"]
+    assert counters["scaler_skipped_total"] == 1 and counters["skipped_total"] == 0
+    acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
+    assert scalars(acc, tag("scaler_skipped"))[1] == 1.0
+
+
+def test_a_streak_of_scaler_skips_stops_the_run(tmp_path: Path) -> None:
+    guard = GradGuard(max_consecutive_skips=5, histogram_every_n_steps=0)
+    trainer = _amp_trainer(tmp_path, guard, 40)
+    with pytest.raises(NonFiniteGradientsError, match="GradScaler skipped 5 consecutive optimizer steps"):
+        trainer.fit(ScaledLoss(nan_at_steps=tuple(range(40))))
+    assert guard.state_dict()["guards"]["0"]["counters"]["steps"] == 5  # not 40
