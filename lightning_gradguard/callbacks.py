@@ -16,6 +16,7 @@ setup checks, and hooks that call the per-optimizer :class:`~lightning_gradguard
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,7 +50,7 @@ from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.outputs import Reporter
 from lightning_gradguard.policies import ThresholdPolicy
 from lightning_gradguard.stats import GroupBy
-from lightning_gradguard.tensorboard import dashboard_layout, find_writer
+from lightning_gradguard.tensorboard import EventLog, dashboard_layout, find_writer
 
 __all__ = ["GradClip", "GradGuard", "GradGuardError", "GradMonitor", "NonFiniteGradientsError"]
 
@@ -155,6 +156,7 @@ class GradGuard(Callback):
         self._monitor_only = False
         self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (LR guard evidence)
         self._loss_count = 0
+        self._last_trainer: weakref.ref[Trainer] | None = None  # the Trainer of the last fit (never kept alive)
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -206,6 +208,7 @@ class GradGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._start_fit(trainer)
         kind = strategy_kind(trainer.strategy)
         if kind == "fsdp1":
             raise GradGuardError(FSDP1_MESSAGE)
@@ -237,6 +240,25 @@ class GradGuard(Callback):
         if reporter.writer is not None:
             reporter.writer.add_custom_scalars(dashboard_layout(sorted(g.index for g in self._guards.values())))
 
+    def _start_fit(self, trainer: Trainer) -> None:
+        """Forget the previous fit: its engines are keyed by optimizers (and hold parameters) that are gone.
+
+        A new fit starts fresh, or from the checkpoint Lightning loads after ``setup``. The same Trainer
+        fitted again (``global_step > 0``: training continues) continues from the end of the last fit,
+        as it would from a checkpoint saved there.
+        """
+        previous = self._last_trainer() if self._last_trainer is not None else None
+        carried: dict[int, dict[str, Any]] = {}
+        if previous is trainer and trainer.global_step > 0 and (self._guards or self._final_state):
+            carried = {int(k): v for k, v in self.state_dict()["guards"].items()}
+        self._guards = {}
+        self._pending_state = carried
+        self._final_state = None
+        self._loss_sum, self._loss_count = None, 0
+        self._reporter.events = EventLog()
+        self._reporter.last_global_step = {}
+        self._last_trainer = weakref.ref(trainer)
+
     def _guard_for(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> GuardEngine:
         guard = self._guards.get(id(optimizer))
         if guard is not None:
@@ -258,6 +280,12 @@ class GradGuard(Callback):
         for guard in self._guards.values():
             if guard.lr_guard is not None:
                 guard.lr_guard.detach()
+            guard.stats.release()  # the counters, history and views stay; the parameters may go
+        # Nothing of this fit may keep the Trainer or the model alive (k folds with one GradGuard).
+        self._reporter.writer, self._reporter.log_metrics, self._scaler = None, None, None
+        for name in ("log", "log_dict"):  # bound methods of the model Lightning sets on every callback
+            self.__dict__.pop(name, None)
+        self._loss_sum, self._loss_count = None, 0
 
     # ------------------------------------------------------------------ the step
     @override

@@ -261,6 +261,11 @@ class GradStats:
         """The tracked parameters (requiring grad), in model order."""
         return self._params
 
+    def release(self) -> None:
+        """Drop the references to the parameters (end of training); layer names and sizes are kept."""
+        self._params = []
+        self._plans = {}
+
     def _plan(self) -> _Plan:
         present = tuple(p.grad is not None for p in self._params)
         plan = self._plans.get(present)

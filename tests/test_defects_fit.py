@@ -151,3 +151,43 @@ def test_a_streak_of_scaler_skips_stops_the_run(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteGradientsError, match="GradScaler skipped 5 consecutive optimizer steps"):
         trainer.fit(ScaledLoss(nan_at_steps=tuple(range(40))))
     assert guard.state_dict()["guards"]["0"]["counters"]["steps"] == 5  # not 40
+
+
+# ---------------------------------------------------------------------------------- 2: state across fits
+def test_folds_with_one_guard_start_fresh_and_keep_no_model_alive(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = GradGuard(clip="percentile", histogram_every_n_steps=0, heatmap_every_n_steps=0)
+    models: list[weakref.ref[L.LightningModule]] = []
+    for fold in range(3):
+        for earlier in models:
+            gc.collect()
+            assert earlier() is None  # no earlier fold's model is kept alive
+        torch.manual_seed(fold)
+        model = TinyRegressor(lr=0.05 * (fold + 1), n=96)
+        trainer = make_trainer(tmp_path / f"fold{fold}", [guard], max_steps=30)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            trainer.fit(model)
+        acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
+        last_threshold = scalars(acc, tag("threshold"))
+        assert guard.threshold == pytest.approx(last_threshold[max(last_threshold)], rel=1e-6)
+        assert guard.lr_scale == pytest.approx(scalars(acc, tag("lr_scale"))[29], rel=1e-6)
+        assert guard.state_dict()["guards"]["0"]["counters"]["steps"] == 30  # this fit's steps only
+        assert list(guard.state_dict()["guards"]) == ["0"]
+        assert sum("diagnostics summary" in r.getMessage() for r in caplog.records) == 1
+        models.append(weakref.ref(model))
+        del model, trainer, acc
+    gc.collect()
+    assert all(ref() is None for ref in models)  # not even the last one: GradGuard let go of it at teardown
+
+
+def test_the_same_trainer_fitted_again_continues(tmp_path: Path) -> None:
+    guard = GradGuard(histogram_every_n_steps=0, heatmap_every_n_steps=0)
+    model = TinyRegressor()
+    trainer = make_trainer(tmp_path, [guard], max_steps=3)
+    trainer.fit(model)
+    trainer.fit_loop.epoch_loop.max_steps = 5
+    trainer.fit(model)
+    assert guard.state_dict()["guards"]["0"]["counters"]["steps"] == 5
+    assert guard.last_outcome is not None and guard.last_outcome.step == 4
