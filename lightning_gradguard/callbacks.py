@@ -44,6 +44,7 @@ from lightning_gradguard.engine import (
     StepOutcome,
     apply_outcome,
     optimizer_parameters,
+    parameter_signature,
 )
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.lr_guard import LRGuard
@@ -265,6 +266,7 @@ class GradGuard(Callback):
             return guard
         index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), len(self._guards))
         guard = self._options.engine(index, optimizer_parameters(pl_module, optimizer), self._monitor_only)
+        guard.signature = parameter_signature(optimizer)
         pending = self._pending_state.pop(index, None)
         if pending is not None:
             self._report_differences(guard, guard.load_state_dict(pending))
@@ -307,6 +309,7 @@ class GradGuard(Callback):
         if self._monitor_only and should_accumulate(trainer):
             return  # DeepSpeed calls this hook on every micro-batch: read complete gradients only
         guard = self._guard_for(trainer, pl_module, optimizer)
+        guard.sync_parameters(optimizer, lambda: optimizer_parameters(pl_module, optimizer))
         # The loss and the scale ride in the statistics vector: one collective, one device-to-host transfer.
         scale = scaler_scale(self._scaler) if steps_scaled_gradients(optimizer) else None
         loss = None

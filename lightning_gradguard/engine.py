@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "StepOutcome",
     "apply_outcome",
     "optimizer_parameters",
+    "parameter_signature",
 ]
 
 #: Version of the state format (:meth:`GuardEngine.state_dict`, wrapped by every front-end).
@@ -150,8 +151,39 @@ class GuardEngine:
     heatmap_steps: list[int] = field(default_factory=list)
     heatmap_columns: list[list[float]] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
+    signature: tuple[int, ...] | None = None  # parameter_signature() of the optimizer the stats were built for
 
     # ------------------------------------------------------------------ the step
+    def sync_parameters(
+        self, optimizer: torch.optim.Optimizer, named_parameters: Callable[[], Iterable[tuple[str, Tensor]]]
+    ) -> bool:
+        """Regroup when the optimizer's parameters changed since the last step; call it before :meth:`measure`.
+
+        A layer unfrozen during training (``requires_grad`` set back, ``BaseFinetuning``,
+        ``optimizer.add_param_group``) must be measured, clipped and checked like the others. The check is
+        cheap: the length of each param group, and a gradient on a parameter left out as frozen; only a
+        change regroups (``named_parameters()`` is then called). Identical on every rank.
+
+        Returns:
+            Whether the parameters were regrouped.
+        """
+        signature = parameter_signature(optimizer)
+        if self.signature is None:
+            self.signature = signature
+        if signature == self.signature and not self.stats.untracked_have_grads():
+            return False
+        old_layers = list(self.stats.layers)
+        self.stats = GradStats(named_parameters(), self.stats.group_by)
+        self.signature = signature
+        if self.stats.layers != old_layers and self.heatmap_columns:
+            # keep the heatmap rows by layer name; a layer new to the heatmap is NaN (grey) before now
+            position = {name: i for i, name in enumerate(old_layers)}
+            self.heatmap_columns = [
+                [col[position[name]] if name in position else math.nan for name in self.stats.layers]
+                for col in self.heatmap_columns
+            ]
+        return True
+
     def measure(
         self, loss: Tensor | None = None, amp_scale: Tensor | None = None
     ) -> tuple[StepStats, float | None, float | None]:
@@ -456,6 +488,11 @@ class GradGuardError(RuntimeError):
 
 class NonFiniteGradientsError(RuntimeError):
     """Raised on every rank, at the same step, when non-finite gradients stop training."""
+
+
+def parameter_signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """The number of parameters in each param group: changes with ``add_param_group`` (cheap: one len per group)."""
+    return tuple(len(group["params"]) for group in optimizer.param_groups)
 
 
 def optimizer_parameters(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor]]:

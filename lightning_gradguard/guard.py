@@ -33,6 +33,7 @@ from lightning_gradguard.engine import (
     StepOutcome,
     apply_outcome,
     optimizer_parameters,
+    parameter_signature,
 )
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.lr_guard import LRGuard
@@ -125,8 +126,10 @@ class Guard:
         )
         self.optimizer = unwrap_optimizer(optimizer)
         self.scaler = scaler
-        named = optimizer_parameters(unwrap_model(model), self.optimizer)
+        self._module = unwrap_model(model)
+        named = optimizer_parameters(self._module, self.optimizer)
         self.engine: GuardEngine = self.options.engine(0, named, monitor_only=False)
+        self.engine.signature = parameter_signature(self.optimizer)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.attach(self.optimizer)
         zero = _rank_zero()
@@ -176,6 +179,7 @@ class Guard:
             NonFiniteGradientsError: training must stop (on every rank alike).
         """
         engine = self.engine
+        engine.sync_parameters(self.optimizer, lambda: optimizer_parameters(self._module, self.optimizer))
         scale = scaler_scale(self.scaler) if grads_still_scaled(self.scaler, self.optimizer) else None
         value = None
         if loss is not None and engine.lr_guard is not None:

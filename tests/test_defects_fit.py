@@ -191,3 +191,100 @@ def test_the_same_trainer_fitted_again_continues(tmp_path: Path) -> None:
     trainer.fit(model)
     assert guard.state_dict()["guards"]["0"]["counters"]["steps"] == 5
     assert guard.last_outcome is not None and guard.last_outcome.step == 4
+
+
+# ---------------------------------------------------------------------------------- 1: unfrozen parameters
+class Finetuned(L.LightningModule):
+    """A backbone (frozen first, unfrozen by BackboneFinetuning or by hand) and a head."""
+
+    def __init__(self, nan_at_step: int | None = None, all_params_in_optimizer: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+        self.head = nn.Linear(32, 1)
+        self.nan_at_step = nan_at_step
+        self.all_params_in_optimizer = all_params_in_optimizer
+        self.backbone[0].weight.register_hook(self._poison)
+
+    def _poison(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * math.nan if self.trainer.global_step == self.nan_at_step else grad
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.backbone(x)), y * 100)  # large gradients: clipping is active
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.parameters() if self.all_params_in_optimizer else filter(lambda p: p.requires_grad, self.parameters())
+        return torch.optim.SGD(params, lr=1e-3)
+
+    def train_dataloader(self) -> Any:
+        return TinyRegressor().train_dataloader()  # 8 steps per epoch
+
+
+class AfterGuard(Callback):
+    """After GradGuard: the global norm over every gradient the optimizer will apply, and the backbone weight."""
+
+    def __init__(self) -> None:
+        self.norms: dict[int, float] = {}
+        self.backbone: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.norms[trainer.global_step] = torch.linalg.vector_norm(torch.cat(grads)).item() if grads else 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._before = pl_module.backbone[0].weight.detach().clone()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.backbone[trainer.global_step - 1] = (self._before, pl_module.backbone[0].weight.detach().clone())
+
+
+class UnfreezeByHand(Callback):
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        pl_module.backbone.requires_grad_(False)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.backbone.requires_grad_(True)
+
+
+@pytest.mark.parametrize("how", ["BackboneFinetuning", "by hand"])
+def test_parameters_unfrozen_during_training_are_clipped_and_skipped(how: str, tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    guard = GradGuard(clip="fixed", max_norm=0.5, lr_guard=False, histogram_every_n_steps=0, diagnostics=False)
+    after = AfterGuard()
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1) if how == "BackboneFinetuning" else UnfreezeByHand()
+    trainer = make_trainer(tmp_path, [unfreeze, guard, after], max_epochs=2, log_every_n_steps=1)
+    trainer.fit(Finetuned(nan_at_step=11, all_params_in_optimizer=how == "by hand"))
+    assert len(after.norms) == 16
+    assert all(norm <= 0.5 * (1 + 1e-5) for norm in after.norms.values()), after.norms  # backbone included
+    assert guard.skipped_steps == 1
+    before, now = after.backbone[11]
+    assert torch.isfinite(now).all() and torch.equal(before, now)  # the NaN step left the backbone untouched
+    before, now = after.backbone[12]
+    assert not torch.equal(before, now)  # and it trains after it
+    layers = guard.state_dict()["guards"]["0"]["layers"]
+    assert layers == ["backbone.0", "head"]
+    acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
+    assert 12 in scalars(acc, tag("layer_norm/{layer}", 0, "backbone.0"))
+
+
+def test_plain_guard_regroups_after_an_unfreeze() -> None:
+    from lightning_gradguard import Guard
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(model, optimizer, clip="fixed", max_norm=0.1, lr_guard=False, diagnostics=False)
+    x = torch.randn(8, 4)
+    for step in range(3):
+        if step == 2:
+            model[0].requires_grad_(True)
+        optimizer.zero_grad()
+        (model(x).sum() * 100).backward()
+        outcome = guard.before_optimizer_step()
+        total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert total.item() <= 0.1 * (1 + 1e-5)
+        assert list(outcome.stats.layers) == (["0", "1"] if step == 2 else ["1"])
+        optimizer.step()
