@@ -47,6 +47,7 @@ from lightning_gradguard.engine import (
     parameter_signature,
 )
 from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.keys import tag
 from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.outputs import Reporter
 from lightning_gradguard.policies import ThresholdPolicy
@@ -210,6 +211,7 @@ class GradGuard(Callback):
         if stage != "fit":
             return
         self._start_fit(trainer)
+        self._refuse_shared_tags(trainer)
         kind = strategy_kind(trainer.strategy)
         if kind == "fsdp1":
             raise GradGuardError(FSDP1_MESSAGE)
@@ -240,6 +242,18 @@ class GradGuard(Callback):
         self._report_unused_state()
         if reporter.writer is not None:
             reporter.writer.add_custom_scalars(dashboard_layout(sorted(g.index for g in self._guards.values())))
+
+    def _refuse_shared_tags(self, trainer: Trainer) -> None:
+        """Two GradGuard-family callbacks logging to the same loggers would write the same tags at the same steps."""
+        family = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GradGuard)]
+        if len(family) < 2 or not trainer.loggers:
+            return
+        names = " and ".join(f"{type(cb).__name__}(clip={_describe_clip(cb.clip)!r})" for cb in family)
+        raise GradGuardError(
+            f"{names} in one Trainer would write the same tags ({tag('global_norm')}, ...) to the same loggers at "
+            "the same steps, each overwriting the other. Use one: GradGuard monitors everything GradMonitor does, "
+            "and GradGuard(clip=None) only monitors."
+        )
 
     def _start_fit(self, trainer: Trainer) -> None:
         """Forget the previous fit: its engines are keyed by optimizers (and hold parameters) that are gone.

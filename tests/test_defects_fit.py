@@ -288,3 +288,12 @@ def test_plain_guard_regroups_after_an_unfreeze() -> None:
         assert total.item() <= 0.1 * (1 + 1e-5)
         assert list(outcome.stats.layers) == (["0", "1"] if step == 2 else ["1"])
         optimizer.step()
+
+
+# ---------------------------------------------------------------------------------- 7: one set of tags
+def test_gradguard_and_gradmonitor_in_one_trainer_are_refused(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, [GradGuard(), GradMonitor()], max_steps=2)
+    with pytest.raises(GradGuardError, match=r"GradGuard\(clip='auto'\) and GradMonitor\(clip='None'\) in one Trainer"):
+        trainer.fit(TinyRegressor())
+    trainer = make_trainer(tmp_path, [GradGuard(), GradMonitor()], max_steps=2, logger=False)
+    trainer.fit(TinyRegressor())  # nothing is written without loggers: two instances are fine (own states)
