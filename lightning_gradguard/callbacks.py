@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
@@ -33,6 +33,7 @@ from lightning_gradguard._compat import (
     should_accumulate,
     steps_scaled_gradients,
     strategy_kind,
+    warn_at_caller,
 )
 from lightning_gradguard._validation import ClipName, OnNonFinite, guard_options
 from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
@@ -152,7 +153,7 @@ class GradGuard(Callback):
         self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
         self._saved_config: dict[str, Any] = {}
         self._reporter = Reporter(
-            self._options, warn=rank_zero_warn, info=rank_zero_info, log_every=options.log_every_n_steps or 50
+            self._options, warn=_rank_zero_warn_at_caller, info=rank_zero_info, log_every=options.log_every_n_steps or 50
         )
         self._scaler: Any | None = None
         self._monitor_only = False
@@ -484,6 +485,12 @@ NO_TENSORBOARD_NOTICE = (
     "no TensorBoardLogger attached; scalars go to your loggers, but histograms, the "
     "dashboard layout, text events and the heatmap are skipped."
 )
+
+
+@rank_zero_only
+def _rank_zero_warn_at_caller(message: str) -> None:
+    """Rank-zero warning shown at the user's line (``trainer.fit``), not at a line of GradGuard's source."""
+    warn_at_caller(message)
 
 
 def _logger_sink(trainer: Trainer) -> Callable[[dict[str, float], int], None]:

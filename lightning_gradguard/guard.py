@@ -23,6 +23,7 @@ from lightning_gradguard._compat import (
     scaler_scale,
     unwrap_model,
     unwrap_optimizer,
+    warn_at_caller,
 )
 from lightning_gradguard._validation import ClipName, OnNonFinite, guard_options
 from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
@@ -150,7 +151,7 @@ class Guard:
     # ------------------------------------------------------------------ outputs
     def _warn(self, text: str) -> None:
         if _rank_zero():
-            warnings.warn(text, UserWarning, stacklevel=5)
+            warn_at_caller(text)
 
     def _info(self, text: str) -> None:
         if _rank_zero():

@@ -297,3 +297,23 @@ def test_gradguard_and_gradmonitor_in_one_trainer_are_refused(tmp_path: Path) ->
         trainer.fit(TinyRegressor())
     trainer = make_trainer(tmp_path, [GradGuard(), GradMonitor()], max_steps=2, logger=False)
     trainer.fit(TinyRegressor())  # nothing is written without loggers: two instances are fine (own states)
+
+
+# ---------------------------------------------------------------------------------- 14: warnings at the user's line
+def test_warnings_point_at_the_users_line_not_at_gradguard_source(tmp_path: Path) -> None:
+    from lightning_gradguard import Guard
+
+    trainer = make_trainer(tmp_path, [GradGuard(histogram_every_n_steps=0)], max_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyRegressor(nan_at_steps=(1,)))
+        model = nn.Linear(2, 1)
+        guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), histogram_every_n_steps=0)
+        (model(torch.ones(1, 2)) * math.nan).sum().backward()
+        guard.before_optimizer_step()
+    ours = [w for w in caught if str(w.message).startswith("GradGuard:")]
+    assert len(ours) >= 3  # the skip, the verdicts (fit) and the skip (plain loop)
+    for w in ours:
+        shown = warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+        assert "callbacks.py:" not in shown and "outputs.py:" not in shown and "guard.py:" not in shown, shown
+        assert w.filename == __file__, shown
