@@ -6,6 +6,7 @@ upgrade that renames one breaks one function here, not the decisions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -124,6 +125,7 @@ def legacy_state_key(callback: Any) -> str:
     return str(getattr(callback, "_legacy_state_key", type(callback).__qualname__))
 
 
+@functools.lru_cache(maxsize=1)
 def _internal_prefixes() -> tuple[str, ...]:
     """Source directories whose frames a warning skips: this package, Lightning (and its utilities), torch."""
     import importlib.util
