@@ -196,7 +196,9 @@ def guard_options(
     check_int("max_consecutive_skips", max_consecutive_skips, 1)
     if not isinstance(lr_guard, bool | LRGuard):
         raise ValueError(f"`lr_guard` must be True, False or an LRGuard instance, got {lr_guard!r}")
-    if isinstance(group_by, bool) or not (callable(group_by) or group_by in ("module", "param") or isinstance(group_by, int)):
+    if isinstance(group_by, bool) or not (
+        callable(group_by) or group_by in ("module", "param") or isinstance(group_by, int)
+    ):
         raise ValueError(f"`group_by` must be 'module', 'param', an int depth >= 1 or a callable, got {group_by!r}")
     if isinstance(group_by, int):
         check_int("group_by", group_by, 1)

@@ -153,7 +153,10 @@ class GradGuard(Callback):
         self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
         self._saved_config: dict[str, Any] = {}
         self._reporter = Reporter(
-            self._options, warn=_rank_zero_warn_at_caller, info=rank_zero_info, log_every=options.log_every_n_steps or 50
+            self._options,
+            warn=_rank_zero_warn_at_caller,
+            info=rank_zero_info,
+            log_every=options.log_every_n_steps or 50,
         )
         self._scaler: Any | None = None
         self._monitor_only = False

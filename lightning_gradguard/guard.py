@@ -9,7 +9,6 @@ the same decisions through the same :class:`~lightning_gradguard.engine.GuardEng
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from typing import Any
 

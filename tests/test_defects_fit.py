@@ -214,7 +214,9 @@ class Finetuned(L.LightningModule):
         return nn.functional.mse_loss(self.head(self.backbone(x)), y * 100)  # large gradients: clipping is active
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = self.parameters() if self.all_params_in_optimizer else filter(lambda p: p.requires_grad, self.parameters())
+        params = (
+            self.parameters() if self.all_params_in_optimizer else filter(lambda p: p.requires_grad, self.parameters())
+        )
         return torch.optim.SGD(params, lr=1e-3)
 
     def train_dataloader(self) -> Any:
@@ -284,7 +286,9 @@ def test_plain_guard_regroups_after_an_unfreeze() -> None:
         optimizer.zero_grad()
         (model(x).sum() * 100).backward()
         outcome = guard.before_optimizer_step()
-        total = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        total = torch.linalg.vector_norm(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
         assert total.item() <= 0.1 * (1 + 1e-5)
         assert list(outcome.stats.layers) == (["0", "1"] if step == 2 else ["1"])
         optimizer.step()

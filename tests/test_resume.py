@@ -333,7 +333,9 @@ def test_two_instances_keep_their_own_state_and_identical_ones_are_refused(tmp_p
     assert "lr_guard" not in saved[guards[1].state_key]["guards"]["0"]
     # a new pair, listed in the other order, each gets back exactly its own state
     fresh, at_start = _two_guards(), StateAtStart()
-    _fit(tmp_path / "b", Model(), fresh[1], 6, ckpt_path=tmp_path / "two.ckpt", extra=(fresh[0], at_start), logger=False)
+    _fit(
+        tmp_path / "b", Model(), fresh[1], 6, ckpt_path=tmp_path / "two.ckpt", extra=(fresh[0], at_start), logger=False
+    )
     for guard in guards:
         assert _same(at_start.states[guard.state_key]["guards"], saved[guard.state_key]["guards"])
     # two GradGuards with the same identity (clip, max_norm, group_by) would share one checkpoint entry
