@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import warnings
 import weakref
@@ -20,6 +21,29 @@ from lightning_gradguard import GradGuard, GradMonitor
 from lightning_gradguard.engine import GradGuardError, NonFiniteGradientsError
 from lightning_gradguard.keys import tag
 from tests._models import TinyRegressor, make_trainer, read_events, scalars
+
+
+class RankZeroMessages(logging.Handler):
+    """The messages of Lightning's rank-zero logger (where GradGuard's information goes), read at the source."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> RankZeroMessages:
+        logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
 
 
 # ---------------------------------------------------------------------------------- 3: numpy / tensor numbers
@@ -73,18 +97,16 @@ def test_nan_step_is_nan_in_the_heatmap_not_a_dead_layer(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------------------------- 9: off by one
-def test_end_of_fit_flush_is_logged_at_the_last_step(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_end_of_fit_flush_is_logged_at_the_last_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_gradguard.report import main
 
     guard = GradGuard(log_every_n_steps=4, histogram_every_n_steps=0)
     trainer = make_trainer(tmp_path, [guard], max_steps=6)
-    with caplog.at_level("INFO"):
+    with RankZeroMessages() as said:
         trainer.fit(TinyRegressor())
     log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
     assert sorted(scalars(read_events(log_dir), tag("global_norm"))) == [0, 4, 5]  # not 6: the run is steps 0-5
-    summaries = [r.getMessage() for r in caplog.records if "diagnostics summary" in r.getMessage()]
+    summaries = [m for m in said.messages if "diagnostics summary" in m]
     assert len(summaries) == 1 and "(steps 0-5)" in summaries[0]
     capsys.readouterr()
     assert main(["report", str(log_dir)]) == 0
@@ -155,7 +177,7 @@ def test_a_streak_of_scaler_skips_stops_the_run(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- 2: state across fits
 def test_folds_with_one_guard_start_fresh_and_keep_no_model_alive(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
 ) -> None:
     guard = GradGuard(clip="percentile", histogram_every_n_steps=0, heatmap_every_n_steps=0)
     models: list[weakref.ref[L.LightningModule]] = []
@@ -166,8 +188,7 @@ def test_folds_with_one_guard_start_fresh_and_keep_no_model_alive(
         torch.manual_seed(fold)
         model = TinyRegressor(lr=0.05 * (fold + 1), n=96)
         trainer = make_trainer(tmp_path / f"fold{fold}", [guard], max_steps=30)
-        caplog.clear()
-        with caplog.at_level("INFO"):
+        with RankZeroMessages() as said:
             trainer.fit(model)
         acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
         last_threshold = scalars(acc, tag("threshold"))
@@ -175,7 +196,7 @@ def test_folds_with_one_guard_start_fresh_and_keep_no_model_alive(
         assert guard.lr_scale == pytest.approx(scalars(acc, tag("lr_scale"))[29], rel=1e-6)
         assert guard.state_dict()["guards"]["0"]["counters"]["steps"] == 30  # this fit's steps only
         assert list(guard.state_dict()["guards"]) == ["0"]
-        assert sum("diagnostics summary" in r.getMessage() for r in caplog.records) == 1
+        assert sum("diagnostics summary" in m for m in said.messages) == 1
         models.append(weakref.ref(model))
         del model, trainer, acc
     gc.collect()
