@@ -262,14 +262,16 @@ class GradGuard(Callback):
     def _start_fit(self, trainer: Trainer) -> None:
         """Forget the previous fit: its engines are keyed by optimizers (and hold parameters) that are gone.
 
-        A new fit starts fresh, or from the checkpoint Lightning loads after ``setup``. The same Trainer
-        fitted again (``global_step > 0``: training continues) continues from the end of the last fit,
-        as it would from a checkpoint saved there.
+        A new fit starts fresh, or from the checkpoint Lightning loads after ``setup`` (or from a state
+        loaded by hand before the first fit). The same Trainer fitted again (``global_step > 0``: training
+        continues) continues from the end of the last fit, as it would from a checkpoint saved there.
         """
         previous = self._last_trainer() if self._last_trainer is not None else None
         carried: dict[int, dict[str, Any]] = {}
         if previous is trainer and trainer.global_step > 0 and (self._guards or self._final_state):
             carried = {int(k): v for k, v in self.state_dict()["guards"].items()}
+        elif not self._guards and self._final_state is None:
+            carried = self._pending_state  # loaded by hand (``load_state_dict``) before the first fit
         self._guards = {}
         self._pending_state = carried
         self._final_state = None

@@ -342,3 +342,12 @@ def test_warnings_point_at_the_users_line_not_at_gradguard_source(tmp_path: Path
         shown = warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
         assert "callbacks.py:" not in shown and "outputs.py:" not in shown and "guard.py:" not in shown, shown
         assert w.filename == __file__, shown
+
+
+def test_state_loaded_by_hand_before_the_first_fit_is_used(tmp_path: Path) -> None:
+    first = GradGuard(histogram_every_n_steps=0, heatmap_every_n_steps=0)
+    make_trainer(tmp_path / "a", [first], max_steps=3, logger=False).fit(TinyRegressor())
+    second = GradGuard(histogram_every_n_steps=0, heatmap_every_n_steps=0)
+    second.load_state_dict(first.state_dict())
+    make_trainer(tmp_path / "b", [second], max_steps=2, logger=False).fit(TinyRegressor())
+    assert second.state_dict()["guards"]["0"]["counters"]["steps"] == 5  # 3 loaded + 2 of this fit
