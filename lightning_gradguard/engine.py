@@ -341,6 +341,10 @@ class GuardEngine:
         if self.diagnostics is None or outcome.scaler_skipped:
             return ()  # a GradScaler overflow is routine fp16 loss scaling, not a verdict on a layer
         numels = dict(zip(self.stats.layers, self.stats.numels, strict=True))
+        # a layer frozen during training has no gradient: not a dead layer (checked on zero norms only)
+        frozen = self.stats.frozen_layers(i for i, v in enumerate(norms.values()) if v == 0.0)
+        if frozen:
+            norms = {name: v for name, v in norms.items() if name not in frozen}
         events = []
         for verdict in self.diagnostics.observe(outcome.step, norms, numels):
             self.verdicts.append(verdict)

@@ -271,6 +271,16 @@ class GradStats:
         self._untracked = []
         self._plans = {}
 
+    def frozen_layers(self, layers: Iterable[int]) -> set[str]:
+        """Names of the given layers (by index) none of whose parameters requires a gradient now (frozen since)."""
+        wanted = set(layers)
+        if not wanted:
+            return set()
+        trainable = {
+            i for p, i in zip(self._params, self._param_layer, strict=False) if i in wanted and p.requires_grad
+        }
+        return {self.layers[i] for i in wanted - trainable}
+
     def untracked_have_grads(self) -> bool:
         """Whether a parameter left out as frozen has a gradient now (it was unfrozen): regroup then.
 

@@ -351,3 +351,16 @@ def test_state_loaded_by_hand_before_the_first_fit_is_used(tmp_path: Path) -> No
     second.load_state_dict(first.state_dict())
     make_trainer(tmp_path / "b", [second], max_steps=2, logger=False).fit(TinyRegressor())
     assert second.state_dict()["guards"]["0"]["counters"]["steps"] == 5  # 3 loaded + 2 of this fit
+
+
+class FreezeAt(Callback):
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 4:
+            pl_module.net[0].requires_grad_(False)
+
+
+def test_a_layer_frozen_during_training_is_not_called_dead(tmp_path: Path) -> None:
+    guard = GradGuard(histogram_every_n_steps=0, log_every_n_steps=1)
+    make_trainer(tmp_path, [FreezeAt(), guard], max_steps=12, logger=False).fit(TinyRegressor(n=256))
+    assert [(v.kind, v.layer) for v in guard.verdicts if v.kind == "dead"] == []
+    assert guard.last_outcome is not None and guard.last_outcome.stats.layer_norms()["net.0"] == 0.0
