@@ -6,6 +6,7 @@ upgrade that renames one breaks one function here, not the decisions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -122,3 +123,33 @@ def foreach_mul_(tensors: Sequence[Tensor], factor: float) -> None:
 def legacy_state_key(callback: Any) -> str:
     """A Lightning callback's ``_legacy_state_key`` (the key of checkpoints from before ``state_key``)."""
     return str(getattr(callback, "_legacy_state_key", type(callback).__qualname__))
+
+
+@functools.lru_cache(maxsize=1)
+def _internal_prefixes() -> tuple[str, ...]:
+    """Source directories whose frames a warning skips: this package, Lightning (and its utilities), torch."""
+    import importlib.util
+    import os
+
+    dirs = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__)]
+    for name in ("lightning", "lightning_utilities", "pytorch_lightning", "lightning_fabric"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            dirs.append(os.path.dirname(os.path.abspath(spec.origin)))
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside GradGuard, Lightning and torch (``sys._getframe``).
+
+    The warning then shows the user's line (the ``trainer.fit(...)`` call, the ``guard.before_optimizer_step``
+    call) instead of a line of GradGuard's own source.
+    """
+    import sys
+    import warnings
+
+    prefixes = _internal_prefixes()
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(prefixes):
+        level, frame = level + 1, frame.f_back  # type: ignore[assignment]
+    warnings.warn(message, category, stacklevel=level + 1)

@@ -109,6 +109,30 @@ def check_finite_positive(name: str, value: Any, allow_none: bool = False) -> No
         raise ValueError(f"`{name}` must be a finite number > 0{' or None' if allow_none else ''}, got {value!r}")
 
 
+def python_scalar(value: Any) -> Any:
+    """A numpy scalar or a 0-d tensor as the Python ``bool`` / ``int`` / ``float`` it holds; anything else as is.
+
+    Arguments are stored in the checkpoint's state, which must load with ``torch.load(weights_only=True)``:
+    ``np.float64(5.0)`` or ``torch.tensor(5.0)`` would not.
+
+    Example:
+
+        >>> import numpy as np
+        >>> python_scalar(np.float64(5.0)), python_scalar(np.int64(3)), python_scalar("auto")
+        (5.0, 3, 'auto')
+    """
+    if type(value) in (bool, int, float) or value is None or isinstance(value, str):
+        return value
+    module = type(value).__module__
+    is_numpy = module == "numpy" and getattr(value, "shape", None) == ()
+    is_tensor = module.startswith("torch") and hasattr(value, "dim") and value.dim() == 0 and not value.is_complex()
+    if is_numpy or is_tensor:
+        out = value.item()
+        if isinstance(out, bool | int | float):
+            return out
+    return value
+
+
 @dataclass(frozen=True)
 class GuardOptions:
     """The validated options of a guard (see :class:`~lightning_gradguard.GradGuard` for their meaning)."""
@@ -190,11 +214,18 @@ def guard_options(
     rollback: bool | RollbackTrigger = True,
     snapshot_every_n_steps: int = 100,
 ) -> GuardOptions:
-    """Check every option (messages name the argument, the allowed values and the value) and bundle them."""
+    """Check every option (messages name the argument, the allowed values and the value) and bundle them.
+
+    Numeric options given as numpy scalars or 0-d tensors are stored as Python numbers (:func:`python_scalar`).
+    """
     from lightning_gradguard.diagnostics import GradientDiagnostics
     from lightning_gradguard.lr_guard import LRGuard
     from lightning_gradguard.policies import ThresholdPolicy, make_policy
 
+    max_norm, max_consecutive_skips = python_scalar(max_norm), python_scalar(max_consecutive_skips)
+    log_every_n_steps, log_layer_norms = python_scalar(log_every_n_steps), python_scalar(log_layer_norms)
+    histogram_every_n_steps, histogram_bins = python_scalar(histogram_every_n_steps), python_scalar(histogram_bins)
+    heatmap_every_n_steps, group_by = python_scalar(heatmap_every_n_steps), python_scalar(group_by)
     if clip is not None and not isinstance(clip, ThresholdPolicy):
         check_choice("clip", clip, CLIP_NAMES, ", a ThresholdPolicy or None")
     check_finite_positive("max_norm", max_norm, allow_none=True)
@@ -203,10 +234,14 @@ def guard_options(
     check_int("max_consecutive_skips", max_consecutive_skips, 1)
     if not isinstance(lr_guard, bool | LRGuard):
         raise ValueError(f"`lr_guard` must be True, False or an LRGuard instance, got {lr_guard!r}")
-    if not (callable(group_by) or group_by in ("module", "param") or isinstance(group_by, int)):
+    if isinstance(group_by, bool) or not (
+        callable(group_by) or group_by in ("module", "param") or isinstance(group_by, int)
+    ):
         raise ValueError(f"`group_by` must be 'module', 'param', an int depth >= 1 or a callable, got {group_by!r}")
-    if isinstance(group_by, int) and not isinstance(group_by, bool):
+    if isinstance(group_by, int):
         check_int("group_by", group_by, 1)
+    if not isinstance(log_layer_norms, bool):
+        raise ValueError(f"`log_layer_norms` must be True or False, got {log_layer_norms!r}")
     if log_every_n_steps is not None:
         check_int("log_every_n_steps", log_every_n_steps, 1)
     check_int("histogram_every_n_steps", histogram_every_n_steps, 0)

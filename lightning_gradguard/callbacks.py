@@ -16,13 +16,14 @@ setup checks, and hooks that call the per-optimizer :class:`~lightning_gradguard
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
@@ -32,6 +33,7 @@ from lightning_gradguard._compat import (
     should_accumulate,
     steps_scaled_gradients,
     strategy_kind,
+    warn_at_caller,
 )
 from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
 from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
@@ -43,15 +45,17 @@ from lightning_gradguard.engine import (
     StepOutcome,
     apply_outcome,
     optimizer_parameters,
+    parameter_signature,
 )
 from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.keys import tag
 from lightning_gradguard.loggers import rich_writers
 from lightning_gradguard.lr_guard import LRGuard
 from lightning_gradguard.outputs import OnEvent, Reporter
 from lightning_gradguard.policies import ThresholdPolicy
 from lightning_gradguard.recovery import Recovery, RollbackTrigger
 from lightning_gradguard.stats import GroupBy
-from lightning_gradguard.tensorboard import dashboard_layout, find_writer
+from lightning_gradguard.tensorboard import EventLog, dashboard_layout, find_writer
 
 __all__ = ["GradClip", "GradGuard", "GradGuardError", "GradMonitor", "NonFiniteGradientsError"]
 
@@ -158,18 +162,19 @@ class GradGuard(Callback):
             rollback=rollback,
             snapshot_every_n_steps=snapshot_every_n_steps,
         )
+        options = self._options  # numbers as Python numbers (numpy scalars / 0-d tensors converted)
         self.clip = clip
-        self.max_norm = max_norm
+        self.max_norm = options.max_norm
         self.on_nonfinite: OnNonFinite = on_nonfinite
-        self.max_consecutive_skips = max_consecutive_skips
+        self.max_consecutive_skips = options.max_consecutive_skips
         self._lr_guard_template: LRGuard | None = self._options.lr_guard
-        self.group_by = group_by
-        self.log_every_n_steps = log_every_n_steps
-        self.log_layer_norms = log_layer_norms
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.histogram_bins = histogram_bins
+        self.group_by = options.group_by
+        self.log_every_n_steps = options.log_every_n_steps
+        self.log_layer_norms = options.log_layer_norms
+        self.histogram_every_n_steps = options.histogram_every_n_steps
+        self.histogram_bins = options.histogram_bins
         self._diagnostics_template = self._options.diagnostics
-        self.heatmap_every_n_steps = heatmap_every_n_steps
+        self.heatmap_every_n_steps = options.heatmap_every_n_steps
         self.log_update_ratios = log_update_ratios
         self.on_event = on_event
         self._guards: dict[int, GuardEngine] = {}  # id(optimizer) -> engine
@@ -177,7 +182,10 @@ class GradGuard(Callback):
         self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
         self._saved_config: dict[str, Any] = {}
         self._reporter = Reporter(
-            self._options, warn=rank_zero_warn, info=rank_zero_info, log_every=log_every_n_steps or 50
+            self._options,
+            warn=_rank_zero_warn_at_caller,
+            info=rank_zero_info,
+            log_every=options.log_every_n_steps or 50,
         )
         self._scaler: Any | None = None
         self._monitor_only = False
@@ -186,6 +194,7 @@ class GradGuard(Callback):
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self._recovery: Recovery | None = self._options.recovery()
         self._reporter.recovery = self._recovery
+        self._last_trainer: weakref.ref[Trainer] | None = None  # the Trainer of the last fit (never kept alive)
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -247,6 +256,8 @@ class GradGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._start_fit(trainer)
+        self._refuse_shared_tags(trainer)
         self._reporter.on_event = self.on_event if getattr(trainer, "is_global_zero", True) else None
         kind = strategy_kind(trainer.strategy)
         if kind == "fsdp1":
@@ -288,12 +299,52 @@ class GradGuard(Callback):
         if reporter.writer is not None:
             reporter.writer.add_custom_scalars(dashboard_layout(sorted(g.index for g in self._guards.values())))
 
+    def _refuse_shared_tags(self, trainer: Trainer) -> None:
+        """Two GradGuard-family callbacks logging to the same loggers would write the same tags at the same steps."""
+        family = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GradGuard)]
+        if len(family) < 2 or not trainer.loggers:
+            return
+        names = " and ".join(f"{type(cb).__name__}(clip={_describe_clip(cb.clip)!r})" for cb in family)
+        raise GradGuardError(
+            f"{names} in one Trainer would write the same tags ({tag('global_norm')}, ...) to the same loggers at "
+            "the same steps, each overwriting the other. Use one: GradGuard monitors everything GradMonitor does, "
+            "and GradGuard(clip=None) only monitors."
+        )
+
+    def _start_fit(self, trainer: Trainer) -> None:
+        """Forget the previous fit: its engines are keyed by optimizers (and hold parameters) that are gone.
+
+        A new fit starts fresh, or from the checkpoint Lightning loads after ``setup`` (or from a state
+        loaded by hand before the first fit). The same Trainer fitted again (``global_step > 0``: training
+        continues) continues from the end of the last fit, as it would from a checkpoint saved there.
+        """
+        previous = self._last_trainer() if self._last_trainer is not None else None
+        carried: dict[int, dict[str, Any]] = {}
+        if previous is trainer and trainer.global_step > 0 and (self._guards or self._final_state):
+            carried = {int(k): v for k, v in self.state_dict()["guards"].items()}
+        elif not self._guards and self._final_state is None:
+            carried = self._pending_state  # loaded by hand (``load_state_dict``) before the first fit
+        self._guards = {}
+        self._pending_state = carried
+        self._final_state = None
+        self._loss_sum, self._loss_count = None, 0
+        self._reporter.events = EventLog()
+        self._reporter.last_global_step = {}
+        if not carried:  # rollback counters belong to one run, like the engines
+            self._recovery = self._options.recovery()
+            self._reporter.recovery = self._recovery
+        try:
+            self._last_trainer = weakref.ref(trainer)
+        except TypeError:  # a stand-in without weak references (tests)
+            self._last_trainer = None
+
     def _guard_for(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> GuardEngine:
         guard = self._guards.get(id(optimizer))
         if guard is not None:
             return guard
         index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), len(self._guards))
         guard = self._options.engine(index, optimizer_parameters(pl_module, optimizer), self._monitor_only)
+        guard.signature = parameter_signature(optimizer)
         pending = self._pending_state.pop(index, None)
         if pending is not None:
             self._report_differences(guard, guard.load_state_dict(pending))
@@ -310,7 +361,16 @@ class GradGuard(Callback):
         for guard in self._guards.values():
             if guard.lr_guard is not None:
                 guard.lr_guard.detach()
+            guard.stats.release()  # the counters, history and views stay; the parameters may go
         self._reporter.detach()
+        # Nothing of this fit may keep the Trainer or the model alive (k folds with one GradGuard).
+        self._reporter.writer, self._reporter.log_metrics, self._scaler = None, None, None
+        self._reporter.rich_writers = None
+        if self._recovery is not None:
+            self._recovery.snapshot = None  # host copies and references of this fit's model and optimizers
+        for name in ("log", "log_dict"):  # bound methods of the model Lightning sets on every callback
+            self.__dict__.pop(name, None)
+        self._loss_sum, self._loss_count = None, 0
 
     # ------------------------------------------------------------------ the step
     @override
@@ -332,6 +392,7 @@ class GradGuard(Callback):
         if self._monitor_only and should_accumulate(trainer):
             return  # DeepSpeed calls this hook on every micro-batch: read complete gradients only
         guard = self._guard_for(trainer, pl_module, optimizer)
+        guard.sync_parameters(optimizer, lambda: optimizer_parameters(pl_module, optimizer))
         # The loss and the scale ride in the statistics vector: one collective, one device-to-host transfer.
         scale = scaler_scale(self._scaler) if steps_scaled_gradients(optimizer) else None
         loss = None
@@ -505,6 +566,12 @@ NO_TENSORBOARD_NOTICE = (
     "skipped (scalars go to every logger, histograms and the heatmap to those that take them, events also "
     "to the console and to `on_event`)."
 )
+
+
+@rank_zero_only
+def _rank_zero_warn_at_caller(message: str) -> None:
+    """Rank-zero warning shown at the user's line (``trainer.fit``), not at a line of GradGuard's source."""
+    warn_at_caller(message)
 
 
 def _logger_sink(trainer: Trainer) -> Callable[[dict[str, float], int], None]:

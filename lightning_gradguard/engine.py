@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -36,6 +36,7 @@ from lightning_gradguard.diagnostics import (
 )
 from lightning_gradguard.distributed import reduce_histograms, reduce_stats
 from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.heatmap import log10_norm
 from lightning_gradguard.lr_guard import LRGuard, LRReduction
 from lightning_gradguard.policies import ThresholdPolicy
 from lightning_gradguard.stats import GradStats, HistogramData, StepStats
@@ -51,6 +52,7 @@ __all__ = [
     "StepOutcome",
     "apply_outcome",
     "optimizer_parameters",
+    "parameter_signature",
 ]
 
 #: Version of the state format (:meth:`GuardEngine.state_dict`, wrapped by every front-end).
@@ -164,8 +166,39 @@ class GuardEngine:
     update_ratios: dict[str, deque[float]] = field(default_factory=dict)
     update_episodes: dict[tuple[str, str], int] = field(default_factory=dict)
     update_verdicts: list[UpdateVerdict] = field(default_factory=list)
+    signature: tuple[int, ...] | None = None  # parameter_signature() of the optimizer the stats were built for
 
     # ------------------------------------------------------------------ the step
+    def sync_parameters(
+        self, optimizer: torch.optim.Optimizer, named_parameters: Callable[[], Iterable[tuple[str, Tensor]]]
+    ) -> bool:
+        """Regroup when the optimizer's parameters changed since the last step; call it before :meth:`measure`.
+
+        A layer unfrozen during training (``requires_grad`` set back, ``BaseFinetuning``,
+        ``optimizer.add_param_group``) must be measured, clipped and checked like the others. The check is
+        cheap: the length of each param group, and a gradient on a parameter left out as frozen; only a
+        change regroups (``named_parameters()`` is then called). Identical on every rank.
+
+        Returns:
+            Whether the parameters were regrouped.
+        """
+        signature = parameter_signature(optimizer)
+        if self.signature is None:
+            self.signature = signature
+        if signature == self.signature and not self.stats.untracked_have_grads():
+            return False
+        old_layers = list(self.stats.layers)
+        self.stats = GradStats(named_parameters(), self.stats.group_by)
+        self.signature = signature
+        if self.stats.layers != old_layers and self.heatmap_columns:
+            # keep the heatmap rows by layer name; a layer new to the heatmap is NaN (grey) before now
+            position = {name: i for i, name in enumerate(old_layers)}
+            self.heatmap_columns = [
+                [col[position[name]] if name in position else math.nan for name in self.stats.layers]
+                for col in self.heatmap_columns
+            ]
+        return True
+
     def measure(
         self, loss: Tensor | None = None, amp_scale: Tensor | None = None
     ) -> tuple[StepStats, float | None, float | None]:
@@ -248,7 +281,7 @@ class GuardEngine:
         shown, evidence = _shown(layers), {"global_norm": str(base.global_norm)}
         if scaler_enabled:
             # fp16 AMP: the GradScaler skips this step itself and lowers its loss scale. Not an explosion.
-            return replace(base, scaler_skipped=True)
+            return self._scaler_skipped(base)
         if self.monitor_only or self.on_nonfinite == "warn":
             text = f"non-finite gradients at step {step} in {shown}; stepping anyway"
             return replace(base, events=(GuardEvent("nonfinite", step, text, tuple(layers), evidence),))
@@ -272,6 +305,22 @@ class GuardEngine:
                 "Raise `max_consecutive_skips` to tolerate longer streaks."
             )
         return replace(base, skipped=True, error=error, events=(event,))
+
+    def _scaler_skipped(self, base: StepOutcome) -> StepOutcome:
+        """A step the AMP GradScaler skips: routine, unless it goes on long enough to show no progress."""
+        if self.monitor_only or self.on_nonfinite == "warn":
+            return replace(base, scaler_skipped=True)
+        self.counters.consecutive_skips += 1
+        streak = self.counters.consecutive_skips
+        error: str | None = None
+        if streak >= self.max_consecutive_skips:
+            error = (
+                f"GradGuard: the AMP GradScaler skipped {streak} consecutive optimizer steps (non-finite gradients "
+                f"at every loss scale it tried, last in layer(s) {_shown(base.stats.nonfinite_layers)}); training "
+                "cannot make progress. Check the loss and inputs for NaN/inf (a NaN loss is NaN at any scale), "
+                "lower the learning rate, or use bf16-mixed. Raise `max_consecutive_skips` to tolerate longer streaks."
+            )
+        return replace(base, scaler_skipped=True, error=error)
 
     def _account(self, outcome: StepOutcome) -> None:
         interval, counters, norm = self.interval, self.counters, outcome.global_norm
@@ -300,13 +349,17 @@ class GuardEngine:
         norms = outcome.stats.layer_norms()
         if heatmap:
             self.heatmap_steps.append(global_step)
-            self.heatmap_columns.append([math.log10(v) if v > 0 else -math.inf for v in norms.values()])
+            self.heatmap_columns.append([log10_norm(v) for v in norms.values()])  # NaN (grey) for non-finite
             if len(self.heatmap_steps) > _HEATMAP_COLUMNS:
                 self.heatmap_steps = self.heatmap_steps[::2]
                 self.heatmap_columns = self.heatmap_columns[::2]
-        if self.diagnostics is None:
-            return ()
+        if self.diagnostics is None or outcome.scaler_skipped:
+            return ()  # a GradScaler overflow is routine fp16 loss scaling, not a verdict on a layer
         numels = dict(zip(self.stats.layers, self.stats.numels, strict=True))
+        # a layer frozen during training has no gradient: not a dead layer (checked on zero norms only)
+        frozen = self.stats.frozen_layers(i for i, v in enumerate(norms.values()) if v == 0.0)
+        if frozen:
+            norms = {name: v for name, v in norms.items() if name not in frozen}
         events = []
         for verdict in self.diagnostics.observe(outcome.step, norms, numels):
             self.verdicts.append(verdict)
@@ -531,6 +584,11 @@ class GradGuardError(RuntimeError):
 
 class NonFiniteGradientsError(RuntimeError):
     """Raised on every rank, at the same step, when non-finite gradients stop training."""
+
+
+def parameter_signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """The number of parameters in each param group: changes with ``add_param_group`` (cheap: one len per group)."""
+    return tuple(len(group["params"]) for group in optimizer.param_groups)
 
 
 def optimizer_parameters(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor]]:

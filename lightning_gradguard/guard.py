@@ -9,7 +9,6 @@ the same decisions through the same :class:`~lightning_gradguard.engine.GuardEng
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +22,7 @@ from lightning_gradguard._compat import (
     scaler_scale,
     unwrap_model,
     unwrap_optimizer,
+    warn_at_caller,
 )
 from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
 from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
@@ -33,6 +33,7 @@ from lightning_gradguard.engine import (
     StepOutcome,
     apply_outcome,
     optimizer_parameters,
+    parameter_signature,
 )
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.lr_guard import LRGuard
@@ -137,8 +138,10 @@ class Guard:
         )
         self.optimizer = unwrap_optimizer(optimizer)
         self.scaler = scaler
-        named = optimizer_parameters(unwrap_model(model), self.optimizer)
+        self._module = unwrap_model(model)
+        named = optimizer_parameters(self._module, self.optimizer)
         self.engine: GuardEngine = self.options.engine(0, named, monitor_only=False)
+        self.engine.signature = parameter_signature(self.optimizer)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.attach(self.optimizer)
         zero = _rank_zero()
@@ -148,7 +151,7 @@ class Guard:
             info=self._info,
             writer=writer if zero else None,
             log_metrics=self._scalar_sink(writer) if zero and writer is not None else None,
-            log_every=log_every_n_steps or 50,
+            log_every=self.options.log_every_n_steps or 50,
             scaler_enabled=scaler is not None and scaler.is_enabled(),
             on_event=on_event if zero else None,
         )
@@ -165,7 +168,7 @@ class Guard:
     # ------------------------------------------------------------------ outputs
     def _warn(self, text: str) -> None:
         if _rank_zero():
-            warnings.warn(text, UserWarning, stacklevel=5)
+            warn_at_caller(text)
 
     def _info(self, text: str) -> None:
         if _rank_zero():
@@ -195,6 +198,7 @@ class Guard:
             NonFiniteGradientsError: training must stop (on every rank alike).
         """
         engine = self.engine
+        engine.sync_parameters(self.optimizer, lambda: optimizer_parameters(self._module, self.optimizer))
         scale = scaler_scale(self.scaler) if grads_still_scaled(self.scaler, self.optimizer) else None
         value = None
         if loss is not None:

@@ -25,7 +25,7 @@ from lightning_gradguard._validation import GuardOptions
 from lightning_gradguard.engine import GuardEngine, NonFiniteGradientsError, StepOutcome
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.keys import tag
-from lightning_gradguard.tensorboard import layer_norm_extremes, threshold_band, write_histograms
+from lightning_gradguard.tensorboard import EventLog, layer_norm_extremes, threshold_band, write_histograms
 from lightning_gradguard.updates import update_metrics
 
 __all__ = ["Reporter", "dashboard_metrics", "step_metrics"]
@@ -123,6 +123,8 @@ class Reporter:
         self._update_steps: dict[int, int] = {}  # engine index -> global step of the pending weight copy
         self._hooks: dict[int, Any] = {}  # id(optimizer) -> step post-hook handle
         self.recovery: Any | None = None  # a Recovery: its counters join the first optimizer's scalars
+        self.events = EventLog()  # text events, one TensorBoard entry per step and tag
+        self.last_global_step: dict[int, int] = {}  # engine index -> global step of its last optimizer step
 
     def notice_once(self, key: str, message: str) -> None:
         """A one-off setup notice (``message`` without the ``"GradGuard: "`` prefix), once per key."""
@@ -131,11 +133,22 @@ class Reporter:
             self.emit(GuardEvent("notice", 0, message), index=None)
 
     def emit(self, event: GuardEvent, index: int | None) -> None:
-        """Hand ``event`` to the hook, print it (warning or information) and, for a step event, write it as text."""
+        """Hand ``event`` to the ``on_event`` hook, print it (warning or information) and, for a
+        step event, queue it as TensorBoard text.
+
+        The events of one step are written together, as one entry (TensorBoard's Text tab shows one entry
+        per step and tag), once a later step has an event or at :meth:`flush_events`.
+        """
         self.forward(event)
         (self.warn if event.is_warning else self.info)(event.text)
         if self.writer is not None and index is not None:
-            self.writer.add_text(tag("events", index), event.message, event.step)
+            self.events.add(tag("events", index), event.step, event.message, self.writer)
+
+    def flush_events(self) -> None:
+        """Write the queued text events, then flush the writer (end of training, before raising)."""
+        self.events.flush(self.writer)
+        if self.writer is not None:
+            self.writer.flush()
 
     def forward(self, event: GuardEvent) -> None:
         """Call the ``on_event`` hook; an exception in it is warned about once and does not stop training."""
@@ -183,6 +196,7 @@ class Reporter:
 
     def after_step(self, engine: GuardEngine, outcome: StepOutcome, global_step: int) -> None:
         """Events, then the outputs due at this step; raises ``outcome.error`` last (on every rank alike)."""
+        self.last_global_step[engine.index] = global_step
         for event in outcome.events:
             self.emit(event, engine.index)
         options, step = self.options, outcome.step
@@ -196,8 +210,7 @@ class Reporter:
             self.heatmap(engine, global_step)
         if outcome.error is not None:
             # Decided from the reduced vector, so every rank raises here at the same step.
-            if self.writer is not None:
-                self.writer.flush()
+            self.flush_events()
             raise NonFiniteGradientsError(outcome.error)
 
     def log(self, engine: GuardEngine, outcome: StepOutcome, global_step: int) -> None:
@@ -238,7 +251,12 @@ class Reporter:
             self.writer.add_image(name, image, global_step, dataformats="HWC")
 
     def end(self, engine: GuardEngine, global_step: int) -> None:
-        """End of training: log an unfinished interval, write the heatmap, print the diagnostics summary."""
+        """End of training: log an unfinished interval, write the heatmap, print the diagnostics summary.
+
+        The unfinished interval is logged at the global step of the engine's last optimizer step (the
+        front-end's ``global_step`` is one past it by then); ``global_step`` is used before any step.
+        """
+        global_step = self.last_global_step.get(engine.index, global_step)
         last = engine.last
         if last is not None and engine.interval.steps:
             self.log(engine, last, global_step)
@@ -248,5 +266,4 @@ class Reporter:
             summary = engine.diagnostics.summary()
             if summary:
                 self.emit(GuardEvent("summary", engine.counters.steps, f"diagnostics summary:\n{summary}"), index=None)
-        if self.writer is not None:
-            self.writer.flush()
+        self.flush_events()

@@ -217,6 +217,8 @@ class GradStats:
 
     def __init__(self, named_parameters: Iterable[tuple[str, Tensor]], group_by: GroupBy = "module") -> None:
         self._params: list[Tensor] = []
+        self._untracked: list[Tensor] = []  # listed but frozen: watched for a gradient (unfrozen later)
+        self.group_by: GroupBy = group_by
         self._param_names: list[str] = []
         self._param_layer: list[int] = []
         self.layers: list[str] = []
@@ -224,6 +226,8 @@ class GradStats:
         layer_index: dict[str, int] = {}
         seen: set[int] = set()
         for name, param in named_parameters:
+            if not param.requires_grad and id(param) not in seen:
+                self._untracked.append(param)
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
@@ -260,6 +264,29 @@ class GradStats:
     def params(self) -> list[Tensor]:
         """The tracked parameters (requiring grad), in model order."""
         return self._params
+
+    def release(self) -> None:
+        """Drop the references to the parameters (end of training); layer names and sizes are kept."""
+        self._params = []
+        self._untracked = []
+        self._plans = {}
+
+    def frozen_layers(self, layers: Iterable[int]) -> set[str]:
+        """Names of the given layers (by index) none of whose parameters requires a gradient now (frozen since)."""
+        wanted = set(layers)
+        if not wanted:
+            return set()
+        trainable = {
+            i for p, i in zip(self._params, self._param_layer, strict=False) if i in wanted and p.requires_grad
+        }
+        return {self.layers[i] for i in wanted - trainable}
+
+    def untracked_have_grads(self) -> bool:
+        """Whether a parameter left out as frozen has a gradient now (it was unfrozen): regroup then.
+
+        Costs one attribute read per frozen parameter, none for the tracked ones.
+        """
+        return any(p.grad is not None for p in self._untracked)
 
     def _plan(self) -> _Plan:
         present = tuple(p.grad is not None for p in self._params)

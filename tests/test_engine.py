@@ -122,12 +122,18 @@ def test_warn_and_monitor_only_step_through_with_a_warning(on_nonfinite: str, mo
     assert engine.counters.consecutive_skips == 0
 
 
-def test_scaler_skipped_steps_are_neither_skips_nor_events_nor_streaks() -> None:
-    engine = _engine(FixedPolicy(max_norm=1.0), max_consecutive_skips=1)
+def test_scaler_skipped_steps_are_neither_skips_nor_events_but_a_streak_stops() -> None:
+    engine = _engine(FixedPolicy(max_norm=1.0), max_consecutive_skips=2)
     outcome = engine.decide(_stats(math.inf, 1.0), scaler_enabled=True)
     assert outcome.scaler_skipped and not outcome.skipped and outcome.events == () and outcome.error is None
     assert engine.counters.scaler_skipped_total == 1 and engine.counters.skipped_total == 0
     assert engine.interval.scaler_skipped == 1
+    outcome = engine.decide(_stats(math.inf, 1.0), scaler_enabled=True)  # the run cannot progress: stop
+    assert outcome.scaler_skipped and outcome.error is not None and "GradScaler skipped 2 consecutive" in outcome.error
+    engine.counters.consecutive_skips = 0
+    assert engine.decide(_stats(math.inf, 1.0), scaler_enabled=True).error is None
+    assert engine.decide(_stats(1.0, 1.0), scaler_enabled=True).error is None  # a finite step ends the streak
+    assert engine.decide(_stats(math.inf, 1.0), scaler_enabled=True).error is None
 
 
 def test_interval_aggregates_and_close_interval() -> None:

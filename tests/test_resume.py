@@ -116,7 +116,7 @@ def _fit(
         devices=1,
         max_epochs=-1,
         max_steps=max_steps,
-        logger=CSVLogger(tmp, name="", version=0),
+        logger=kwargs.pop("logger", CSVLogger(tmp, name="", version=0)),
         callbacks=[guard, probe, *extra],
         enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in extra),
         enable_progress_bar=False,
@@ -186,7 +186,9 @@ def _assert_same_run(
     if stopped is not None:
         t_s, p_s = stopped
         assert [p_s.rows[s] for s in range(k)] == [p_a.rows[s] for s in range(k)]
-        assert {s: v for s, v in _logged(t_s).items() if s < k} == {s: v for s, v in logged_a.items() if s < k}
+        # (the stopped run's end-of-fit flush of its unfinished interval is logged at its last step, k - 1)
+        before = {s: v for s, v in _logged(t_s).items() if s < k - 1}
+        assert before == {s: v for s, v in logged_a.items() if s < k - 1}
     # the final weights, bit for bit, and every piece of GradGuard state
     w_a, w_b = t_a.lightning_module.state_dict(), t_b.lightning_module.state_dict()
     assert all(torch.equal(w_a[name], w_b[name]) for name in w_a)
@@ -322,7 +324,8 @@ def _two_guards() -> list[GradGuard]:
 
 def test_two_instances_keep_their_own_state_and_identical_ones_are_refused(tmp_path: Path) -> None:
     guards = _two_guards()
-    trainer, _ = _fit(tmp_path / "a", Model(), guards[0], 5, extra=(guards[1],))
+    # two GradGuards in one Trainer write the same tags: refused with loggers, so here without
+    trainer, _ = _fit(tmp_path / "a", Model(), guards[0], 5, extra=(guards[1],), logger=False)
     trainer.save_checkpoint(tmp_path / "two.ckpt")
     saved = torch.load(tmp_path / "two.ckpt", weights_only=True)["callbacks"]
     assert saved[guards[0].state_key]["guards"]["0"]["policy"]["name"] == "auto"
@@ -330,7 +333,9 @@ def test_two_instances_keep_their_own_state_and_identical_ones_are_refused(tmp_p
     assert "lr_guard" not in saved[guards[1].state_key]["guards"]["0"]
     # a new pair, listed in the other order, each gets back exactly its own state
     fresh, at_start = _two_guards(), StateAtStart()
-    _fit(tmp_path / "b", Model(), fresh[1], 6, ckpt_path=tmp_path / "two.ckpt", extra=(fresh[0], at_start))
+    _fit(
+        tmp_path / "b", Model(), fresh[1], 6, ckpt_path=tmp_path / "two.ckpt", extra=(fresh[0], at_start), logger=False
+    )
     for guard in guards:
         assert _same(at_start.states[guard.state_key]["guards"], saved[guard.state_key]["guards"])
     # two GradGuards with the same identity (clip, max_norm, group_by) would share one checkpoint entry
