@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_gradguard import GradGuard, Guard, RecoveryError, RollbackTrigger
 from lightning_gradguard.keys import tag
+from lightning_gradguard.tensorboard import split_events
 
 from . import test_frontends as frontends
 from ._models import TinyRegressor, make_trainer, read_events, regression_data, scalars, weights
@@ -76,7 +77,8 @@ def test_weight_turned_nan_mid_run_rolls_back_and_finishes_close_to_the_fault_fr
     acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
     rollbacks, lost = scalars(acc, tag("rollbacks_total")), scalars(acc, tag("steps_lost"))
     assert rollbacks[45] == 0.0 and rollbacks[50] == 1.0 and lost[50] == 7.0 and rollbacks[max(rollbacks)] == 1.0
-    texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag("events") + "/text_summary")]
+    entries = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag("events") + "/text_summary")]
+    texts = [text for entry in entries for text in split_events(entry)]  # one entry holds all events of a step
     assert any(t.startswith("rollback 1/3: step 47") for t in texts)
     state = guard.state_dict()["recovery"]  # the counters are checkpointed, the snapshot is not
     assert state["rollbacks_total"] == 1 and state["history"] == [[47, "nonfinite_grad", 40]]
