@@ -81,6 +81,10 @@ LABELS = {
     "gg_auto": "GG auto",
     "gradguard": "**`GradGuard()`**",
 }
+#: Candidate policies for experiments in one process: method ``"policy:<name>"`` runs
+#: ``GradGuard(clip=EXTRA_POLICIES[name]())`` with every other default, ``"policyclip:<name>"``
+#: ``GradClip(clip=EXTRA_POLICIES[name]())`` (no LR guard, no diagnostics).
+EXTRA_POLICIES: dict[str, Callable[[], Any]] = {}
 _ALGO_FILES = ("policies.py", "lr_guard.py", "diagnostics.py", "callbacks.py", "stats.py")
 
 
@@ -447,6 +451,10 @@ def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None 
         method_cb = GradClip(clip=method[3:])
     elif method == "gradguard":
         method_cb = GradGuard()
+    elif method.startswith("policy:"):
+        method_cb = GradGuard(clip=EXTRA_POLICIES[method.split(":", 1)[1]]())
+    elif method.startswith("policyclip:"):
+        method_cb = GradClip(clip=EXTRA_POLICIES[method.split(":", 1)[1]]())
     elif method != "none":
         raise ValueError(f"unknown method {method!r}")
     if method_cb is not None:
