@@ -85,7 +85,7 @@ LABELS = {
 #: ``GradGuard(clip=EXTRA_POLICIES[name]())`` with every other default, ``"policyclip:<name>"``
 #: ``GradClip(clip=EXTRA_POLICIES[name]())`` (no LR guard, no diagnostics).
 EXTRA_POLICIES: dict[str, Callable[[], Any]] = {}
-_ALGO_FILES = ("policies.py", "lr_guard.py", "diagnostics.py", "callbacks.py", "stats.py")
+_ENGINE_FILES = ("callbacks.py", "stats.py")
 
 
 @dataclass(frozen=True)
@@ -514,10 +514,23 @@ def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None 
 
 # -------------------------------------------------------------------------------------------- caching
 def _fingerprint(method: str, steps: int | None) -> str:
-    """What a cached result depends on: the bench config and, for GradGuard methods, the algorithm sources."""
+    """What a cached result depends on: the bench config and, for GradGuard methods, the algorithm sources
+    the method runs (the source of its policy class, the engine files, and the LR guard and diagnostics
+    modules for ``GradGuard()``)."""
+    import inspect
+
+    from lightning_gradguard import policies
+
     h = hashlib.sha256(json.dumps([BENCH_VERSION, SEQ, IRNN_T, DIVERGED_MARGIN, steps], sort_keys=True).encode())
     if method in GG_METHODS:
-        for name in _ALGO_FILES:
+        policy = {
+            "gg_fixed1": policies.FixedPolicy,
+            "gg_percentile": policies.PercentilePolicy,
+            "gg_zscore": policies.ZScorePolicy,
+        }.get(method, policies.AutoPolicy)
+        h.update(inspect.getsource(policy).encode())
+        files = _ENGINE_FILES + (("lr_guard.py", "diagnostics.py") if method == "gradguard" else ())
+        for name in files:
             h.update((_ROOT / "lightning_gradguard" / name).read_bytes())
     return h.hexdigest()[:16]
 
