@@ -73,6 +73,8 @@ REFERENCE_HORIZON = 256
 REFERENCE_WARMUP = 32
 #: A rise must also exceed this many standard errors of the windowed median.
 RISE_Z = 5.0
+#: The loss diverges when its recent median exceeds this many times its median at the start of the horizon.
+DIVERGING_LOSS_RATIO = 1.5
 
 # sd of the median of n normal samples ~ 1.2533 * sigma / sqrt(n); sigma ~ 1.4826 * MAD.
 _MEDIAN_SE = 1.2533 / math.sqrt(LEVEL_WINDOW)
@@ -370,18 +372,21 @@ class LRGuard:
             b = max(1.0 / max(self._num_obs - 2, 1), 1.0 / REFERENCE_HORIZON)
             self._dispersion += b * (mad - self._dispersion)
 
+        losses = self._loss_medians()
+        # A loss well above where it was is a run that diverges: act on half the evidence, cooldown or not.
+        diverging = loss is not None and losses is not None and losses[1] > DIVERGING_LOSS_RATIO * losses[0]
         if self._cooldown_left > 0:
             self._cooldown_left -= 1
-            return None
+            if not diverging:
+                return None
         if not (approaching or risen):
             self._streak.clear()
             return None
         self._streak.append((approaching, risen))
-        if len(self._streak) < self.patience:
+        if len(self._streak) < (max(2, self.patience // 2) if diverging else self.patience):
             return None
         if self.max_reductions is not None and self._num_reductions >= self.max_reductions:
             return None
-        losses = self._loss_medians()
         if self.require_stalled_loss and loss is not None and (losses is None or losses[1] < losses[0]):
             # The loss still improves, or too few losses to tell yet: keep the streak, judge again next step.
             return None
