@@ -46,6 +46,7 @@ import math
 import os
 import statistics
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -513,10 +514,27 @@ def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None 
 
 
 # -------------------------------------------------------------------------------------------- caching
+def _code(source: str) -> bytes:
+    """Python source reduced to its code: the AST without docstrings, so editing prose keeps the cache."""
+    import ast
+
+    tree = ast.parse(textwrap.dedent(source))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
+
+
 def _fingerprint(method: str, steps: int | None) -> str:
-    """What a cached result depends on: the bench config and, for GradGuard methods, the algorithm sources
-    the method runs (the source of its policy class, the engine files, and the LR guard and diagnostics
-    modules for ``GradGuard()``)."""
+    """What a cached result depends on: the bench config and, for GradGuard methods, the code they run (the
+    policy class, the engine modules, and the LR guard and diagnostics modules for ``GradGuard()``)."""
     import inspect
 
     from lightning_gradguard import policies
@@ -528,10 +546,10 @@ def _fingerprint(method: str, steps: int | None) -> str:
             "gg_percentile": policies.PercentilePolicy,
             "gg_zscore": policies.ZScorePolicy,
         }.get(method, policies.AutoPolicy)
-        h.update(inspect.getsource(policy).encode())
+        h.update(_code(inspect.getsource(policy)))
         files = _ENGINE_FILES + (("lr_guard.py", "diagnostics.py") if method == "gradguard" else ())
         for name in files:
-            h.update((_ROOT / "lightning_gradguard" / name).read_bytes())
+            h.update(_code((_ROOT / "lightning_gradguard" / name).read_text(encoding="utf-8")))
     return h.hexdigest()[:16]
 
 

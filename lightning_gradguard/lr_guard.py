@@ -19,7 +19,11 @@ A step counts as *pressing* when either
   spikes.
 
 ``patience`` consecutive pressing steps trigger a reduction; an isolated spike presses on one step
-only and never triggers it. After a reduction the guard waits ``cooldown`` steps and re-bases its
+only and never triggers it. When the training loss is passed and *diverges* (the median of its recent
+steps above 1.5x the median at the start of the horizon of up to 100 steps), half the evidence suffices
+(``patience // 2`` pressing steps) and the cooldown no longer holds the guard back: a run that is blowing
+up gets its LR cut again every few steps until the norms stop pressing the threshold (measured on the
+outcomes benchmark: a 10-layer tanh MLP at SGD lr 3, 30x too high, ends at a loss of 3.6 instead of 17). After a reduction the guard waits ``cooldown`` steps and re-bases its
 slow reference on the current level, so one rise yields one reduction unless the norms keep rising.
 
 The reduction never touches what the LR scheduler stores: a step pre-hook multiplies each group's
@@ -199,7 +203,9 @@ class LRGuard:
         require_stalled_loss: when the caller passes the training loss to :meth:`update`, act only
             while the loss has stopped improving (median of the last quarter of up to 100 recent losses
             not below the median of the first quarter). Growing norms with a falling loss are healthy early
-            training. Without losses (``loss=None``) the guard judges by the norms alone.
+            training. Without losses (``loss=None``) the guard judges by the norms alone. A loss whose
+            recent median exceeds 1.5x that of the first quarter is diverging: the guard then needs only
+            ``patience // 2`` pressing steps and ignores the cooldown.
 
     Raises:
         TypeError: an argument has the wrong type.
