@@ -404,7 +404,7 @@ class AutoPolicy(ThresholdPolicy):
     of the last 8 norms exceeds ``0.7 x ceiling`` (the norm presses it), and otherwise drifts up slowly
     (doubling every 256 steps), so it never follows a norm that jumps, and a healthy run whose norms sit far
     from the prior reaches them after ``hold_steps + open_steps * log2(norm / prior_norm)`` steps (about
-    160 steps for norms of 10). ``prior_norm=None`` removes the ceiling; the policy is then scale-free.
+    190 steps for norms of 10). ``prior_norm=None`` removes the ceiling; the policy is then scale-free.
 
     **Adaptive part.** Gradient norms are positive, multiplicative and heavy-tailed, so the statistics live in
     log space, where a 100x decay is a straight line and a lognormal stream is Gaussian. With ``l = log(norm)``:
@@ -474,7 +474,7 @@ class AutoPolicy(ThresholdPolicy):
         warmup_steps: int = 25,
         max_norm: float | None = None,
         prior_norm: float | None = 1.0,
-        hold_steps: int = 50,
+        hold_steps: int = 80,
         open_steps: int = 32,
     ) -> None:
         self.z_thresh = _check_positive("z_thresh", z_thresh)

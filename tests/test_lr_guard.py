@@ -42,7 +42,7 @@ def _run(policy_name: str, sigma: float, norms: list[float], guard: LRGuard | No
     """Feed `norms` through a real clip policy and the guard, as GradGuard does; return the reductions.
 
     ``auto`` runs without its ceiling (``prior_norm=None``): these streams carry no loss, and the ceiling's
-    absolute prior (1.0, held for the first 50 steps) sits right at the level of a unit-scale stream, so every
+    absolute prior (1.0, held for the first 80 steps) sits right at the level of a unit-scale stream, so every
     held step would approach it. In GradGuard the training loss gates the guard during that hold (0 LR
     reductions on every sane-LR cell of the outcomes benchmark); the properties here are those of the
     adaptive threshold.

@@ -80,7 +80,7 @@ def test_healthy_digits_run_gets_no_lr_reduction_and_few_clips(tmp_path: Path) -
     """The quickstart's healthy run: its gradient norm grows ~5x while the loss falls. Found in review:
     before the loss gate and the auto policy's 4x floor, GradGuard() halved the LR there and clipped 23 %
     of the steps, ending with a worse loss than no guard at all. Since the outcomes benchmark (issue 11) the
-    auto ceiling clips to its 1.0 prior during its first 50 steps (the quickstart's norms start above 1):
+    auto ceiling clips to its 1.0 prior during its first 80 steps (the quickstart's norms start above 1):
     those clips are the price of protection from step 0; after them, few clips."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     try:
@@ -114,5 +114,5 @@ def test_healthy_digits_run_gets_no_lr_reduction_and_few_clips(tmp_path: Path) -
     guard = GradGuard(histogram_every_n_steps=0, diagnostics=False)
     guarded, plain = run([guard]), run([])
     assert guard.lr_scale == 1.0
-    assert guard.clipped_steps <= 50 + 0.08 * (114 - 50)  # 34 measured, nearly all in the 50 held steps
+    assert guard.clipped_steps <= 80 + 0.08 * (114 - 80)  # nearly all in the 80 held steps
     assert guarded <= plain * 1.1

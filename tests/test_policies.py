@@ -233,10 +233,10 @@ def test_auto_ceiling_protects_from_the_first_step() -> None:
     # A first-step explosion (the IRNN of the outcomes benchmark: 2.6e3): clipped to the prior at once, and for
     # all of hold_steps, even after the adaptive part has warmed up on the exploded norms.
     p = AutoPolicy()
-    thrs = drive(p, [2.6e3] * 50)
-    assert thrs == [1.0] * 50
+    thrs = drive(p, [2.6e3] * p.hold_steps)
+    assert thrs == [1.0] * 80
     adaptive = AutoPolicy(prior_norm=None)
-    drive(adaptive, [2.6e3] * 50)
+    drive(adaptive, [2.6e3] * 80)
     assert adaptive.threshold() == pytest.approx(4.0 * 2.6e3)  # what the ceiling keeps out
 
 
@@ -267,7 +267,7 @@ def test_auto_ceiling_does_not_follow_a_jump() -> None:
 
 def test_auto_ceiling_drifts_up_when_norms_sit_far_below() -> None:
     p = AutoPolicy()
-    drive(p, [0.01] * (50 + 256))
+    drive(p, [0.01] * (80 + 256))
     assert p.state_dict()["ceiling"] == pytest.approx(2.0)
     assert p.threshold() == pytest.approx(0.04)  # the adaptive part rules: 4x the typical norm
 
