@@ -24,8 +24,8 @@ the current one included); ``gg_fixed1`` / ``gg_percentile`` / ``gg_zscore`` / `
 with every default.
 
 Metrics per run: final validation loss; diverged (non-finite, or final validation loss worse than the
-trivial baseline by more than 10 %: the unigram cross-entropy for the LMs, log 10 for digits, the target variance for the
-adding problem); loss spikes (steps whose training loss exceeds 1.5x the median of the previous 20);
+trivial baseline by more than 10 %: the unigram cross-entropy for the LMs, log 10 for digits, the target
+variance for the adding problem); loss spikes (steps whose training loss exceeds 1.5x the median of the previous 20);
 clip rate; LR-guard reductions; "exploding" verdicts; wall time per step.
 
 Results are cached in ``benchmarks/results/outcomes.json`` keyed by ``workload|lr|seed|method`` together
@@ -734,7 +734,7 @@ def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int],
     lines += [
         "",
         "Per method, over all rows: runs diverged, mean clip rate on sane-LR rows and on too-high-LR rows, "
-        "LR-guard reductions on sane / too-high rows, runs with an \"exploding\" verdict on sane / too-high "
+        'LR-guard reductions on sane / too-high rows, runs with an "exploding" verdict on sane / too-high '
         "rows, median loss spikes per run, median time per step relative to no clipping:",
         "",
         "| method | diverged | clip rate sane | clip rate high | LR reductions sane / high "

@@ -31,9 +31,7 @@ def bench() -> Any:
 @pytest.fixture(scope="module")
 def cache(bench: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     path = tmp_path_factory.mktemp("outcomes") / "outcomes.json"
-    data = bench.run_all(
-        ["irnn"], [0], ["none", "clip1", "gradguard"], jobs=1, steps=20, path=path, lr_index=(2,)
-    )
+    data = bench.run_all(["irnn"], [0], ["none", "clip1", "gradguard"], jobs=1, steps=20, path=path, lr_index=(2,))
     return path, data
 
 

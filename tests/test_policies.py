@@ -25,6 +25,7 @@ from lightning_gradguard.policies import (
     make_policy,
 )
 
+
 def scale_free_auto(**kwargs: Any) -> AutoPolicy:
     """``AutoPolicy`` without its ceiling (``prior_norm=None``): the adaptive statistics alone.
 
