@@ -206,7 +206,8 @@ class LRGuard:
             not below the median of the first quarter). Growing norms with a falling loss are healthy early
             training. Without losses (``loss=None``) the guard judges by the norms alone. A loss whose
             recent median exceeds 1.5x that of the first quarter is diverging: the guard then needs only
-            ``patience // 2`` pressing steps and ignores the cooldown.
+            ``patience // 2`` pressing steps and ignores the cooldown. ``False`` leaves the loss out of
+            every decision.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -381,7 +382,12 @@ class LRGuard:
 
         losses = self._loss_medians()
         # A loss well above where it was is a run that diverges: act on half the evidence, cooldown or not.
-        diverging = loss is not None and losses is not None and losses[1] > DIVERGING_LOSS_RATIO * losses[0]
+        diverging = (
+            self.require_stalled_loss
+            and loss is not None
+            and losses is not None
+            and losses[1] > DIVERGING_LOSS_RATIO * losses[0]
+        )
         if self._cooldown_left > 0:
             self._cooldown_left -= 1
             if not diverging:
