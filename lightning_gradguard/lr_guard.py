@@ -24,8 +24,9 @@ steps above 1.5x the median at the start of the horizon of up to 100 steps), hal
 (``patience // 2`` pressing steps) and the cooldown no longer holds the guard back: a run that is blowing
 up gets its LR cut again every few steps until the norms stop pressing the threshold (measured on the
 outcomes benchmark: a 10-layer tanh MLP at SGD lr 3, 30x too high, ends at a median loss of 2.9 under
-``GradGuard()``, 7.4 under ``gradient_clip_val=1.0``). After a reduction the guard waits ``cooldown`` steps and re-bases its slow reference on the current
-level, so one rise yields one reduction unless the norms keep rising.
+``GradGuard()``, 7.4 under ``gradient_clip_val=1.0``). After a reduction the guard waits ``cooldown``
+steps and re-bases its slow reference on the current level, so one rise yields one reduction unless the
+norms keep rising.
 
 The reduction never touches what the LR scheduler stores: a step pre-hook multiplies each group's
 ``lr`` by :attr:`LRGuard.lr_scale` just before ``optimizer.step`` runs and a step post-hook puts the
