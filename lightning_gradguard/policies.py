@@ -371,10 +371,23 @@ def _huber_consistency(c: float) -> float:
 
 
 class AutoPolicy(ThresholdPolicy):
-    """The default: robust, trend-following z-score in log-norm space, capped at a ratio of the typical norm.
+    """The default: a ceiling that starts at an absolute prior and opens only as the run earns it, under a
+    robust, trend-following z-score of the log-norm.
 
-    Gradient norms are positive, multiplicative and heavy-tailed, so the statistics live in log space, where
-    a 100x decay is a straight line and a lognormal stream is Gaussian. With ``l = log(norm)``:
+    The threshold is ``min(ceiling, adaptive)``; either part may be absent (``None`` from both: no clip).
+
+    **Ceiling** (protection from step 0). It starts at ``prior_norm`` (1.0, the common
+    ``clip_grad_norm_(max_norm=1.0)`` recipe) and stays there for ``hold_steps`` observed steps: runs whose
+    learning rate is too high blow up in their first steps (measured on the outcomes benchmark: a tanh RNN at
+    SGD lr 1-3 within 10 steps, a 10-layer tanh MLP at lr 1 within 3, a ReLU IRNN at step 0), before any
+    statistic of their own norms can be trusted. Then it doubles every ``open_steps`` steps while the median
+    of the last 8 norms exceeds ``0.7 x ceiling`` (the norm presses it), and otherwise drifts up slowly
+    (doubling every 256 steps), so it never follows a norm that jumps, and a healthy run whose norms sit far
+    from the prior reaches them after ``hold_steps + open_steps * log2(norm / prior_norm)`` steps (about
+    190 steps for norms of 10). ``prior_norm=None`` removes the ceiling; the policy is then scale-free.
+
+    **Adaptive part.** Gradient norms are positive, multiplicative and heavy-tailed, so the statistics live in
+    log space, where a 100x decay is a straight line and a lognormal stream is Gaussian. With ``l = log(norm)``:
 
     * level ``m``, slope ``s`` and variance ``v`` are EMAs; the forecast of the next log-norm is
       ``f = m + lag * s`` with ``lag = alpha / (1 - alpha)`` (the EMA's own lag, so a steady decay is
@@ -384,32 +397,43 @@ class AutoPolicy(ThresholdPolicy):
     * ``m += s + (1 - alpha) * e``; ``s`` is an EMA (decay ``(1 + alpha) / 2``) of the change of ``m``;
       ``v`` is an EMA (same decay) of ``e ** 2``, and ``sigma = max(sqrt(v / kappa), 0.05)`` where
       ``kappa`` makes the winsorized variance consistent for Gaussian log-norms;
-    * ``threshold = exp(f + clamp(z_thresh * sigma, log(min_ratio), log(max_ratio)))``, ``center = exp(f)``.
+    * ``adaptive = exp(f + clamp(z_thresh * sigma, log(min_ratio), log(max_ratio)))``, ``center = exp(f)``.
 
     The ``min_ratio`` floor (4x the typical norm) keeps ordinary steps of light-tailed streams unclipped
-    when the norm level moves faster than the statistics can follow, as it does early in real training
-    (measured on the digits quickstart: without the floor ``auto`` clipped 23 % of the steps while the
-    norm level rose 5x and the run ended with a worse loss; with it, 3 %). Spikes of 10x and more are
-    still cut to at most 4-7x the typical norm.
+    when the norm level moves faster than the statistics can follow. Warmup uses the median and MAD of the
+    first ``warmup_steps`` log-norms, so a spike during warmup does not poison the initial statistics. Norms
+    of exactly 0 carry no information in log space and are ignored.
 
-    Warmup uses the median and MAD of the first ``warmup_steps`` log-norms, so a spike during warmup does
-    not poison the initial statistics. Norms of exactly 0 carry no information in log space and are ignored.
-
-    Target clip rate on a stationary lognormal stream of log-sd ``sigma``: ``P(Z > h / sigma)`` with
-    ``h = clamp(z_thresh * sigma, log min_ratio, log max_ratio)``: practically 0 below ``sigma`` 0.35
-    (the 4x floor), 0.8 % where ``z_thresh`` rules (``sigma`` 0.58-0.81), and ``P(norm > 7 x typical)``
-    (2.6 % at ``sigma`` 1) for heavy tails. See ``docs/policies.md`` for the comparison with ZClip.
+    Target clip rate of the adaptive part on a stationary lognormal stream of log-sd ``sigma``:
+    ``P(Z > h / sigma)`` with ``h = clamp(z_thresh * sigma, log min_ratio, log max_ratio)``: practically 0
+    below ``sigma`` 0.35 (the 4x floor), 0.8 % where ``z_thresh`` rules (``sigma`` 0.58-0.81), and
+    ``P(norm > 7 x typical)`` (2.6 % at ``sigma`` 1) for heavy tails. While the ceiling binds, more steps
+    are clipped (it settles near 1.4x the median norm until its slow drift lifts it above the adaptive
+    threshold). See ``docs/policies.md`` for the outcomes behind every constant.
 
     Args:
         z_thresh: threshold in standard deviations of the log-norm, > 0.
-        max_ratio: the threshold never exceeds ``max_ratio`` times the typical norm, > 1.
-        min_ratio: the threshold is never below ``min_ratio`` times the typical norm, in [1, max_ratio].
+        max_ratio: the adaptive threshold never exceeds ``max_ratio`` times the typical norm, > 1.
+        min_ratio: the adaptive threshold is never below ``min_ratio`` times the typical norm, in
+            [1, max_ratio].
         alpha: EMA decay of the level, in (0, 1); variance and slope use ``(1 + alpha) / 2``.
-        warmup_steps: observed steps before the policy clips on its own, >= 1.
-        max_norm: optional cap; the threshold never exceeds it, and it is the threshold during warmup.
+        warmup_steps: observed steps before the adaptive part clips, >= 1.
+        max_norm: optional cap; the threshold never exceeds it.
+        prior_norm: starting ceiling, > 0, or ``None`` for no ceiling (the adaptive part alone, with no
+            clipping during its warmup).
+        hold_steps: observed steps the ceiling stays at ``prior_norm``, >= 0.
+        open_steps: steps per doubling of the ceiling while the norms press it, >= 1.
 
     Raises:
         TypeError, ValueError: on an invalid argument.
+
+    Example:
+
+        >>> p = AutoPolicy()
+        >>> p.threshold()  # protection from the first step
+        1.0
+        >>> AutoPolicy(prior_norm=None).threshold() is None
+        True
     """
 
     name: ClassVar[str] = "auto"
@@ -417,6 +441,9 @@ class AutoPolicy(ThresholdPolicy):
     _HUBER_C: ClassVar[float] = 1.5
     _MIN_SIGMA: ClassVar[float] = 0.05
     _MAD_TO_SIGMA: ClassVar[float] = 1.482602218505602
+    _PRESS: ClassVar[float] = 0.7  # the ceiling opens while the median recent norm exceeds this share of it
+    _PRESS_WINDOW: ClassVar[int] = 8
+    _DRIFT_STEPS: ClassVar[int] = 256  # steps per doubling of the ceiling while the norms do not press it
 
     def __init__(
         self,
@@ -426,6 +453,9 @@ class AutoPolicy(ThresholdPolicy):
         alpha: float = 0.98,
         warmup_steps: int = 25,
         max_norm: float | None = None,
+        prior_norm: float | None = 1.0,
+        hold_steps: int = 80,
+        open_steps: int = 32,
     ) -> None:
         self.z_thresh = _check_positive("z_thresh", z_thresh)
         self.max_ratio = _check_real("max_ratio", max_ratio)
@@ -437,6 +467,13 @@ class AutoPolicy(ThresholdPolicy):
         self.min_ratio = _check_real("min_ratio", min_ratio)
         if not 1.0 <= self.min_ratio <= self.max_ratio:
             raise ValueError(f"`min_ratio` must be in [1, max_ratio={self.max_ratio!r}], got {min_ratio!r}")
+        self.prior_norm = None if prior_norm is None else _check_positive("prior_norm", prior_norm)
+        self.hold_steps = check_int("hold_steps", hold_steps, 0)
+        self.open_steps = check_int("open_steps", open_steps, 1)
+        self._open = 2.0 ** (1.0 / self.open_steps)
+        self._drift = 2.0 ** (1.0 / self._DRIFT_STEPS)
+        self._ceiling = self.prior_norm
+        self._recent: deque[float] = deque(maxlen=self._PRESS_WINDOW)
         self._log_ratio = math.log(self.max_ratio)
         self._log_min_ratio = math.log(self.min_ratio)
         self._slow = 0.5 * (1.0 + self.alpha)
@@ -451,13 +488,16 @@ class AutoPolicy(ThresholdPolicy):
     def _sigma(self, var: float) -> float:
         return max(math.sqrt(var / self._kappa), self._MIN_SIGMA)
 
-    def threshold(self) -> float | None:
+    def _adaptive(self) -> float | None:
         if self._level is None or self._var is None:
-            return self.max_norm
+            return None
         forecast = self._level + self._lag * self._slope
         headroom = min(max(self.z_thresh * self._sigma(self._var), self._log_min_ratio), self._log_ratio)
-        thr = math.exp(forecast + headroom)
-        return thr if self.max_norm is None else min(thr, self.max_norm)
+        return math.exp(forecast + headroom)
+
+    def threshold(self) -> float | None:
+        limits = [x for x in (self._adaptive(), self._ceiling, self.max_norm) if x is not None]
+        return min(limits) if limits else None
 
     def center(self) -> float | None:
         if self._level is None:
@@ -469,6 +509,7 @@ class AutoPolicy(ThresholdPolicy):
             return
         x = math.log(norm)
         self._steps += 1
+        self._update_ceiling(float(norm))
         if self._level is None or self._var is None:
             self._warmup.append(x)
             if len(self._warmup) >= self.warmup_steps:
@@ -488,6 +529,16 @@ class AutoPolicy(ThresholdPolicy):
         self._level = new_level
         self._var = self._slow * self._var + (1.0 - self._slow) * resid * resid
 
+    def _update_ceiling(self, norm: float) -> None:
+        """Hold at the prior, then open while the recent norms press the ceiling, else drift up slowly."""
+        if self._ceiling is None:
+            return
+        self._recent.append(norm)
+        if self._steps <= self.hold_steps:
+            return
+        press = statistics.median(self._recent) > self._PRESS * self._ceiling
+        self._ceiling *= self._open if press else self._drift
+
     def _config(self) -> dict[str, Any]:
         return {
             "z_thresh": self.z_thresh,
@@ -496,6 +547,9 @@ class AutoPolicy(ThresholdPolicy):
             "alpha": self.alpha,
             "warmup_steps": self.warmup_steps,
             "max_norm": self.max_norm,
+            "prior_norm": self.prior_norm,
+            "hold_steps": self.hold_steps,
+            "open_steps": self.open_steps,
         }
 
     def _state(self) -> dict[str, Any]:
@@ -505,6 +559,8 @@ class AutoPolicy(ThresholdPolicy):
             "slope": self._slope,
             "warmup": list(self._warmup),
             "steps": self._steps,
+            "ceiling": self._ceiling,
+            "recent": list(self._recent),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -514,6 +570,9 @@ class AutoPolicy(ThresholdPolicy):
         self._slope = float(state.get("slope", 0.0))
         self._warmup = [float(x) for x in state.get("warmup", [])]
         self._steps = int(state.get("steps", 0))
+        ceiling = state.get("ceiling", self.prior_norm)
+        self._ceiling = None if ceiling is None or self.prior_norm is None else float(ceiling)
+        self._recent = deque((float(x) for x in state.get("recent", [])), maxlen=self._PRESS_WINDOW)
 
 
 # ------------------------------------------------------------------------------------------------ factory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -74,7 +75,11 @@ def test_lr_too_high_lr_guard_fires_and_loss_is_lower(tmp_path: Path) -> None:
     assert with_guard.lr_scale == 0.5 and len(with_guard.reductions) >= 1
     assert without.lr_scale == 1.0 and without.reductions == []
     assert with_guard.mean_loss(50) < 0.5 * without.mean_loss(50)
-    assert with_guard.losses[:50] == without.losses[:50]  # same weights and batches until the guard acts
+    # Same weights and batches until the guard acts. Since the diverging-loss path of the LR guard (issue 11)
+    # the first reduction comes around step 20 instead of after step 50: compare up to it.
+    first = int(re.search(r"LR guard: step (\d+):", with_guard.reductions[0])[1])  # type: ignore[index]
+    assert first >= 10
+    assert with_guard.losses[: first + 1] == without.losses[: first + 1]
 
 
 def test_ddp_cpu_two_ranks_same_decisions(tmp_path: Path) -> None:

@@ -1,0 +1,74 @@
+"""The outcomes benchmark in miniature: one real cell (IRNN, adding problem, lr 0.03), 20 steps, three methods.
+
+It runs through ``benchmarks/bench_outcomes.py`` itself (Lightning ``Trainer``, the same initial weights and
+batches for every method) and checks a real claim of the full table: a first-step explosion (the identity-
+initialised ReLU RNN starts with a gradient norm of about 25) blows up without clipping, while
+``gradient_clip_val=1.0`` and ``GradGuard()`` keep it finite from step 0.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Any:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_outcomes
+    finally:
+        sys.path.pop(0)
+    return bench_outcomes
+
+
+@pytest.fixture(scope="module")
+def cache(bench: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    path = tmp_path_factory.mktemp("outcomes") / "outcomes.json"
+    data = bench.run_all(["irnn"], [0], ["none", "clip1", "gradguard"], jobs=1, steps=20, path=path, lr_index=(2,))
+    return path, data
+
+
+def test_first_step_explosion_is_held_by_clipping_from_step_zero(bench: Any, cache: tuple[Path, Any]) -> None:
+    runs = cache[1]["runs"]
+    none, clip1, guard = (runs[f"irnn|0.03|0|{m}"] for m in ("none", "clip1", "gradguard"))
+    # same weights and batches: the same first (pre-clip) norm, far above 1
+    assert none["first_norm"] == pytest.approx(clip1["first_norm"]) == pytest.approx(guard["first_norm"])
+    assert none["first_norm"] > 10.0
+    assert none["steps"] == clip1["steps"] == guard["steps"] == 20
+    # no clipping: the norm explodes and the run ends far worse than predicting the mean
+    assert none["max_norm"] > 100.0 * none["first_norm"]
+    assert none["diverged"] and (none["val_loss"] is None or none["val_loss"] > 10.0 * none["baseline"])
+    # clip-1.0 and GradGuard(): the norm never grows past the first one, and the run does not diverge
+    for run in (clip1, guard):
+        assert run["max_norm"] <= 1.5 * run["first_norm"]
+        assert not run["diverged"] and run["val_loss"] is not None and math.isfinite(run["val_loss"])
+        assert run["clip_rate"] >= 0.5  # the first steps are clipped: protection from step 0
+    assert guard["error"] is None
+
+
+def test_cache_is_reused_and_the_table_has_its_structure(bench: Any, cache: tuple[Path, Any]) -> None:
+    path, _ = cache
+    again = bench.run_all(["irnn"], [0], ["none", "clip1", "gradguard"], jobs=1, steps=20, path=path, lr_index=(2,))
+    assert len(again["runs"]) == 3  # nothing recomputed, nothing added
+    text = bench.tables(again, ["irnn"], [0], ["none", "clip1", "gradguard"])
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| workload | lr |"))
+    assert header.count("|") == 2 + 3 + 2  # workload, lr, three methods, verdict
+    assert "no clip" in header and "`gradient_clip_val=1`" in header and "`GradGuard()`" in header
+    rows = [line for line in lines if line.startswith("| ReLU IRNN")]
+    assert len(rows) == 3  # one per LR of the sweep; only lr 0.03 was run
+    row = next(r for r in rows if "| 0.03 |" in r)
+    cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+    assert cells[2].endswith("(1)")  # no clipping: 1 seed of 1 diverged
+    assert cells[3].endswith("(0)") and cells[4].endswith("(0)")
+    assert cells[5].startswith(("ok", "+", "-"))  # the verdict column judges GradGuard()
+    assert any(r for r in rows if "| 0.001 |" in r and "| - |" in r)  # not run: shown as "-"
+    method_rows = [line for line in lines if line.startswith(("| no clip |", "| `gradient_clip_val=1` |"))]
+    assert len(method_rows) == 2
