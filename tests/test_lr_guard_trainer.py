@@ -153,13 +153,20 @@ class _Regression(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def _fit_regression(lr_guard: bool, rollback: bool = False) -> tuple[list[float], GradGuard, list[str]]:
+def _fit_regression(
+    lr_guard: bool, rollback: bool = False, clip: Any = "auto"
+) -> tuple[list[float], GradGuard, list[str]]:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(256, 10, generator=g)
     y = x @ torch.randn(10, 1, generator=g) + 0.1 * torch.randn(256, 1, generator=g)
     # Recovery off: this is the LR guard's own rescue (with defaults a rollback acts first, see test_recovery_trainer).
     gg = GradGuard(
-        lr_guard=lr_guard, diagnostics=False, histogram_every_n_steps=0, heatmap_every_n_steps=0, rollback=rollback
+        clip=clip,
+        lr_guard=lr_guard,
+        diagnostics=False,
+        histogram_every_n_steps=0,
+        heatmap_every_n_steps=0,
+        rollback=rollback,
     )
     model = _Regression(lr=0.9)
     trainer = Trainer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_gradguard import GradGuard, Guard, RecoveryError, RollbackTrigger
+from lightning_gradguard import AutoPolicy, GradGuard, Guard, RecoveryError, RollbackTrigger
 from lightning_gradguard.keys import tag
 from lightning_gradguard.tensorboard import split_events
 
@@ -84,8 +85,13 @@ def test_weight_turned_nan_mid_run_rolls_back_and_finishes_close_to_the_fault_fr
     assert state["rollbacks_total"] == 1 and state["history"] == [[47, "nonfinite_grad", 40]]
 
 
-def test_too_high_lr_diverging_in_the_first_steps_recovers_under_defaults() -> None:
-    losses, gg, messages = _fit_regression(lr_guard=True, rollback=True)
+def test_too_high_lr_diverging_in_the_first_steps_recovers() -> None:
+    """SGD at lr 0.9 on a regression diverges within its first steps when nothing bounds the first updates.
+
+    The default ``auto`` policy now caps the norm from step 0 (issue 11), which keeps this run from diverging
+    at all, so the rollback is exercised with the scale-free policy (``prior_norm=None``, the old default).
+    """
+    losses, gg, messages = _fit_regression(lr_guard=True, rollback=True, clip=AutoPolicy(prior_norm=None))
     assert gg.rollbacks_total >= 1
     first = next(m for m in messages if "rollback 1/3" in m)
     assert "losses above" in first and "restored step 0" in first  # the loss ran away from its level
@@ -93,6 +99,24 @@ def test_too_high_lr_diverging_in_the_first_steps_recovers_under_defaults() -> N
     final = sum(losses[-20:]) / 20
     assert final < 0.05  # the noise floor is 0.01
     assert gg.lr_scale <= 0.5
+
+
+def test_adamw_far_too_high_lr_is_rolled_back_under_defaults(tmp_path: Path) -> None:
+    """AdamW at 150x its healthy LR: clipping cannot bound Adam's step; under defaults the runaway loss rolls back."""
+    torch.manual_seed(0)  # the initial weights _tiny_fit starts from
+    init_loss = _full_loss(TinyRegressor())
+    runs = {}
+    for rollback in (True, False):
+        guard = GradGuard(histogram_every_n_steps=0, rollback=rollback)
+        model, _, messages = _tiny_fit(tmp_path / str(rollback), guard, 150, optimizer="adamw", lr=3.0)
+        runs[rollback] = (guard, _full_loss(model), messages)
+    guard, loss, messages = runs[True]
+    first = next(m for m in messages if "rollback 1/3" in m)
+    step, blown = re.search(r"rollback 1/3: step (\d+): loss ([0-9.e+]+)", first).groups()  # type: ignore[union-attr]
+    assert int(step) < 15 and float(blown) > 20 * init_loss  # it diverged within its first steps
+    assert "restored step 0" in first and guard.rollbacks_total >= 1 and guard.lr_scale <= 0.5
+    assert math.isfinite(loss) and loss < 0.5 * runs[False][1], (loss, runs[False][1])  # far better than without
+    assert runs[False][0].rollbacks_total == 0
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
