@@ -11,7 +11,7 @@ import torch
 
 from lightning_gradguard import AutoPolicy, GradGuard, Guard
 from tests.test_frontends import _model, _options, _plain_steps
-from tests.test_resume import N, Model, StateAtStart, _assert_same_run, _fit, _same
+from tests.test_resume import Model, N, StateAtStart, _assert_same_run, _fit, _same
 
 DATA = Path(__file__).parent / "data"
 

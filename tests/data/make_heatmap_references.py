@@ -11,9 +11,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from tests.test_heatmap_pixels import HEATMAP_CASES, write_png  # noqa: E402
-
 from lightning_gradguard.heatmap import render_heatmap  # noqa: E402
+from tests.test_heatmap_pixels import HEATMAP_CASES, write_png  # noqa: E402
 
 if __name__ == "__main__":
     for name, (args, kwargs) in HEATMAP_CASES.items():
