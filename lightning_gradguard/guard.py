@@ -151,8 +151,16 @@ class Guard:
         self.engine.signature = parameter_signature(self.optimizer)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.attach(self.optimizer)
+        self.reporter = self._make_reporter(writer, scaler, on_event)
+        self.recovery: Recovery | None = self.options.recovery()
+        self.reporter.recovery = self.recovery
+        if self.recovery is not None:
+            self.recovery.attach(model, self.optimizer, self.schedulers)
+
+    def _make_reporter(self, writer: Any | None, scaler: Any | None, on_event: OnEvent | None) -> Reporter:
+        """The outputs (rank zero writes), attached to the optimizer, the dashboard layout written."""
         zero = _rank_zero()
-        self.reporter = Reporter(
+        reporter = Reporter(
             self.options,
             warn=self._warn,
             info=self._info,
@@ -162,15 +170,12 @@ class Guard:
             scaler_enabled=scaler is not None and scaler.is_enabled(),
             on_event=on_event if zero else None,
         )
-        self.reporter.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
-        self.recovery: Recovery | None = self.options.recovery()
-        self.reporter.recovery = self.recovery
-        if self.recovery is not None:
-            self.recovery.attach(model, self.optimizer, self.schedulers)
-        if self.reporter.writer is not None:
+        reporter.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
+        if reporter.writer is not None:
             from lightning_gradguard.tensorboard import dashboard_layout
 
-            self.reporter.writer.add_custom_scalars(dashboard_layout([0]))
+            reporter.writer.add_custom_scalars(dashboard_layout([0]))
+        return reporter
 
     # ------------------------------------------------------------------ outputs
     def _warn(self, text: str) -> None:
