@@ -220,37 +220,22 @@ def guard_options(
     """
     from lightning_gradguard.diagnostics import GradientDiagnostics
     from lightning_gradguard.lr_guard import LRGuard
-    from lightning_gradguard.policies import ThresholdPolicy, make_policy
 
     max_norm, max_consecutive_skips = python_scalar(max_norm), python_scalar(max_consecutive_skips)
     log_every_n_steps, log_layer_norms = python_scalar(log_every_n_steps), python_scalar(log_layer_norms)
     histogram_every_n_steps, histogram_bins = python_scalar(histogram_every_n_steps), python_scalar(histogram_bins)
     heatmap_every_n_steps, group_by = python_scalar(heatmap_every_n_steps), python_scalar(group_by)
-    if clip is not None and not isinstance(clip, ThresholdPolicy):
-        check_choice("clip", clip, CLIP_NAMES, ", a ThresholdPolicy or None")
-    check_finite_positive("max_norm", max_norm, allow_none=True)
-    make_policy(clip, max_norm)  # a throwaway policy, so that policy-level errors (e.g. "fixed" without max_norm) show
-    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
-    check_int("max_consecutive_skips", max_consecutive_skips, 1)
-    if not isinstance(lr_guard, bool | LRGuard):
-        raise ValueError(f"`lr_guard` must be True, False or an LRGuard instance, got {lr_guard!r}")
-    if isinstance(group_by, bool) or not (
-        callable(group_by) or group_by in ("module", "param") or isinstance(group_by, int)
-    ):
-        raise ValueError(f"`group_by` must be 'module', 'param', an int depth >= 1 or a callable, got {group_by!r}")
-    if isinstance(group_by, int):
-        check_int("group_by", group_by, 1)
-    if not isinstance(log_layer_norms, bool):
-        raise ValueError(f"`log_layer_norms` must be True or False, got {log_layer_norms!r}")
-    if log_every_n_steps is not None:
-        check_int("log_every_n_steps", log_every_n_steps, 1)
-    check_int("histogram_every_n_steps", histogram_every_n_steps, 0)
-    check_int("histogram_bins", histogram_bins, 1)
-    check_int("heatmap_every_n_steps", heatmap_every_n_steps, 0)
-    if not isinstance(log_update_ratios, bool):
-        raise TypeError(f"`log_update_ratios` must be True or False, got {log_update_ratios!r}")
-    if not isinstance(diagnostics, bool | GradientDiagnostics):
-        raise ValueError(f"`diagnostics` must be True, False or a GradientDiagnostics instance, got {diagnostics!r}")
+    _check_protection(clip, max_norm, on_nonfinite, max_consecutive_skips, lr_guard)
+    _check_outputs(
+        group_by,
+        log_layer_norms,
+        log_every_n_steps,
+        histogram_every_n_steps,
+        histogram_bins,
+        heatmap_every_n_steps,
+        log_update_ratios,
+        diagnostics,
+    )
     if clip is None and isinstance(lr_guard, LRGuard):
         raise ValueError("`lr_guard` needs clipping: pass `clip` (e.g. 'auto') or `lr_guard=False`")
     template = None if clip is None or lr_guard is False else (LRGuard() if lr_guard is True else lr_guard)
@@ -280,3 +265,50 @@ def guard_options(
         else (RollbackTrigger() if rollback and template else None),
         snapshot_every_n_steps=snapshot_every_n_steps,
     )
+
+
+def _check_protection(clip: Any, max_norm: Any, on_nonfinite: Any, max_consecutive_skips: Any, lr_guard: Any) -> None:
+    """:func:`guard_options`' checks of what changes training: clipping, non-finite steps, the LR guard."""
+    from lightning_gradguard.lr_guard import LRGuard
+    from lightning_gradguard.policies import ThresholdPolicy, make_policy
+
+    if clip is not None and not isinstance(clip, ThresholdPolicy):
+        check_choice("clip", clip, CLIP_NAMES, ", a ThresholdPolicy or None")
+    check_finite_positive("max_norm", max_norm, allow_none=True)
+    make_policy(clip, max_norm)  # a throwaway policy, so that policy-level errors (e.g. "fixed" without max_norm) show
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+    check_int("max_consecutive_skips", max_consecutive_skips, 1)
+    if not isinstance(lr_guard, bool | LRGuard):
+        raise ValueError(f"`lr_guard` must be True, False or an LRGuard instance, got {lr_guard!r}")
+
+
+def _check_outputs(
+    group_by: Any,
+    log_layer_norms: Any,
+    log_every_n_steps: Any,
+    histogram_every_n_steps: Any,
+    histogram_bins: Any,
+    heatmap_every_n_steps: Any,
+    log_update_ratios: Any,
+    diagnostics: Any,
+) -> None:
+    """:func:`guard_options`' checks of what is measured and reported: layers, cadences, diagnostics."""
+    from lightning_gradguard.diagnostics import GradientDiagnostics
+
+    if isinstance(group_by, bool) or not (
+        callable(group_by) or group_by in ("module", "param") or isinstance(group_by, int)
+    ):
+        raise ValueError(f"`group_by` must be 'module', 'param', an int depth >= 1 or a callable, got {group_by!r}")
+    if isinstance(group_by, int):
+        check_int("group_by", group_by, 1)
+    if not isinstance(log_layer_norms, bool):
+        raise ValueError(f"`log_layer_norms` must be True or False, got {log_layer_norms!r}")
+    if log_every_n_steps is not None:
+        check_int("log_every_n_steps", log_every_n_steps, 1)
+    check_int("histogram_every_n_steps", histogram_every_n_steps, 0)
+    check_int("histogram_bins", histogram_bins, 1)
+    check_int("heatmap_every_n_steps", heatmap_every_n_steps, 0)
+    if not isinstance(log_update_ratios, bool):
+        raise TypeError(f"`log_update_ratios` must be True or False, got {log_update_ratios!r}")
+    if not isinstance(diagnostics, bool | GradientDiagnostics):
+        raise ValueError(f"`diagnostics` must be True, False or a GradientDiagnostics instance, got {diagnostics!r}")

@@ -579,7 +579,15 @@ def _restore_fields(cls: type[Any], saved: Any) -> Any:
 
 
 class GradGuardError(RuntimeError):
-    """A setting GradGuard cannot work with (raised at setup, before any step)."""
+    """GradGuard cannot go on: the base of its errors that are not about the gradients themselves.
+
+    Raised directly before any step, for a setup GradGuard cannot work with: in the callback's ``setup``
+    (Lightning's FSDP1 strategy, ``Trainer(gradient_clip_val=...)`` together with clipping, two GradGuard
+    callbacks writing to the same loggers) and in ``FabricGuard``'s constructor (Fabric's FSDP1 or
+    DeepSpeed strategy). Its subclass ``RecoveryError`` is raised during training, on every rank at the
+    same step, when a rollback trigger fires after ``max_rollbacks`` rollbacks. Non-finite gradients
+    that stop training raise ``NonFiniteGradientsError`` instead.
+    """
 
 
 class NonFiniteGradientsError(RuntimeError):

@@ -71,15 +71,20 @@ class Guard:
         writer: a TensorBoard ``SummaryWriter`` for scalars, histograms, text events and the heatmap
             (used on rank zero only), or ``None``.
         scaler: the ``torch.amp.GradScaler`` in use, if any.
+        scheduler: the LR scheduler you step (or a list of them; anything with ``state_dict`` and
+            ``load_state_dict``), or ``None``. A rollback restores its state with the model's and the
+            optimizer's, so the schedule continues from the snapshot's step; without it a rollback leaves
+            the scheduler where it is.
         log_every_n_steps: log cadence in optimizer steps (default 50).
         **options: every other :class:`~lightning_gradguard.GradGuard` argument (``clip``, ``max_norm``,
             ``on_nonfinite``, ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``,
             ``histogram_every_n_steps``, ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``,
             ``log_update_ratios``, ``on_event``, ``rollback``, ``snapshot_every_n_steps``). Recovery snapshots
-            ``model`` and ``optimizer`` (param-group LRs included); a scheduler's own state is not known to the guard.
+            ``model``, ``optimizer`` (param-group LRs included) and ``scheduler``.
 
     Raises:
         ValueError: an option out of range, with the same messages as GradGuard.
+        TypeError: ``scheduler`` is not an LR scheduler (nor a list of them).
         NonFiniteGradientsError: from :meth:`before_optimizer_step`, per ``on_nonfinite`` /
             ``max_consecutive_skips`` (on every rank at the same step).
         RecoveryError: from :meth:`before_optimizer_step`, after ``max_rollbacks`` rollbacks.
@@ -117,6 +122,7 @@ class Guard:
         on_event: OnEvent | None = None,
         rollback: bool | RollbackTrigger = True,
         snapshot_every_n_steps: int = 100,
+        scheduler: Any | None = None,
     ) -> None:
         check_hook("on_event", on_event)
         self.options = guard_options(
@@ -138,14 +144,23 @@ class Guard:
         )
         self.optimizer = unwrap_optimizer(optimizer)
         self.scaler = scaler
+        self.schedulers: list[Any] = _schedulers(scheduler)
         self._module = unwrap_model(model)
         named = optimizer_parameters(self._module, self.optimizer)
         self.engine: GuardEngine = self.options.engine(0, named, monitor_only=False)
         self.engine.signature = parameter_signature(self.optimizer)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.attach(self.optimizer)
+        self.reporter = self._make_reporter(writer, scaler, on_event)
+        self.recovery: Recovery | None = self.options.recovery()
+        self.reporter.recovery = self.recovery
+        if self.recovery is not None:
+            self.recovery.attach(model, self.optimizer, self.schedulers)
+
+    def _make_reporter(self, writer: Any | None, scaler: Any | None, on_event: OnEvent | None) -> Reporter:
+        """The outputs (rank zero writes), attached to the optimizer, the dashboard layout written."""
         zero = _rank_zero()
-        self.reporter = Reporter(
+        reporter = Reporter(
             self.options,
             warn=self._warn,
             info=self._info,
@@ -155,15 +170,12 @@ class Guard:
             scaler_enabled=scaler is not None and scaler.is_enabled(),
             on_event=on_event if zero else None,
         )
-        self.reporter.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
-        self.recovery: Recovery | None = self.options.recovery()
-        self.reporter.recovery = self.recovery
-        if self.recovery is not None:
-            self.recovery.attach(model, self.optimizer)
-        if self.reporter.writer is not None:
+        reporter.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
+        if reporter.writer is not None:
             from lightning_gradguard.tensorboard import dashboard_layout
 
-            self.reporter.writer.add_custom_scalars(dashboard_layout([0]))
+            reporter.writer.add_custom_scalars(dashboard_layout([0]))
+        return reporter
 
     # ------------------------------------------------------------------ outputs
     def _warn(self, text: str) -> None:
@@ -282,6 +294,18 @@ class Guard:
             if differences:
                 message = "the saved state does not fully match this Guard:\n- " + "\n- ".join(differences)
                 self.reporter.emit(GuardEvent("state", self.engine.counters.steps, message), index=None)
+
+
+def _schedulers(scheduler: Any) -> list[Any]:
+    """``Guard(scheduler=...)`` as a list, checked: ``None``, one LR scheduler or a list / tuple of them."""
+    found = [] if scheduler is None else list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
+    for sched in found:
+        if not (callable(getattr(sched, "state_dict", None)) and callable(getattr(sched, "load_state_dict", None))):
+            raise TypeError(
+                "`scheduler` must be an LR scheduler (with `state_dict` and `load_state_dict`), a list of them or "
+                f"None, got {type(sched).__name__}"
+            )
+    return found
 
 
 class FabricGuard(Guard):

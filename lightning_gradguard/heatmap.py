@@ -98,6 +98,32 @@ def render_heatmap(
         ImportError: matplotlib is not installed.
         ValueError: the shapes do not match or are empty.
     """
+    grid = _checked_grid(layers, steps, log10_norms, width)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - exercised only without matplotlib
+        raise ImportError("the gradient heatmap needs matplotlib: pip install lightning-gradguard[report]") from exc
+
+    height, width = heatmap_size(len(layers), width)
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+    canvas = FigureCanvasAgg(fig)
+    labels = [_shorten(name) for name in layers]
+    longest = max(len(s) for s in labels)
+    left = min(0.45, (40 + 6.6 * longest) / width)  # room for the labels and the axis title
+    fig.subplots_adjust(left=left, right=0.85, top=1 - 45 / height, bottom=75 / height)
+    ax = fig.add_subplot(1, 1, 1)
+    image, has_zero = _draw_cells(ax, grid)
+    ax.set_title(title, fontsize=11)
+    _label_axes(ax, labels, steps, height)
+    _draw_colour_scale(fig, image, height, colorbar_label, extend="min" if has_zero else "neither")
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[:, :, :3], dtype=np.uint8)
+
+
+def _checked_grid(layers: Sequence[str], steps: Sequence[int], log10_norms: Any, width: int) -> np.ndarray:
+    """:func:`render_heatmap`'s arguments checked; the cells as a float64 array."""
     grid = np.asarray(log10_norms, dtype=np.float64)
     if grid.ndim != 2 or grid.shape != (len(layers), len(steps)):
         raise ValueError(
@@ -107,16 +133,16 @@ def render_heatmap(
         raise ValueError(f"need at least one layer and one step, got {len(layers)} and {len(steps)}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 400:
         raise ValueError(f"`width` must be an int >= 400, got {width!r}")
-    try:
-        from matplotlib import colormaps
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:  # pragma: no cover - exercised only without matplotlib
-        raise ImportError("the gradient heatmap needs matplotlib: pip install lightning-gradguard[report]") from exc
+    return grid
 
-    height, width = heatmap_size(len(layers), width)
-    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
-    canvas = FigureCanvasAgg(fig)
+
+def _draw_cells(ax: Any, grid: np.ndarray) -> tuple[Any, bool]:
+    """The cells, coloured over the finite range; zero norms black, missing or non-finite grey.
+
+    Returns:
+        ``(image, whether some norm is zero)``.
+    """
+    from matplotlib import colormaps
 
     finite = grid[np.isfinite(grid)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 0.0)
@@ -126,23 +152,19 @@ def render_heatmap(
     shown = np.where(zero, lo - 1.0, grid)  # below the scale: drawn with the "under" colour
     shown = np.ma.masked_invalid(shown)
     cmap = colormaps["viridis"].with_extremes(under="black", bad="#d0d0d0")
-
-    labels = [_shorten(name) for name in layers]
-    longest = max(len(s) for s in labels)
-    left = min(0.45, (40 + 6.6 * longest) / width)  # room for the labels and the axis title
-    fig.subplots_adjust(left=left, right=0.85, top=1 - 45 / height, bottom=75 / height)
-    ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi, origin="upper")
-    ax.set_title(title, fontsize=11)
+    return image, bool(zero.any())
 
-    # y axis: layer names, first layer on top; thinned when there are too many to read
-    rows_per_label = max(1, int(np.ceil(len(layers) * 12 / (height - 120))))
-    yticks = list(range(0, len(layers), rows_per_label))
+
+def _label_axes(ax: Any, labels: list[str], steps: Sequence[int], height: int) -> None:
+    """Layer names on the y axis (first on top, thinned when too many to read); step numbers on the x axis."""
+    rows_per_label = max(1, int(np.ceil(len(labels) * 12 / (height - 120))))
+    yticks = list(range(0, len(labels), rows_per_label))
     ax.set_yticks(yticks)
     ax.set_yticklabels([labels[i] for i in yticks], fontsize=8)
     ax.set_ylabel("layer (model order)", fontsize=9)
 
-    # x axis: step numbers at up to ~10 evenly spaced columns
+    # step numbers at up to ~10 evenly spaced columns
     n_cols = len(steps)
     n_ticks = min(n_cols, 10)
     xticks = sorted({round(i * (n_cols - 1) / max(1, n_ticks - 1)) for i in range(n_ticks)})
@@ -150,9 +172,12 @@ def render_heatmap(
     ax.set_xticklabels([str(int(steps[i])) for i in xticks], fontsize=8, rotation=0)
     ax.set_xlabel("step", fontsize=9)
 
+
+def _draw_colour_scale(fig: Any, image: Any, height: int, label: str, extend: str) -> None:
+    """The labelled colour bar right of the cells, and the note on black and grey cells under the step axis."""
     cax = fig.add_axes((0.87, 75 / height, 0.022, 1 - 120 / height))
-    bar = fig.colorbar(image, cax=cax, extend="min" if zero.any() else "neither")
-    bar.set_label(colorbar_label, fontsize=9)
+    bar = fig.colorbar(image, cax=cax, extend=extend)
+    bar.set_label(label, fontsize=9)
     bar.ax.tick_params(labelsize=8)
     fig.text(
         0.01,
@@ -161,7 +186,3 @@ def render_heatmap(
         fontsize=8,
         color="#444444",
     )
-
-    canvas.draw()
-    rgba = np.asarray(canvas.buffer_rgba())
-    return np.ascontiguousarray(rgba[:, :, :3], dtype=np.uint8)

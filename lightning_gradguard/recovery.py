@@ -664,21 +664,7 @@ class RollbackTrigger:
         if above and level is not None:
             evidence.update(median=level[0], mad=level[1], threshold=level[2])
 
-        trigger: Trigger | None = None
-        what = ""
-        if 0 < self.nonfinite_steps <= self._nonfinite_streak:
-            trigger = "nonfinite_grad"
-            what = f"non-finite gradients on {self._nonfinite_streak} consecutive steps"
-        elif 0 < self.nonfinite_loss_steps <= self._nonfinite_loss_streak:
-            trigger = "nonfinite_loss"
-            what = f"non-finite loss ({loss}) on {self._nonfinite_loss_streak} consecutive step(s)"
-        elif self.runaway_steps and 2 * n_above > self.runaway_steps and (level := level or self.level()):
-            trigger = "loss_runaway"
-            evidence.update(median=level[0], mad=level[1], threshold=level[2])
-            what = (
-                f"loss {_fmt(loss)}: {n_above} of the last {self.runaway_steps} losses above {level[2]:.4g} "
-                f"(running median {level[0]:.4g}, MAD {level[1]:.3g})"
-            )
+        trigger, what = self._fired(loss, n_above, level, evidence)
         if trigger is None:
             healthy = loss_finite and not nonfinite and not skipped and n_above == 0
             return RollbackDecision(step=step, evidence=evidence, snapshot_ok=healthy)
@@ -687,6 +673,26 @@ class RollbackTrigger:
             return RollbackDecision(step=step, trigger=trigger, message=str(error), evidence=evidence, error=error)
         message = f"step {step}: {what}: rolling back to the last good snapshot"
         return RollbackDecision(step=step, rollback=True, trigger=trigger, message=message, evidence=evidence)
+
+    def _fired(
+        self,
+        loss: float | None,
+        n_above: int,
+        level: tuple[float, float, float] | None,
+        evidence: dict[str, float | int | str],
+    ) -> tuple[Trigger | None, str]:
+        """The trigger that fires now (``None`` if none) and what it saw; a runaway adds its level to ``evidence``."""
+        if 0 < self.nonfinite_steps <= self._nonfinite_streak:
+            return "nonfinite_grad", f"non-finite gradients on {self._nonfinite_streak} consecutive steps"
+        if 0 < self.nonfinite_loss_steps <= self._nonfinite_loss_streak:
+            return "nonfinite_loss", f"non-finite loss ({loss}) on {self._nonfinite_loss_streak} consecutive step(s)"
+        if self.runaway_steps and 2 * n_above > self.runaway_steps and (level := level or self.level()):
+            evidence.update(median=level[0], mad=level[1], threshold=level[2])
+            return "loss_runaway", (
+                f"loss {_fmt(loss)}: {n_above} of the last {self.runaway_steps} losses above {level[2]:.4g} "
+                f"(running median {level[0]:.4g}, MAD {level[1]:.3g})"
+            )
+        return None, ""
 
     def record_rollback(self, decision: RollbackDecision, restored_to: int) -> RollbackRecord:
         """Count the rollback ``decision`` asked for, now that the state of step ``restored_to`` is back.

@@ -46,9 +46,10 @@ def test_wheel_and_sdist_build_check_and_run_from_a_clean_venv(tmp_path: Path) -
     py = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     site = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", wheels[0]])
-
+    # without PYTHONPATH: a source checkout on it (with its .egg-info) would read as installed, and pip would skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    _run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", wheels[0]], env=env)
+
     where = _run([py, "-c", "import lightning_gradguard as g; print(g.__file__)"], env=env, cwd=tmp_path)
     where = where.stdout.strip()
     assert Path(where).is_relative_to(site), f"imported {where}, not the wheel in {site}"

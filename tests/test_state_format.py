@@ -1,0 +1,67 @@
+"""The saved state format: version-2 checkpoints written by the previous release load and resume exactly."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+
+from lightning_gradguard import AutoPolicy, GradGuard, Guard
+from tests.test_frontends import _model, _options, _plain_steps
+from tests.test_resume import Model, N, StateAtStart, _assert_same_run, _fit, _same
+
+DATA = Path(__file__).parent / "data"
+
+
+def gradguard_for_fixture() -> GradGuard:
+    """The GradGuard of ``tests/data/v2_gradguard_step6.ckpt`` (every part of the state present)."""
+    return GradGuard(
+        clip=AutoPolicy(warmup_steps=6),
+        log_every_n_steps=3,
+        histogram_every_n_steps=0,
+        rollback=True,
+        snapshot_every_n_steps=2,
+    )
+
+
+def _plain_loop(steps: int, guard_state: Any = None) -> tuple[Guard, list[Any]]:
+    """The plain loop of ``tests/data/v2_guard_step8.pt``: ``steps`` steps, optionally from a saved state."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
+    guard = Guard(model, optimizer, **_options())
+    return guard, _plain_steps(model, optimizer, guard, range(steps))
+
+
+def test_a_version_2_checkpoint_resumes_exactly_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    fixture = DATA / "v2_gradguard_step6.ckpt"
+    saved = torch.load(fixture, weights_only=True)  # written by the previous release, no pickled classes
+    (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("GradGuard")]
+    assert state["version"] == 2 and state["guards"]["0"]["counters"]["steps"] == 6 and "recovery" in state
+    L.seed_everything(0, verbose=False)
+    init = Model(spikes=(10, 12), scheduler=True)
+    straight = _fit(tmp_path / "straight", copy.deepcopy(init), gradguard_for_fixture(), N)
+    at_start = StateAtStart()
+    resumed = _fit(
+        tmp_path / "resumed", copy.deepcopy(init), gradguard_for_fixture(), N, ckpt_path=fixture, extra=(at_start,)
+    )
+    (start,) = at_start.states.values()
+    assert _same(start["guards"]["0"], state["guards"]["0"]) and _same(start["recovery"], state["recovery"])
+    straight_guard = next(cb for cb in straight[0].callbacks if isinstance(cb, GradGuard))  # type: ignore[attr-defined]
+    assert straight_guard.clipped_steps > 6  # the spikes after the resume point were clipped
+    _assert_same_run(straight, resumed, 6)
+
+
+def test_a_version_2_plain_guard_state_resumes_exactly() -> None:
+    saved = torch.load(DATA / "v2_guard_step8.pt", weights_only=True)
+    assert saved["version"] == 2 and saved["guards"]["0"]["counters"]["steps"] == 8
+    _, full = _plain_loop(16)
+    first, _ = _plain_loop(8)  # the same model and optimizer state as the fixture's run after 8 steps
+    guard = Guard(first._module, first.optimizer, **_options())
+    first.close()
+    guard.load_state_dict(saved)
+    assert guard.engine.counters.steps == 8 and guard.lr_scale == saved["guards"]["0"]["lr_guard"]["lr_scale"] < 1.0
+    rest = _plain_steps(guard._module, guard.optimizer, guard, range(8, 16))
+    assert repr(full[8:]) == repr(rest)
