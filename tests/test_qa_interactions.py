@@ -99,3 +99,36 @@ def test_rollback_after_backbone_unfreeze(tmp_path: Path, nan_at: tuple[int, ...
     # the backbone group's optimizer state is as at the capture: none yet (AdamW creates it at the step)
     assert rb["backbone_state"] == [False, False]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_report_shows_rollbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``gradguard report`` on a run that rolled back names the rollback; it said nothing of it before."""
+    import json
+
+    from lightning_gradguard.report import main as report_main
+
+    from ._models import TinyRegressor
+
+    def fit(nan_at: tuple[int, ...], version: int) -> GradGuard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        torch.manual_seed(0)
+        guard = GradGuard(histogram_every_n_steps=0)
+        logger = TensorBoardLogger(tmp_path, name="run", version=version)
+        trainer = make_trainer(tmp_path, [guard], logger=logger, log_every_n_steps=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(TinyRegressor(nan_at_steps=nan_at))
+        return guard
+
+    guard = fit((2, 3, 4), 0)
+    assert (guard.rollbacks_total, guard.steps_lost) == (1, 4)  # step 4 back to the first snapshot, step 0
+    assert report_main(["report", str(tmp_path / "run" / "version_0")]) == 0, capsys.readouterr().err
+    assert "rollbacks       1 (4 steps lost): step 4 -> step 0" in capsys.readouterr().out.splitlines()
+    assert report_main(["report", str(tmp_path / "run" / "version_0"), "--json"]) == 0
+    rollbacks = json.loads(capsys.readouterr().out)["runs"][0]["rollbacks"]
+    assert rollbacks == {"total": 1, "steps_lost": 4, "rollbacks": [{"step": 4, "restored_to": 0, "steps_lost": 4}]}
+
+    assert fit((), 1).rollbacks_total == 0
+    assert report_main(["report", str(tmp_path / "run" / "version_1")]) == 0
+    assert "rollbacks       none" in capsys.readouterr().out.splitlines()
