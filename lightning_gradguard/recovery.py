@@ -958,4 +958,19 @@ def _load_own_state(engine: GuardEngine, state: Mapping[str, Any] | None) -> Non
         saved.update(lr_scale=engine.lr_guard.lr_scale, num_reductions=engine.lr_guard.num_reductions)
         engine.lr_guard.load_state_dict(saved)
     if engine.diagnostics is not None and "diagnostics" in state:
-        engine.diagnostics.load_state_dict(dict(state["diagnostics"]))
+        # The norm windows go back to the snapshot (the blown-up norms leave the baselines); the account
+        # of the run does not: the log steps observed, their span, open episodes and the verdict records
+        # stay, so the end-of-fit summary still covers the whole run.
+        diag = dict(state["diagnostics"])
+        current = engine.diagnostics.state_dict()
+        layers = {name: dict(layer) for name, layer in diag.get("layers", {}).items()}
+        for name, now in current["layers"].items():
+            merged = layers.setdefault(name, {"history": [], "numel": now["numel"]})
+            merged.update(active=now["active"], records=now["records"])
+        diag.update(
+            observations=current["observations"],
+            first_step=current["first_step"],
+            last_step=current["last_step"],
+            layers=layers,
+        )
+        engine.diagnostics.load_state_dict(diag)

@@ -132,3 +132,28 @@ def test_report_shows_rollbacks(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert fit((), 1).rollbacks_total == 0
     assert report_main(["report", str(tmp_path / "run" / "version_1")]) == 0
     assert "rollbacks       none" in capsys.readouterr().out.splitlines()
+
+
+def test_rollback_keeps_the_diagnostics_account_of_the_run(tmp_path: Path) -> None:
+    """A rollback restores the diagnostics' norm windows, not their record of the run.
+
+    Before, the end-of-fit summary restarted at the rollback: "54 log steps (steps 10-63)" for a
+    64-step run, the non-finite episode of steps 8-10 cut to "steps 10-10" and reported twice.
+    """
+    from ._models import TinyRegressor
+
+    events: list[GuardEvent] = []
+    guard = GradGuard(on_event=events.append)
+    trainer = make_trainer(tmp_path, [guard], logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TinyRegressor(n=512, nan_at_steps=(8, 9, 10)))  # 64 steps, log_every_n_steps=1
+    assert guard.rollbacks_total == 1
+    (rollback,) = [e for e in events if e.kind == "rollback"]
+    assert (rollback.step, rollback.evidence["restored_to"]) == (10, 0)
+    (summary,) = [e for e in events if e.kind == "summary"]
+    lines = summary.message.splitlines()
+    assert lines[1].startswith("2 layers over 64 log steps (steps 0-63)")
+    assert "  net.0: nonfinite (1 episode, steps 8-10)" in lines
+    nonfinite = [e for e in events if e.kind == "verdict" and "non-finite gradient" in e.message]
+    assert [e.step for e in nonfinite] == [8, 8]  # one verdict per layer for the one episode
