@@ -851,11 +851,16 @@ class Recovery:
         if engine.index != 0 or engine.monitor_only or self.snapshot is None:
             return outcome, None
         step = outcome.step
-        # A step the AMP GradScaler skips is its calibration's business (its loss may overflow too).
+        # A step the AMP GradScaler skips is its calibration's business: its gradients are not counted
+        # and a finite loss stays out of the runaway window. A non-finite loss is fed: the loss is
+        # unscaled, so no loss scale can make it finite (a NaN loss is NaN at any scale).
         scaler = outcome.scaler_skipped
+        loss = outcome.loss
+        if scaler and loss is not None and math.isfinite(loss):
+            loss = None
         decision = self.trigger.update(
             step,
-            loss=None if scaler else outcome.loss,
+            loss=loss,
             nonfinite=not outcome.stats.finite and not scaler,
             skipped=outcome.skipped or scaler,
         )

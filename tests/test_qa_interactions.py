@@ -157,3 +157,31 @@ def test_rollback_keeps_the_diagnostics_account_of_the_run(tmp_path: Path) -> No
     assert "  net.0: nonfinite (1 episode, steps 8-10)" in lines
     nonfinite = [e for e in events if e.kind == "verdict" and "non-finite gradient" in e.message]
     assert [e.step for e in nonfinite] == [8, 8]  # one verdict per layer for the one episode
+
+
+def test_fp16_gradscaler_nan_loss_streak_rolls_back(tmp_path: Path) -> None:
+    """Under fp16 AMP every non-finite step is a GradScaler skip; a NaN loss streak must still roll back.
+
+    Before, the loss of every scaler-skipped step was withheld from the trigger, so ``nonfinite_loss``
+    could never fire under a GradScaler: a NaN loss (NaN at any loss scale) went on until the skip
+    streak reached ``max_consecutive_skips``.
+    """
+    from lightning.pytorch.plugins import MixedPrecision
+    from torch.amp import GradScaler
+
+    from ._models import TinyRegressor
+
+    torch.manual_seed(0)
+    events: list[GuardEvent] = []
+    guard = GradGuard(on_event=events.append)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=GradScaler("cpu"))
+    trainer = make_trainer(tmp_path, [guard], logger=False, plugins=[plugin])
+    model = TinyRegressor(n=256, nan_at_steps=(8, 9, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    (rollback,) = [e for e in events if e.kind == "rollback"]
+    assert rollback.step == 10 and rollback.evidence["trigger"] == "nonfinite_loss"
+    assert rollback.evidence["nonfinite_loss_streak"] == 3
+    assert guard.rollbacks_total == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
