@@ -258,9 +258,7 @@ def _section(run: RunData, ns: str, label: str) -> dict[str, Any]:
     if rollbacks_total or rollback_items:  # recovery on (its scalars) or its events
         rollbacks = {
             "total": int(rollbacks_total[-1][1]) if rollbacks_total else len(rollback_items),
-            "steps_lost": int(steps_lost[-1][1])
-            if steps_lost
-            else sum(r["steps_lost"] for r in rollback_items),
+            "steps_lost": int(steps_lost[-1][1]) if steps_lost else sum(r["steps_lost"] for r in rollback_items),
             "rollbacks": rollback_items,
         }
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import BackboneFinetuning
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.events import GuardEvent
