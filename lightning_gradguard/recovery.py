@@ -252,11 +252,14 @@ class Snapshot:
 
         Raises:
             RuntimeError: if nothing was captured, or the model or an optimizer changed structure
-                (a different number of tensors, shapes or param groups) since the capture.
+                (a different number of tensors, shapes or param groups) since the capture. Param groups
+                appended since (``add_param_group``, e.g. by Lightning's ``BackboneFinetuning``) are
+                allowed: they keep their hyper-parameters and lose the optimizer state they gained.
         """
         if self._step is None:
             raise RuntimeError("Snapshot.restore() called before any capture()")
         self.synchronize()
+        self._check_optimizer_layout()
         with torch.no_grad():
             tensors = list(self._model_tensors())
             if len(tensors) != len(self._model_slots):
@@ -322,7 +325,7 @@ class Snapshot:
         return slot
 
     def _capture_optimizers(self, devices: set[torch.device]) -> None:
-        layout = [[len(g["params"]) for g in opt.param_groups] for opt in self.optimizers]
+        layout = self._layout()
         if layout != self._opt_layout:
             self._opt_state = {}
         self._opt_layout = layout
@@ -348,21 +351,42 @@ class Snapshot:
                             entries[name] = copy.deepcopy(value)
                     self._opt_state[key] = entries
 
-    def _restore_optimizers(self) -> None:
-        layout = [[len(g["params"]) for g in opt.param_groups] for opt in self.optimizers]
-        if layout != self._opt_layout:
+    def _layout(self) -> list[list[int]]:
+        return [[len(g["params"]) for g in opt.param_groups] for opt in self.optimizers]
+
+    @property
+    def layout_changed(self) -> bool:
+        """Whether an optimizer's param groups changed since the last :meth:`capture` (e.g. one was added)."""
+        return self._step is not None and self._layout() != self._opt_layout
+
+    def _check_optimizer_layout(self) -> None:
+        # Groups appended since the capture (``add_param_group``, e.g. Lightning's BackboneFinetuning
+        # unfreezing the backbone) are allowed; any other change is not. Checked before anything is
+        # written, so a refused restore leaves the training state untouched.
+        layout = self._layout()
+        grown = len(layout) == len(self._opt_layout) and all(
+            now[: len(then)] == then for now, then in zip(layout, self._opt_layout, strict=True)
+        )
+        if not grown:
             raise RuntimeError(
                 f"an optimizer's param groups changed since the snapshot: {self._opt_layout} -> {layout}"
             )
+
+    def _restore_optimizers(self) -> None:
         for o, opt in enumerate(self.optimizers):
-            for group, saved in zip(opt.param_groups, self._opt_groups[o], strict=True):
+            for group in opt.param_groups[len(self._opt_groups[o]) :]:
+                # A group added after the capture keeps its hyper-parameters (its owner's schedule);
+                # its parameters' optimizer state was created after the capture and goes.
+                for p in group["params"]:
+                    opt.state.pop(p, None)
+            for group, saved in zip(opt.param_groups, self._opt_groups[o], strict=False):
                 for name, value in saved.items():
                     current = group.get(name)
                     if isinstance(current, Tensor) and isinstance(value, Tensor) and current.shape == value.shape:
                         current.copy_(value)
                     else:
                         group[name] = _copy_tree(value)
-            for g, group in enumerate(opt.param_groups):
+            for g, group in enumerate(opt.param_groups[: len(self._opt_groups[o])]):
                 for i, p in enumerate(group["params"]):
                     entries = self._opt_state.get((o, g, i))
                     if entries is None:
@@ -833,11 +857,16 @@ class Recovery:
         if engine.index != 0 or engine.monitor_only or self.snapshot is None:
             return outcome, None
         step = outcome.step
-        # A step the AMP GradScaler skips is its calibration's business (its loss may overflow too).
+        # A step the AMP GradScaler skips is its calibration's business: its gradients are not counted
+        # and a finite loss stays out of the runaway window. A non-finite loss is fed: the loss is
+        # unscaled, so no loss scale can make it finite (a NaN loss is NaN at any scale).
         scaler = outcome.scaler_skipped
+        loss = outcome.loss
+        if scaler and loss is not None and math.isfinite(loss):
+            loss = None
         decision = self.trigger.update(
             step,
-            loss=None if scaler else outcome.loss,
+            loss=loss,
             nonfinite=not outcome.stats.finite and not scaler,
             skipped=outcome.skipped or scaler,
         )
@@ -859,7 +888,10 @@ class Recovery:
         if decision.rollback and snapshot.step is not None and (engine.on_nonfinite != "raise" or not outcome.error):
             with _scheduler_lrs(engines):
                 return self._roll_back(decision, outcome, engines), None
-        if decision.snapshot_ok and (snapshot.step is None or step % self.every_n_steps == 0):
+        # A param group added since the snapshot (BackboneFinetuning's unfreeze) makes the next healthy
+        # step a snapshot step, so later rollbacks restore the new group's optimizer state too.
+        due = snapshot.step is None or step % self.every_n_steps == 0 or snapshot.layout_changed
+        if decision.snapshot_ok and due:
             with _scheduler_lrs(engines):
                 snapshot.capture(step, extra={"engines": {str(e.index): _own_state(e) for e in engines}})
         return outcome, None
@@ -937,4 +969,19 @@ def _load_own_state(engine: GuardEngine, state: Mapping[str, Any] | None) -> Non
         saved.update(lr_scale=engine.lr_guard.lr_scale, num_reductions=engine.lr_guard.num_reductions)
         engine.lr_guard.load_state_dict(saved)
     if engine.diagnostics is not None and "diagnostics" in state:
-        engine.diagnostics.load_state_dict(dict(state["diagnostics"]))
+        # The norm windows go back to the snapshot (the blown-up norms leave the baselines); the account
+        # of the run does not: the log steps observed, their span, open episodes and the verdict records
+        # stay, so the end-of-fit summary still covers the whole run.
+        diag = dict(state["diagnostics"])
+        current = engine.diagnostics.state_dict()
+        layers = {name: dict(layer) for name, layer in diag.get("layers", {}).items()}
+        for name, now in current["layers"].items():
+            merged = layers.setdefault(name, {"history": [], "numel": now["numel"]})
+            merged.update(active=now["active"], records=now["records"])
+        diag.update(
+            observations=current["observations"],
+            first_step=current["first_step"],
+            last_step=current["last_step"],
+            layers=layers,
+        )
+        engine.diagnostics.load_state_dict(diag)

@@ -5,7 +5,9 @@ Reads the event files with TensorBoard's own record reader
 ``data_compat`` to the current summary format), and prints for every run and optimizer namespace:
 
 * a summary: steps, global-norm percentiles, clip rate, skipped steps, LR reductions with their steps
-  (from drops of the ``lr_scale`` scalar and from the ``events`` text);
+  (from drops of the ``lr_scale`` scalar and from the ``events`` text), rollbacks (the step of each, the
+  step restored and the steps lost, from the ``rollback`` text events and the ``rollbacks_total`` /
+  ``steps_lost`` scalars);
 * a per-layer table: median/min/max L2 norm, median per-element RMS, and the verdicts of
   :class:`~lightning_gradguard.diagnostics.GradientDiagnostics` replayed over the logged layer norms;
 * with ``--png PATH`` the layer x step heatmap of log10 L2 norms (the quantity of the TensorBoard
@@ -39,6 +41,8 @@ __all__ = ["ReportError", "RunData", "build_report", "find_runs", "main", "read_
 _NAMESPACE = re.compile(r"^(gradguard(?:_opt\d+)?)/(.+)$")
 # The text event the LR guard writes for each reduction (`LRReduction.message()`); nothing else counts as one.
 _LR_EVENT = re.compile(r"^LR guard: step (\d+): LR scale (\S+) -> (\S+) \(reduction \d+\)")
+# The text event of each rollback (`Recovery`): its step, the restored step and the steps lost.
+_ROLLBACK_EVENT = re.compile(r"^rollback \d+/\d+: step (\d+): .*; restored step (\d+) \((\d+) step\(s\) lost\)")
 
 
 class ReportError(Exception):
@@ -243,6 +247,21 @@ def _section(run: RunData, ns: str, label: str) -> dict[str, Any]:
             for s, _, m in lr_texts
         ]
 
+    rollbacks_total = _series(run, ns, "rollbacks_total")
+    steps_lost = _series(run, ns, "steps_lost")
+    rollback_items = [
+        {"step": int(m.group(1)), "restored_to": int(m.group(2)), "steps_lost": int(m.group(3))}
+        for _, t in texts
+        if (m := _ROLLBACK_EVENT.match(t)) is not None
+    ]
+    rollbacks: dict[str, Any] | None = None
+    if rollbacks_total or rollback_items:  # recovery on (its scalars) or its events
+        rollbacks = {
+            "total": int(rollbacks_total[-1][1]) if rollbacks_total else len(rollback_items),
+            "steps_lost": int(steps_lost[-1][1]) if steps_lost else sum(r["steps_lost"] for r in rollback_items),
+            "rollbacks": rollback_items,
+        }
+
     layers = [t[len(ns) + len("/layer_norm/") :] for t in run.tags if t.startswith(f"{ns}/layer_norm/")]
     numels = {layer: run.hist_numel[f"{ns}/hist/{layer}"] for layer in layers if f"{ns}/hist/{layer}" in run.hist_numel}
     if layers and len(numels) < len(layers):
@@ -299,6 +318,7 @@ def _section(run: RunData, ns: str, label: str) -> dict[str, Any]:
         "lr_scale_final": lr_scale[-1][1] if lr_scale else None,
         "lr_reductions": reductions,
         "lr_events": lr_events,
+        "rollbacks": rollbacks,
         "events": events,
         "measure": "rms" if numels else "l2",
         "layers": table,
@@ -420,6 +440,14 @@ def _text(section: dict[str, Any]) -> str:
         out.append(f"LR reductions   {len(reductions)}{source}: {items}")
     elif section["lr_scale_final"] is not None:
         out.append("LR reductions   none")
+    rb = section["rollbacks"]
+    if rb is not None and rb["total"]:
+        items = ", ".join(f"step {r['step']} -> step {r['restored_to']}" for r in rb["rollbacks"])
+        out.append(
+            f"rollbacks       {rb['total']} ({plural(rb['steps_lost'], 'step')} lost)" + (f": {items}" if items else "")
+        )
+    elif rb is not None:
+        out.append("rollbacks       none")
     if section["events"]:
         out.append(f"events          {len(section['events'])}")
         for e in section["events"][-5:]:

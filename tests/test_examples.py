@@ -117,6 +117,9 @@ def test_cli_yaml_configures_gradguard(tmp_path: Path) -> None:
     assert len(guards) == 1
     guard = guards[0]
     assert guard.clip == "auto" and guard.max_norm == 10.0 and guard.histogram_every_n_steps == 50
+    # the recovery and update-ratio options of the YAML reached the callback
+    assert guard._recovery is not None and guard._recovery.trigger.max_rollbacks == 5
+    assert guard._recovery.every_n_steps == 50 and guard.log_update_ratios
     assert cli.trainer.global_step == 30
     (run,) = (tmp_path / "cli").glob("version_*")
     # The config LightningCLI saved next to the logs: the nested LRGuard came through with its init_args.
@@ -131,6 +134,8 @@ def test_cli_yaml_configures_gradguard(tmp_path: Path) -> None:
     scalars = set(events.Tags()["scalars"])
     assert {"gradguard/global_norm", "gradguard/threshold", "gradguard/clip_rate"} <= scalars
     assert any(t.startswith("gradguard/layer_norm/") for t in scalars)
+    assert any(t.startswith("gradguard/update_ratio/") for t in scalars)
+    assert "gradguard/rollbacks_total" in scalars
 
 
 def test_alerts_hook_forwards_structured_records(capsys: pytest.CaptureFixture[str]) -> None:

@@ -177,9 +177,16 @@ def test_restore_before_capture_and_changed_structure_raise() -> None:
     with pytest.raises(RuntimeError, match="before any capture"):
         snap.restore()
     snap.capture(0)
-    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+    # a group appended since the capture (BackboneFinetuning's unfreeze) is fine; it keeps its LR
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5})
+    assert snap.restore() == 0 and opt.param_groups[1]["lr"] == 0.5
+    # a group that lost a parameter is not: refused before anything is written
+    opt.param_groups[0]["params"].pop()
+    with torch.no_grad():
+        model.weight.fill_(7.0)
     with pytest.raises(RuntimeError, match="param groups changed"):
         snap.restore()
+    assert bool((model.weight == 7.0).all())
     with pytest.raises(TypeError, match=r"`model` must be a torch\.nn\.Module"):
         Snapshot(object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"`optimizers\[0\]` must be an instance of Optimizer"):
