@@ -320,6 +320,7 @@ class LRGuard:
         threshold: float | None,
         center: float | None = None,
         loss: float | None = None,
+        prior: bool = False,
     ) -> LRReduction | None:
         """Observe one optimizer step; reduce the LR scale when the evidence has held long enough.
 
@@ -334,6 +335,13 @@ class LRGuard:
                 act while the loss is still improving (median of the last quarter of up to 100 recent
                 losses below the median of the first quarter): norms that grow while the loss falls are
                 healthy early training, not a step size that is too large.
+            prior: the threshold is an absolute prior rather than learnt from this run's norms (``auto``'s
+                ceiling while it binds, see :meth:`~lightning_gradguard.policies.ThresholdPolicy.threshold_is_prior`).
+                A run whose healthy norms sit above the prior presses it step after step, so approaching it
+                counts as evidence only while the loss diverges (measured on the outcomes benchmark: a
+                ReLU IRNN at a sane SGD LR got a reduction at step 135 from norms of 1-15 against a
+                ceiling of 3.3, with a flat loss; a 10-layer tanh MLP at 10x its sane LR still gets its
+                reduction on the diverging-loss path).
 
         Returns:
             The reduction, with its evidence, if this step triggered one; else ``None``.
@@ -377,6 +385,8 @@ class LRGuard:
             and losses is not None
             and losses[1] > DIVERGING_LOSS_RATIO * losses[0]
         )
+        if prior and not diverging:
+            approaching = False  # a prior below this run's healthy norms is pressed on most steps
         if self._cooldown_left > 0:
             self._cooldown_left -= 1
             if not diverging:

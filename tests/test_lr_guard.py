@@ -496,3 +496,36 @@ def test_failed_step_and_detach_leave_no_scaled_lr() -> None:
     guard.detach()
     opt.step()
     assert seen == [0.2, 0.4] and guard.optimizer is None
+
+
+# ------------------------------------------------------------------------- a prior threshold (auto's ceiling)
+def test_pressing_a_prior_threshold_needs_a_diverging_loss() -> None:
+    """Norms far above ``auto``'s prior ceiling press it on every step of a healthy run (the ReLU IRNN of the
+    outcomes benchmark at a sane LR): with a flat loss that is no reason to cut the LR; with a loss that
+    climbs to 3x its start it is."""
+    flat, rising = LRGuard(patience=10), LRGuard(patience=10)
+    events_flat, events_rising = [], []
+    for step in range(150):
+        events_flat.append(flat.update(step=step, norm=5.0, threshold=3.0, loss=0.17, prior=True))
+        loss = 1.0 if step < 100 else 3.0
+        events_rising.append(rising.update(step=step, norm=5.0, threshold=3.0, loss=loss, prior=True))
+    assert flat.num_reductions == 0 and not any(events_flat)
+    assert rising.num_reductions >= 1
+    first = next(e for e in events_rising if e is not None)
+    assert first.step >= 100 and first.reason == "approach" and first.loss_recent == 3.0
+    # the same flat stream against a learnt threshold (prior=False) is the classic saturation: reduced
+    learnt = LRGuard(patience=10)
+    for step in range(150):
+        learnt.update(step=step, norm=5.0, threshold=3.0, loss=0.17)
+    assert learnt.num_reductions >= 1
+
+
+def test_auto_reports_its_ceiling_as_a_prior_while_it_binds() -> None:
+    p = AutoPolicy()
+    assert p.threshold() == 1.0 and p.threshold_is_prior()
+    for _ in range(400):
+        p.observe(0.1)  # norms far below the prior: the adaptive part binds once warm
+    assert p.threshold() is not None and p.threshold() < 1.0 and not p.threshold_is_prior()
+    assert not AutoPolicy(prior_norm=None).threshold_is_prior()
+    assert not AutoPolicy(max_norm=0.5).threshold_is_prior()  # the user's cap binds, not the prior
+    assert not make_policy("fixed", max_norm=1.0).threshold_is_prior()
