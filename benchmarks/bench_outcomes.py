@@ -719,6 +719,14 @@ def judge(
     return True, f"{gap:+.3f}"
 
 
+def _named_blowups(rs: Sequence[dict[str, Any]]) -> str:
+    """``named / blown up`` over runs whose loss blew up; ``-`` when the runs predate the ``blew_up`` record."""
+    if not all("blew_up" in r for r in rs):
+        return "-"
+    blown = [r for r in rs if r["blew_up"]]
+    return f"{sum(bool(r['exploding_layers']) for r in blown)} / {len(blown)}"
+
+
 def _count_verdicts(rs: Sequence[dict[str, Any]], kind: str) -> int:
     """Runs with at least one update-ratio verdict of ``kind``."""
     return sum(any(v.startswith(f"{kind}:") for v in r.get("update_verdicts", ())) for r in rs)
@@ -796,8 +804,7 @@ def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int],
             f"| {statistics.mean(r['clip_rate'] for r in high) if high else math.nan:.1%} "
             f"| {sum(r['lr_reductions'] for r in sane)} / {sum(r['lr_reductions'] for r in high)} "
             f"| {sum(bool(r['exploding_layers']) for r in sane)} / {sum(bool(r['exploding_layers']) for r in high)} "
-            f"| {sum(bool(r['exploding_layers']) for r in allr if r.get('blew_up'))} / "
-            f"{sum(bool(r.get('blew_up')) for r in allr)} "
+            f"| {_named_blowups(allr)} "
             f"| {_count_verdicts(sane, 'lr_too_high')} / {_count_verdicts(high, 'lr_too_high')} "
             f"| {_count_verdicts(sane, 'not_learning')} / {_count_verdicts(high, 'not_learning')} "
             f"| {sum(r.get('rollbacks', 0) for r in sane)} / {sum(r.get('rollbacks', 0) for r in high)} "

@@ -518,7 +518,7 @@ class AutoPolicy(ThresholdPolicy):
         if self._ceiling is None:
             return False
         adaptive = self._adaptive()
-        if self.max_norm is not None and self.max_norm < self._ceiling:
+        if self.max_norm is not None and self.max_norm <= self._ceiling:
             return False
         return adaptive is None or self._ceiling < adaptive
 
