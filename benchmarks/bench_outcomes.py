@@ -68,7 +68,7 @@ END = "<!-- outcomes-table:end -->"
 BENCH_VERSION = 1
 
 PEERS = ("none", "clip1", "zclip", "zclip_nocap", "autoclip")
-GG_METHODS = ("gg_fixed1", "gg_percentile", "gg_zscore", "gg_auto", "gradguard")
+GG_METHODS = ("gg_fixed1", "gg_percentile", "gg_zscore", "gg_auto", "gradguard", "gg_monitor")
 METHODS = PEERS + GG_METHODS
 LABELS = {
     "none": "no clip",
@@ -81,12 +81,14 @@ LABELS = {
     "gg_zscore": "GG zscore",
     "gg_auto": "GG auto",
     "gradguard": "**`GradGuard()`**",
+    "gg_monitor": "`GradMonitor()` (no clip)",
 }
 #: Candidate policies for experiments in one process: method ``"policy:<name>"`` runs
 #: ``GradGuard(clip=EXTRA_POLICIES[name]())`` with every other default, ``"policyclip:<name>"``
 #: ``GradClip(clip=EXTRA_POLICIES[name]())`` (no LR guard, no diagnostics).
 EXTRA_POLICIES: dict[str, Callable[[], Any]] = {}
-_ENGINE_FILES = ("callbacks.py", "stats.py")
+_ENGINE_FILES = ("callbacks.py", "stats.py", "engine.py", "guard.py", "outputs.py", "updates.py")
+_GRADGUARD_FILES = ("lr_guard.py", "diagnostics.py", "recovery.py")
 
 
 @dataclass(frozen=True)
@@ -407,12 +409,23 @@ def _spikes(losses: Sequence[float]) -> int:
     return count
 
 
+def _blew_up(losses: Sequence[float]) -> bool:
+    """The training loss blew up: non-finite, or a median of 10 consecutive steps above twice the first loss."""
+    if not losses:
+        return False
+    if not all(math.isfinite(x) for x in losses):
+        return True
+    first = losses[0]
+    return first > 0 and any(statistics.median(losses[t : t + 10]) > 2 * first for t in range(len(losses) - 9))
+
+
 def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None = None) -> dict[str, Any]:
     """Train one (workload, lr, seed, method) run; return its metrics (JSON-safe)."""
     import lightning as L
     import torch
 
-    from lightning_gradguard import GradClip, GradGuard, NonFiniteGradientsError
+    from lightning_gradguard import GradClip, GradGuard, GradMonitor, NonFiniteGradientsError
+    from lightning_gradguard.recovery import RecoveryError
 
     torch.set_num_threads(1)
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -452,6 +465,8 @@ def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None 
         method_cb = GradClip(clip=method[3:])
     elif method == "gradguard":
         method_cb = GradGuard()
+    elif method == "gg_monitor":
+        method_cb = GradMonitor()
     elif method.startswith("policy:"):
         method_cb = GradGuard(clip=EXTRA_POLICIES[method.split(":", 1)[1]]())
     elif method.startswith("policyclip:"):
@@ -478,7 +493,7 @@ def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None 
     t0 = time.perf_counter()
     try:
         trainer.fit(Task(), loader)
-    except NonFiniteGradientsError as exc:
+    except (NonFiniteGradientsError, RecoveryError) as exc:
         error = type(exc).__name__
     elapsed = time.perf_counter() - t0
     model.eval()
@@ -488,12 +503,17 @@ def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None 
     clipped = 0
     reductions = 0
     exploding: list[str] = []
+    update_verdicts: list[str] = []
+    rollbacks = steps_lost = 0
     if method == "clip1":
         clipped = sum(1 for n in recorder.norms if n > 1.0)
     elif isinstance(method_cb, GradGuard):
         clipped = method_cb.clipped_steps
         reductions = round(-math.log2(method_cb.lr_scale)) if method_cb.lr_scale > 0 else 0
         exploding = sorted({v.layer for v in method_cb.verdicts if v.kind == "exploding"})
+        rollbacks, steps_lost = method_cb.rollbacks_total, method_cb.steps_lost
+        engines = sorted(method_cb._guards.values(), key=lambda g: g.index)  # bench-only peek at the engines
+        update_verdicts = sorted({f"{v.kind}:{v.layer}" for g in engines for v in g.update_verdicts})
     elif method_cb is not None:
         clipped = method_cb.clipped
     finite = math.isfinite(val_loss)
@@ -505,9 +525,13 @@ def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None 
         "first_norm": recorder.norms[0] if recorder.norms else None,
         "max_norm": max((n for n in recorder.norms if math.isfinite(n)), default=None),
         "spikes": _spikes(recorder.losses),
+        "blew_up": _blew_up(recorder.losses),
         "clip_rate": clipped / done,
         "lr_reductions": reductions,
         "exploding_layers": exploding,
+        "update_verdicts": update_verdicts,
+        "rollbacks": rollbacks,
+        "steps_lost": steps_lost,
         "error": error,
         "s_per_step": elapsed / done,
     }
@@ -547,7 +571,7 @@ def _fingerprint(method: str, steps: int | None) -> str:
             "gg_zscore": policies.ZScorePolicy,
         }.get(method, policies.AutoPolicy)
         h.update(_code(inspect.getsource(policy)))
-        files = _ENGINE_FILES + (("lr_guard.py", "diagnostics.py") if method == "gradguard" else ())
+        files = _ENGINE_FILES + (_GRADGUARD_FILES if method in ("gradguard", "gg_monitor") else ())
         for name in files:
             h.update(_code((_ROOT / "lightning_gradguard" / name).read_text(encoding="utf-8")))
     return h.hexdigest()[:16]
@@ -695,6 +719,19 @@ def judge(
     return True, f"{gap:+.3f}"
 
 
+def _named_blowups(rs: Sequence[dict[str, Any]]) -> str:
+    """``named / blown up`` over runs whose loss blew up; ``-`` when the runs predate the ``blew_up`` record."""
+    if not all("blew_up" in r for r in rs):
+        return "-"
+    blown = [r for r in rs if r["blew_up"]]
+    return f"{sum(bool(r['exploding_layers']) for r in blown)} / {len(blown)}"
+
+
+def _count_verdicts(rs: Sequence[dict[str, Any]], kind: str) -> int:
+    """Runs with at least one update-ratio verdict of ``kind``."""
+    return sum(any(v.startswith(f"{kind}:") for v in r.get("update_verdicts", ())) for r in rs)
+
+
 def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int], methods: Sequence[str]) -> str:
     runs = data["runs"]
     nf = noise_floor(runs, workloads, seeds)
@@ -735,11 +772,16 @@ def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int],
         "",
         "Per method, over all rows: runs diverged, mean clip rate on sane-LR rows and on too-high-LR rows, "
         'LR-guard reductions on sane / too-high rows, runs with an "exploding" verdict on sane / too-high '
-        "rows, median loss spikes per run, median time per step relative to no clipping:",
+        "rows, and on runs whose loss blew up (a 10-step median above twice the first loss, or non-finite; named "
+        '/ blown up), runs with an update-ratio verdict ("LR too high" / "not learning") on sane / too-high rows, '
+        "rollbacks on sane / too-high rows, median loss spikes per run, median time per step relative to no "
+        "clipping:",
         "",
         "| method | diverged | clip rate sane | clip rate high | LR reductions sane / high "
-        "| exploding sane / high | spikes | time / step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| exploding sane / high | exploding on blown-up runs | LR too high sane / high | not learning sane / high "
+        "| rollbacks sane / high "
+        "| spikes | time / step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in methods:
         sane = [r for wn in workloads for s in seeds if (r := runs.get(_key(wn, WORKLOADS[wn].lrs[0], s, m)))]
@@ -762,6 +804,10 @@ def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int],
             f"| {statistics.mean(r['clip_rate'] for r in high) if high else math.nan:.1%} "
             f"| {sum(r['lr_reductions'] for r in sane)} / {sum(r['lr_reductions'] for r in high)} "
             f"| {sum(bool(r['exploding_layers']) for r in sane)} / {sum(bool(r['exploding_layers']) for r in high)} "
+            f"| {_named_blowups(allr)} "
+            f"| {_count_verdicts(sane, 'lr_too_high')} / {_count_verdicts(high, 'lr_too_high')} "
+            f"| {_count_verdicts(sane, 'not_learning')} / {_count_verdicts(high, 'not_learning')} "
+            f"| {sum(r.get('rollbacks', 0) for r in sane)} / {sum(r.get('rollbacks', 0) for r in high)} "
             f"| {statistics.median(r['spikes'] for r in allr):g} "
             f"| {statistics.median(ratios) if ratios else math.nan:.2f}x |"
         )

@@ -23,7 +23,14 @@ Rules (defaults in brackets)
   [1e4] times smaller than the largest median RMS of any layer at that log step.
 * ``exploding``: the current L2 norm above ``exploding_ceiling`` [100], or more than
   ``exploding_ratio`` [1000] times the median of the layer's own previous ``window`` finite
-  observations (at least 3 of them; a baseline of zero does not count).
+  observations (at least 3 of them; a baseline of zero does not count), or, when the training loss is
+  passed, the run is blowing up: the loss is more than ``blowup_loss_ratio`` [2] times the first loss
+  observed (a positive one) and the layer's norm is more than ``blowup_growth`` [2] times its own first
+  observed norm. Norms of a blown-up run rarely reach an absolute ceiling (a tanh char-RNN at 30x its
+  LR: 2-5 against 0.7 at step 0, while its loss went from 4.6 to 8-25 nats; a 10-layer tanh MLP on the
+  digits: its output layer 7.7 against 1.1, its loss 2.3 to 80), and a healthy run's loss never doubles
+  its first value, so the pair names the layers of a run that blew up and stays silent on healthy runs
+  whose norms grow (measured on ``benchmarks/bench_outcomes.py``, see ``docs/diagnostics.md``).
 * ``dead``: the norm is exactly zero now and the median is zero (a layer with parameters that
   require grad whose gradient never moves). A layer whose median is zero gets no ``vanishing``
   verdict (it is dead, or coming back to life).
@@ -105,10 +112,11 @@ class Verdict:
 class _Layer:
     """Per-layer state: recent finite L2 norms, element count, open episodes and totals."""
 
-    __slots__ = ("active", "history", "numel", "records")
+    __slots__ = ("active", "first", "history", "numel", "records")
 
     def __init__(self, window: int) -> None:
         self.history: deque[float] = deque(maxlen=window)
+        self.first = 0.0  # the first finite positive norm observed: the layer's early level
         self.numel = 0
         # kind -> consecutive observations without the condition, for each open episode
         self.active: dict[str, int] = {}
@@ -137,6 +145,10 @@ class GradientDiagnostics:
             ``window`` finite norms is exploding. ``math.inf`` disables the jump rule.
         window: observations (log steps) per layer behind the medians; also the number of healthy
             observations that end an episode.
+        blowup_loss_ratio: the run is blowing up when the loss passed to :meth:`observe` exceeds this
+            many times the first positive loss observed, ``> 1``; ``math.inf`` disables the rule.
+        blowup_growth: while the run blows up, a layer whose L2 norm exceeds this many times its own
+            first observed norm is exploding, ``> 1``.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -156,6 +168,8 @@ class GradientDiagnostics:
         exploding_ceiling: float = 100.0,
         exploding_ratio: float = 1000.0,
         window: int = 10,
+        blowup_loss_ratio: float = 2.0,
+        blowup_growth: float = 2.0,
     ) -> None:
         self.vanishing_floor = _check_positive("vanishing_floor", vanishing_floor, 0.0, True, "a finite number >= 0")
         if math.isinf(self.vanishing_floor):
@@ -164,6 +178,9 @@ class GradientDiagnostics:
         self.exploding_ceiling = _check_positive("exploding_ceiling", exploding_ceiling, 0.0, False, "> 0")
         self.exploding_ratio = _check_positive("exploding_ratio", exploding_ratio, 1.0, False, "> 1")
         self.window = check_int("window", window, 1)
+        self.blowup_loss_ratio = _check_positive("blowup_loss_ratio", blowup_loss_ratio, 1.0, False, "> 1")
+        self.blowup_growth = _check_positive("blowup_growth", blowup_growth, 1.0, False, "> 1")
+        self._first_loss: float | None = None
         self._layers: dict[str, _Layer] = {}
         self._observations = 0
         self._first_step: int | None = None
@@ -173,11 +190,14 @@ class GradientDiagnostics:
         return (
             f"{type(self).__name__}(vanishing_floor={self.vanishing_floor!r}, "
             f"vanishing_ratio={self.vanishing_ratio!r}, exploding_ceiling={self.exploding_ceiling!r}, "
-            f"exploding_ratio={self.exploding_ratio!r}, window={self.window!r})"
+            f"exploding_ratio={self.exploding_ratio!r}, window={self.window!r}, "
+            f"blowup_loss_ratio={self.blowup_loss_ratio!r}, blowup_growth={self.blowup_growth!r})"
         )
 
     # ------------------------------------------------------------------ observe
-    def observe(self, step: int, norms: Mapping[str, float], numels: Mapping[str, int]) -> list[Verdict]:
+    def observe(
+        self, step: int, norms: Mapping[str, float], numels: Mapping[str, int], loss: float | None = None
+    ) -> list[Verdict]:
         """Feed one log step; return the verdicts that are new at this step.
 
         Args:
@@ -186,6 +206,8 @@ class GradientDiagnostics:
                 layer's gradient is non-finite).
             numels: element count of each layer; a layer missing here (or with 0) is judged on its
                 L2 norm instead of its per-element RMS.
+            loss: the training loss at this step, if known: evidence that the run is blowing up (the
+                first positive loss observed is the reference).
 
         Returns:
             The verdicts of this step, in layer order (each kind once per layer and episode).
@@ -196,6 +218,12 @@ class GradientDiagnostics:
             self._first_step = step
         self._last_step = step
         current, baselines = self._record(norms, numels)
+        blowup = 0.0  # the loss as a multiple of the first loss, while the run blows up
+        if loss is not None and math.isfinite(loss):
+            if self._first_loss is None and loss > 0.0:
+                self._first_loss = float(loss)
+            elif self._first_loss is not None and loss > self.blowup_loss_ratio * self._first_loss:
+                blowup = float(loss) / self._first_loss
 
         # The level of every finite layer: median of its window, on the per-element measure.
         levels: dict[str, float] = {
@@ -228,10 +256,17 @@ class GradientDiagnostics:
             )
             self._update(layer, name, "vanishing", vanishing, step, level, verdicts, reference_name, reference)
             baseline = baselines.get(name)
-            exploding = value > self.exploding_ceiling or (
-                baseline is not None and value > self.exploding_ratio * baseline
+            grown = blowup > 0.0 and layer.first > 0.0 and value > self.blowup_growth * layer.first
+            exploding = (
+                value > self.exploding_ceiling
+                or (baseline is not None and value > self.exploding_ratio * baseline)
+                or grown
             )
-            self._update(layer, name, "exploding", exploding, step, value, verdicts, None, baseline or 0.0)
+            jump_ref = baseline or 0.0
+            other = None
+            if grown and value <= self.exploding_ceiling and not (jump_ref and value > self.exploding_ratio * jump_ref):
+                jump_ref, other = layer.first, f"loss x{blowup:.3g}"
+            self._update(layer, name, "exploding", exploding, step, value, verdicts, other, jump_ref)
         return verdicts
 
     def _record(
@@ -255,6 +290,8 @@ class GradientDiagnostics:
                     statistics.median(previous) if len(previous) >= min(_MIN_BASELINE, self.window) else None
                 )
                 layer.history.append(value)
+                if layer.first == 0.0 and value > 0.0:
+                    layer.first = value
         return current, baselines
 
     def _measure(self, name: str, l2: float) -> float:
@@ -331,6 +368,13 @@ class GradientDiagnostics:
                 return (
                     f"Layer '{name}' has an exploding gradient: L2 norm {value:.3g} at step {step} is above "
                     f"exploding_ceiling={self.exploding_ceiling:g}."
+                )
+            if other is not None:  # the blow-up rule: `other` describes the loss, `reference` is the first norm
+                return (
+                    f"Layer '{name}' has an exploding gradient: L2 norm {value:.3g} at step {step} is "
+                    f"{value / reference:.3g}x its first observed norm {reference:.3g} while the training loss "
+                    f"is {other[len('loss x') :]}x its first value: the run is blowing up "
+                    f"(blowup_growth={self.blowup_growth:g}, blowup_loss_ratio={self.blowup_loss_ratio:g})."
                 )
             return (
                 f"Layer '{name}' has an exploding gradient: L2 norm {value:.3g} at step {step} is "
@@ -410,9 +454,11 @@ class GradientDiagnostics:
             "observations": self._observations,
             "first_step": self._first_step,
             "last_step": self._last_step,
+            "first_loss": self._first_loss,
             "layers": {
                 name: {
                     "history": list(layer.history),
+                    "first": layer.first,
                     "numel": layer.numel,
                     "active": dict(layer.active),
                     "records": {kind: dict(rec) for kind, rec in layer.records.items()},
@@ -427,11 +473,14 @@ class GradientDiagnostics:
         first, last = state.get("first_step"), state.get("last_step")
         self._first_step = None if first is None else int(first)
         self._last_step = None if last is None else int(last)
+        first_loss = state.get("first_loss")
+        self._first_loss = None if first_loss is None else float(first_loss)
         self._layers = {}
         for name, saved in state.get("layers", {}).items():
             layer = _Layer(self.window)
             layer.history.extend(float(v) for v in saved.get("history", []))
             layer.numel = int(saved.get("numel", 0))
+            layer.first = float(saved.get("first", 0.0))
             layer.active = {str(k): int(v) for k, v in saved.get("active", {}).items()}
             layer.records = {str(k): dict(v) for k, v in saved.get("records", {}).items()}
             self._layers[str(name)] = layer

@@ -254,12 +254,13 @@ class GuardEngine:
         if threshold is not None and norm > threshold:
             coef = threshold / (norm + 1e-6)
         center = policy.center()  # the typical level the threshold was computed from, before this norm
+        prior = policy.threshold_is_prior()
         policy.observe(norm)
         reduction: LRReduction | None = None
         events: tuple[GuardEvent, ...] = ()
         if self.lr_guard is not None:
             reduction = self.lr_guard.update(
-                step=base.step, norm=norm, threshold=threshold, center=center, loss=base.loss
+                step=base.step, norm=norm, threshold=threshold, center=center, loss=base.loss, prior=prior
             )
             if reduction is not None:
                 evidence = {"norm": norm, "lr_scale": reduction.lr_scale, "reason": reduction.reason}
@@ -361,7 +362,7 @@ class GuardEngine:
         if frozen:
             norms = {name: v for name, v in norms.items() if name not in frozen}
         events = []
-        for verdict in self.diagnostics.observe(outcome.step, norms, numels):
+        for verdict in self.diagnostics.observe(outcome.step, norms, numels, loss=outcome.loss):
             self.verdicts.append(verdict)
             text = f"{verdict.message} Remedy: {verdict.remedy}"
             events.append(GuardEvent("verdict", verdict.step, text, (verdict.layer,), {"value": verdict.value}))

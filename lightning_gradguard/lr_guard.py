@@ -81,6 +81,17 @@ REFERENCE_WARMUP = 32
 RISE_Z = 5.0
 #: The loss diverges when its recent median exceeds this many times its median at the start of the horizon.
 DIVERGING_LOSS_RATIO = 1.5
+#: Steps behind the running loss level that the "loss rose above its best" test compares.
+RISE_LOSS_WINDOW = 25
+#: The loss has risen when its running level (median of the last 25 steps) exceeds this many times the
+#: lowest running level seen so far. Measured on the outcomes benchmark (``GradClip("auto")``, no LR guard):
+#: sane-LR runs peak at 1.2-1.44x (a ReLU IRNN whose loss is noise around the trivial baseline) and 1.69x
+#: (a digits MLP near a loss of 0.1); a digits MLP at 10x its LR climbs from 0.53 to 1.6 (3x) before it
+#: blows up.
+RISEN_LOSS_RATIO = 2.0
+#: A run has learned when its running loss level is below this fraction of its first loss (the ReLU IRNN of the
+#: outcomes benchmark: 1.1 -> 0.17 within 10 steps; ``examples/lr_too_high.py`` stays at 0.7 from its start).
+LEARNED_LOSS_RATIO = 0.5
 
 # sd of the median of n normal samples ~ 1.2533 * sigma / sqrt(n); sigma ~ 1.4826 * MAD.
 _MEDIAN_SE = 1.2533 / math.sqrt(LEVEL_WINDOW)
@@ -260,7 +271,10 @@ class LRGuard:
         self._norms: deque[float] = deque(maxlen=LEVEL_WINDOW)
         self._reference = 0.0
         self._dispersion = 0.0
-        self._losses: deque[float] = deque(maxlen=max(LOSS_HORIZON, 2 * self.patience))
+        self._losses: deque[float] = deque(maxlen=max(LOSS_HORIZON, 2 * self.patience, RISE_LOSS_WINDOW))
+        self._best_loss = math.inf  # lowest running loss level (median of RISE_LOSS_WINDOW steps) so far
+        self._first_loss: float | None = None  # the first finite loss observed
+        self._learned = False  # the running loss level has fallen below LEARNED_LOSS_RATIO x the first loss
 
     @property
     def lr_scale(self) -> float:
@@ -290,6 +304,9 @@ class LRGuard:
             "reference": self._reference,
             "dispersion": self._dispersion,
             "losses": list(self._losses),
+            "best_loss": self._best_loss if math.isfinite(self._best_loss) else None,
+            "first_loss": self._first_loss,
+            "learned": self._learned,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -305,6 +322,11 @@ class LRGuard:
         self._reference = float(state_dict.get("reference", 0.0))
         self._dispersion = float(state_dict.get("dispersion", 0.0))
         self._losses.extend(float(x) for x in state_dict.get("losses", []))
+        best = state_dict.get("best_loss")
+        self._best_loss = math.inf if best is None else float(best)
+        first = state_dict.get("first_loss")
+        self._first_loss = None if first is None else float(first)
+        self._learned = bool(state_dict.get("learned", False))
 
     # -------------------------------------------------------------- detection
 
@@ -320,6 +342,7 @@ class LRGuard:
         threshold: float | None,
         center: float | None = None,
         loss: float | None = None,
+        prior: bool = False,
     ) -> LRReduction | None:
         """Observe one optimizer step; reduce the LR scale when the evidence has held long enough.
 
@@ -334,6 +357,17 @@ class LRGuard:
                 act while the loss is still improving (median of the last quarter of up to 100 recent
                 losses below the median of the first quarter): norms that grow while the loss falls are
                 healthy early training, not a step size that is too large.
+            prior: the threshold is an absolute prior rather than learnt from this run's norms (``auto``'s
+                ceiling while it binds, see :meth:`~lightning_gradguard.policies.ThresholdPolicy.threshold_is_prior`).
+                A run that has learned (its running loss level, the median of 25 steps, fell below half its
+                first loss) and whose healthy norms sit above the prior presses it step after step, so for
+                such a run approaching it counts as evidence only while the loss diverges or has risen to
+                more than twice its lowest running level so far (measured on the outcomes benchmark: a ReLU
+                IRNN at a sane SGD LR, loss 1.1 -> 0.17 within 10 steps, got a reduction at step 135 from
+                norms of 1-15 against a ceiling of 3.3 with a flat loss; a 10-layer tanh MLP at 10x its sane
+                LR needs its reduction as soon as its loss climbs from 0.5 back to 1, before the
+                diverging-loss test sees it). A run that never learned (``examples/lr_too_high.py``: loss
+                0.7 from its start) is judged as before. Only with ``require_stalled_loss`` and a loss.
 
         Returns:
             The reduction, with its evidence, if this step triggered one; else ``None``.
@@ -341,8 +375,17 @@ class LRGuard:
         norm = float(norm)
         if not math.isfinite(norm):
             return None
+        risen_loss = False
         if loss is not None and math.isfinite(loss):
             self._losses.append(float(loss))
+            if self._first_loss is None:
+                self._first_loss = float(loss)
+            if len(self._losses) >= RISE_LOSS_WINDOW:
+                level_now = _median(list(self._losses)[-RISE_LOSS_WINDOW:])
+                risen_loss = level_now > RISEN_LOSS_RATIO * self._best_loss > 0.0
+                self._best_loss = min(self._best_loss, level_now)
+                if self._first_loss > 0.0 and level_now < LEARNED_LOSS_RATIO * self._first_loss:
+                    self._learned = True
         # Channel 1: the norm has used `approach_ratio` of the headroom below the threshold.
         approaching = False
         if threshold is not None and math.isfinite(threshold) and threshold > 0.0:
@@ -377,6 +420,8 @@ class LRGuard:
             and losses is not None
             and losses[1] > DIVERGING_LOSS_RATIO * losses[0]
         )
+        if prior and self.require_stalled_loss and self._learned and not (diverging or risen_loss):
+            approaching = False  # a run that learned presses a prior below its healthy norms on most steps
         if self._cooldown_left > 0:
             self._cooldown_left -= 1
             if not diverging:

@@ -79,6 +79,14 @@ class ThresholdPolicy(abc.ABC):
     def center(self) -> float | None:
         """The policy's notion of the typical norm level now; ``None`` when unknown."""
 
+    def threshold_is_prior(self) -> bool:
+        """Whether the threshold in force is an absolute prior rather than learnt from this run's norms.
+
+        The LR guard does not read a norm that presses such a threshold as a step size that is too large,
+        unless the loss diverges too (see :meth:`lightning_gradguard.LRGuard.update`). ``False`` by default.
+        """
+        return False
+
     @abc.abstractmethod
     def observe(self, norm: float) -> None:
         """Record this step's pre-clip global norm, after the clip decision.
@@ -503,6 +511,16 @@ class AutoPolicy(ThresholdPolicy):
         if self._level is None:
             return None
         return math.exp(self._level + self._lag * self._slope)
+
+    def threshold_is_prior(self) -> bool:
+        """True while the ceiling (which starts at ``prior_norm``) is the binding limit, not the adaptive part
+        or ``max_norm``: a healthy run whose norms sit far above the prior presses it on most steps."""
+        if self._ceiling is None:
+            return False
+        adaptive = self._adaptive()
+        if self.max_norm is not None and self.max_norm <= self._ceiling:
+            return False
+        return adaptive is None or self._ceiling < adaptive
 
     def observe(self, norm: float) -> None:
         if not _valid_norm(norm) or norm == 0.0:

@@ -316,3 +316,49 @@ def test_batchnorm_relu_kaiming_net_gets_no_verdict() -> None:
     model = _deep_net("relu-bn")
     norms, numels = _layer_norms(model, 0)
     assert GradientDiagnostics().observe(0, norms, numels) == []
+
+
+# ------------------------------------------------------------------------------- the blow-up rule (loss-keyed)
+def test_blowup_names_the_layers_that_grew_while_the_loss_blew_up() -> None:
+    """Log steps of the outcomes benchmark's tanh char-RNN at SGD lr 3 without clipping (seed 1): norms of
+    2-5 never reach the ceiling of 100, but the loss went from 4.6 to 25 nats and the layers' norms grew
+    2.5-44x over their first values. A layer that did not grow is not named."""
+    d = GradientDiagnostics()
+    numels = {"embed": 3200, "rnn": 20608, "head": 12900, "steady": 100}
+    assert d.observe(0, {"embed": 0.0366, "rnn": 0.778, "head": 0.722, "steady": 1.0}, numels, loss=4.6) == []
+    verdicts = d.observe(50, {"embed": 1.61, "rnn": 1.94, "head": 2.29, "steady": 1.1}, numels, loss=25.1)
+    assert [(v.layer, v.kind) for v in verdicts] == [
+        ("embed", "exploding"),
+        ("rnn", "exploding"),
+        ("head", "exploding"),
+    ]
+    assert "first observed norm 0.0366" in verdicts[0].message and "blowing up" in verdicts[0].message
+    assert verdicts[2].value == pytest.approx(2.29)
+
+
+def test_blowup_rule_needs_both_the_loss_and_the_growth() -> None:
+    """Norms that grow while the loss falls (a healthy transformer leaving its init) and a loss that rises
+    while no norm grew stay silent; without a loss the rule is off (the report's replay)."""
+    numels = {"a": 10}
+    growing = GradientDiagnostics()
+    growing.observe(0, {"a": 0.5}, numels, loss=4.6)
+    assert growing.observe(50, {"a": 5.0}, numels, loss=2.5) == []
+    flat = GradientDiagnostics()
+    flat.observe(0, {"a": 0.5}, numels, loss=2.3)
+    assert flat.observe(50, {"a": 0.6}, numels, loss=80.0) == []
+    no_loss = GradientDiagnostics()
+    no_loss.observe(0, {"a": 0.5}, numels)
+    assert no_loss.observe(50, {"a": 5.0}, numels) == []
+    with pytest.raises(ValueError):
+        GradientDiagnostics(blowup_loss_ratio=1.0)
+
+
+def test_blowup_state_round_trips() -> None:
+    """The first loss and each layer's first norm are part of the state: a resumed run names the same layers."""
+    numels = {"a": 10}
+    a = GradientDiagnostics()
+    a.observe(0, {"a": 0.5}, numels, loss=2.3)
+    b = GradientDiagnostics()
+    b.load_state_dict(a.state_dict())
+    assert [v.layer for v in b.observe(50, {"a": 2.0}, numels, loss=9.0)] == ["a"]
+    assert a.observe(50, {"a": 2.0}, numels, loss=9.0)[0].message == b.records()["a"]["exploding"]["message"]

@@ -496,3 +496,57 @@ def test_failed_step_and_detach_leave_no_scaled_lr() -> None:
     guard.detach()
     opt.step()
     assert seen == [0.2, 0.4] and guard.optimizer is None
+
+
+# ------------------------------------------------------------------------- a prior threshold (auto's ceiling)
+def test_pressing_a_prior_threshold_needs_a_diverging_loss_once_the_run_learned() -> None:
+    """Norms far above ``auto``'s prior ceiling press it on every step of a healthy run (the ReLU IRNN of the
+    outcomes benchmark at a sane LR, whose loss falls from 1.1 to 0.17 in 10 steps and stays there): with a
+    flat loss that is no reason to cut the LR; with a loss that climbs back to 3.5x its best it is. A run
+    that never learned (loss flat from its first step, as in ``examples/lr_too_high.py``) is judged as
+    before: pressing is evidence."""
+
+    def irnn_like(step: int) -> float:
+        return max(1.1 - 0.093 * step, 0.17)  # 1.1 -> 0.17 over the first 10 steps, then flat
+
+    flat, rising, never = LRGuard(patience=10), LRGuard(patience=10), LRGuard(patience=10)
+    events_flat, events_rising, events_never = [], [], []
+    for step in range(150):
+        events_flat.append(flat.update(step=step, norm=5.0, threshold=3.0, loss=irnn_like(step), prior=True))
+        loss = irnn_like(step) if step < 100 else 0.6
+        events_rising.append(rising.update(step=step, norm=5.0, threshold=3.0, loss=loss, prior=True))
+        events_never.append(never.update(step=step, norm=5.0, threshold=3.0, loss=0.7, prior=True))
+    assert flat.num_reductions == 0 and not any(events_flat)
+    assert rising.num_reductions >= 1
+    first = next(e for e in events_rising if e is not None)
+    assert first.step >= 100 and first.reason == "approach" and first.loss_recent == 0.6
+    assert never.num_reductions >= 1 and next(e for e in events_never if e is not None).step < 30
+    # a loss that climbs back from its best level (0.5) to 1.2, still below where it started (2.3): the
+    # digits MLP at 10x its LR, which needs its reduction before the diverging-loss test sees anything
+    climbing = LRGuard(patience=10)
+    losses = [2.3 - 0.018 * t for t in range(100)] + [0.5 + 0.02 * t for t in range(60)]
+    steps = [climbing.update(step=t, norm=5.0, threshold=3.0, loss=x, prior=True) for t, x in enumerate(losses)]
+    reduced = [e for e in steps if e is not None]
+    # one reduction once the running level (median of 25 steps, 1.44) is above twice its best (0.62)
+    assert [e.step for e in reduced] == [159] and reduced[0].loss_recent == pytest.approx(1.44)
+    assert climbing.state_dict()["best_loss"] == pytest.approx(0.62)
+    restored = LRGuard(patience=10)
+    restored.load_state_dict(climbing.state_dict())
+    assert restored.state_dict() == climbing.state_dict()
+    # the same flat stream against a learnt threshold (prior=False) is the classic saturation: reduced
+    learnt = LRGuard(patience=10)
+    for step in range(150):
+        learnt.update(step=step, norm=5.0, threshold=3.0, loss=0.17)
+    assert learnt.num_reductions >= 1
+
+
+def test_auto_reports_its_ceiling_as_a_prior_while_it_binds() -> None:
+    p = AutoPolicy()
+    assert p.threshold() == 1.0 and p.threshold_is_prior()
+    for _ in range(400):
+        p.observe(0.1)  # norms far below the prior: the adaptive part binds once warm
+    assert p.threshold() is not None and p.threshold() < 1.0 and not p.threshold_is_prior()
+    assert not AutoPolicy(prior_norm=None).threshold_is_prior()
+    assert not AutoPolicy(max_norm=0.5).threshold_is_prior()  # the user's cap binds, not the prior
+    assert not AutoPolicy(max_norm=1.0).threshold_is_prior()  # equal to the prior: still the user's choice
+    assert not make_policy("fixed", max_norm=1.0).threshold_is_prior()

@@ -51,6 +51,9 @@ def test_first_step_explosion_is_held_by_clipping_from_step_zero(bench: Any, cac
         assert not run["diverged"] and run["val_loss"] is not None and math.isfinite(run["val_loss"])
         assert run["clip_rate"] >= 0.5  # the first steps are clipped: protection from step 0
     assert guard["error"] is None
+    # the blow-up the exploding verdict is judged against: the unclipped loss goes non-finite or doubles
+    assert none["blew_up"] and not clip1["blew_up"] and not guard["blew_up"]
+    assert guard["rollbacks"] == guard["steps_lost"] == 0 and isinstance(guard["update_verdicts"], list)
 
 
 def test_cache_is_reused_and_the_table_has_its_structure(bench: Any, cache: tuple[Path, Any]) -> None:
@@ -72,3 +75,5 @@ def test_cache_is_reused_and_the_table_has_its_structure(bench: Any, cache: tupl
     assert any(r for r in rows if "| 0.001 |" in r and "| - |" in r)  # not run: shown as "-"
     method_rows = [line for line in lines if line.startswith(("| no clip |", "| `gradient_clip_val=1` |"))]
     assert len(method_rows) == 2
+    summary = next(line for line in lines if line.startswith("| method | diverged |"))
+    assert "rollbacks sane / high" in summary and "exploding on blown-up runs" in summary
