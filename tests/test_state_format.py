@@ -35,6 +35,28 @@ def _plain_loop(steps: int, guard_state: Any = None) -> tuple[Guard, list[Any]]:
     return guard, _plain_steps(model, optimizer, guard, range(steps))
 
 
+def _keys(tree: Any) -> list[str]:
+    return [k for k, v in tree.items() for k in (k, *_keys(v))] if isinstance(tree, dict) else []
+
+
+def _without(tree: Any, drop: set[str]) -> Any:
+    return {k: _without(v, drop) for k, v in tree.items() if k not in drop} if isinstance(tree, dict) else tree
+
+
+def _without_messages(tree: Any) -> Any:
+    """Verdict messages quote the ratio to the first norm, which a version-2 checkpoint lacks."""
+    if isinstance(tree, dict):
+        return {k: _without_messages(v) for k, v in tree.items() if k != "message"}
+    return tree
+
+
+def _restored(saved: Any, now: Any) -> bool:
+    """``now`` holds every key of ``saved`` with an equal value (dicts may have gained keys since)."""
+    if isinstance(saved, dict):
+        return isinstance(now, dict) and all(k in now and _restored(v, now[k]) for k, v in saved.items())
+    return _same(saved, now)
+
+
 def test_a_version_2_checkpoint_resumes_exactly_as_the_uninterrupted_run(tmp_path: Path) -> None:
     fixture = DATA / "v2_gradguard_step6.ckpt"
     saved = torch.load(fixture, weights_only=True)  # written by the previous release, no pickled classes
@@ -48,10 +70,21 @@ def test_a_version_2_checkpoint_resumes_exactly_as_the_uninterrupted_run(tmp_pat
         tmp_path / "resumed", copy.deepcopy(init), gradguard_for_fixture(), N, ckpt_path=fixture, extra=(at_start,)
     )
     (start,) = at_start.states.values()
-    assert _same(start["guards"]["0"], state["guards"]["0"]) and _same(start["recovery"], state["recovery"])
+    # Every value the old release saved is restored as saved; keys added since (later fields) may be extra.
+    assert _restored(state["guards"]["0"], start["guards"]["0"]) and _same(start["recovery"], state["recovery"])
     straight_guard = next(cb for cb in straight[0].callbacks if isinstance(cb, GradGuard))  # type: ignore[attr-defined]
     assert straight_guard.clipped_steps > 6  # the spikes after the resume point were clipped
-    _assert_same_run(straight, resumed, 6)
+    _assert_same_run(straight, resumed, 6, compare_state=False)
+    # The whole state agrees too, except the run's first loss and first per-layer norms, references added
+    # after version 2 (the blow-up rules of issue 11): a version-2 checkpoint does not hold them, so the
+    # resumed run takes them from its first step after the resume. Decisions, logs and weights agree above.
+    later = {"first_loss", "first"}
+    assert not later & set(_keys(state["guards"]["0"]))
+    final_a, final_b = (
+        _without(next(cb for cb in t.callbacks if isinstance(cb, GradGuard)).state_dict(), later)  # type: ignore[attr-defined]
+        for t in (straight[0], resumed[0])
+    )
+    assert _same(_without_messages(final_a), _without_messages(final_b))
 
 
 def test_a_version_2_plain_guard_state_resumes_exactly() -> None:
