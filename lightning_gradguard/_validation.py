@@ -169,16 +169,19 @@ class GuardOptions:
 
         policy = None if monitor_only else make_policy(copy.deepcopy(self.clip), self.max_norm)
         stats = GradStats(named_parameters, self.group_by)
+        lr_guard = None if monitor_only or policy is None else copy.deepcopy(self.lr_guard)
+        stall = lr_guard is not None and lr_guard.stall_update_ratio is not None
         return GuardEngine(
             index=index,
             stats=stats,
             policy=policy,
-            lr_guard=None if monitor_only or policy is None else copy.deepcopy(self.lr_guard),
+            lr_guard=lr_guard,
             diagnostics=copy.deepcopy(self.diagnostics),
             on_nonfinite=self.on_nonfinite,
             max_consecutive_skips=self.max_consecutive_skips,
             monitor_only=monitor_only,
-            updates=update_tracker(stats) if self.log_update_ratios and not monitor_only else None,
+            updates=update_tracker(stats) if (self.log_update_ratios or stall) and not monitor_only else None,
+            log_updates=self.log_update_ratios,
         )
 
 

@@ -31,9 +31,10 @@ Rules (defaults in brackets)
   digits: its output layer 7.7 against 1.1, its loss 2.3 to 80), and a healthy run's loss never doubles
   its first value, so the pair names the layers of a run that blew up and stays silent on healthy runs
   whose norms grow (measured on ``benchmarks/bench_outcomes.py``, see ``docs/diagnostics.md``).
-* ``dead``: the norm is exactly zero now and the median is zero (a layer with parameters that
-  require grad whose gradient never moves). A layer whose median is zero gets no ``vanishing``
-  verdict (it is dead, or coming back to life).
+* ``dead``: the norm is exactly zero now and the median is zero, over two observations at least (a layer
+  with parameters that require grad whose gradient never moves; at the first observation alone, the layers
+  below a zero-initialised output layer have exactly-zero gradients too, and come to life at the next
+  step). A layer whose median is zero gets no ``vanishing`` verdict (it is dead, or coming back to life).
 * ``nonfinite``: the norm is NaN or infinite (judged on the current observation alone; such
   observations never enter the history).
 
@@ -244,7 +245,9 @@ class GradientDiagnostics:
                 continue  # nothing is known about the other kinds at this step
             self._update(layer, name, "nonfinite", False, step, value, verdicts)
             level = levels[name]
-            dead = value == 0.0 and statistics.median(layer.history) == 0.0
+            # Two observations at least: at step 0 every layer below a zero-initialised one (a zero-init output
+            # head or residual projection, a common recipe) has an exactly-zero gradient, and comes to life next.
+            dead = value == 0.0 and len(layer.history) >= 2 and statistics.median(layer.history) == 0.0
             self._update(layer, name, "dead", dead, step, 0.0, verdicts)
             vanishing = (
                 not dead
@@ -430,7 +433,9 @@ class GradientDiagnostics:
                 if kind not in kinds_seen:
                     kinds_seen.append(kind)
                 episodes = rec["episodes"]
-                parts.append(f"{kind} ({plural(episodes, 'episode')}, steps {rec['first_step']}-{rec['last_step']})")
+                first, last = rec["first_step"], rec["last_step"]
+                span = f"step {first}" if first == last else f"steps {first}-{last}"
+                parts.append(f"{kind} ({plural(episodes, 'episode')}, {span})")
             lines.append(f"  {name}: {', '.join(parts)}")
         lines.append("Remedies:")
         for kind in KINDS:

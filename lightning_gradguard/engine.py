@@ -163,6 +163,7 @@ class GuardEngine:
     heatmap_columns: list[list[float]] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     updates: UpdateTracker | None = None
+    log_updates: bool = True  # per-layer update ratios at log steps; False: the tracker serves the LR guard only
     update_ratios: dict[str, deque[float]] = field(default_factory=dict)
     update_episodes: dict[tuple[str, str], int] = field(default_factory=dict)
     update_verdicts: list[UpdateVerdict] = field(default_factory=list)
@@ -190,6 +191,8 @@ class GuardEngine:
         old_layers = list(self.stats.layers)
         self.stats = GradStats(named_parameters(), self.stats.group_by)
         self.signature = signature
+        if self.updates is not None:  # the weight copies must cover the new parameters (and only those)
+            self.updates = UpdateTracker(self.stats, keep_buffers=self.updates.keep_buffers)
         if self.stats.layers != old_layers and self.heatmap_columns:
             # keep the heatmap rows by layer name; a layer new to the heatmap is NaN (grey) before now
             position = {name: i for i, name in enumerate(old_layers)}
@@ -369,6 +372,15 @@ class GuardEngine:
         return tuple(events)
 
     # ------------------------------------------------------------------ update-to-weight ratios
+    def wants_updates(self, step: int, log_step: bool) -> bool:
+        """Whether optimizer step ``step`` measures its update: a log step with update ratios logged, or a
+        step whose update the LR guard's stall channel checks (:meth:`LRGuard.stall_due`)."""
+        if self.updates is None:
+            return False
+        if log_step and self.log_updates:
+            return True
+        return self.lr_guard is not None and self.lr_guard.stall_due(step)
+
     def snapshot_updates(self, outcome: StepOutcome) -> bool:
         """At a log step, before ``optimizer.step()``: copy the weights the step will move.
 
@@ -384,7 +396,7 @@ class GuardEngine:
         tracker.snapshot()
         return True
 
-    def close_updates(self, step: int) -> tuple[UpdateStats, tuple[GuardEvent, ...]] | None:
+    def close_updates(self, step: int, log_step: bool = True) -> tuple[UpdateStats, tuple[GuardEvent, ...]] | None:
         """After ``optimizer.step()``: the per-layer update and weight norms since :meth:`snapshot_updates`.
 
         Reduced across ranks only where some layer is sharded (SUM of the shards' squared norms, one
@@ -392,8 +404,13 @@ class GuardEngine:
         the update verdicts ("LR too high for <layer>", "<layer> is not learning"), each reported once per
         layer and episode.
 
+        The global ratio (all layers together) feeds the LR guard's stall channel at the steps it checks
+        (:meth:`LRGuard.stall_check`); a reduction it decides comes back as an ``"lr_reduction"`` event. The
+        weights are the same on every rank (replicas) or reduced (shards), so every rank decides alike.
+
         Args:
             step: this optimizer's step index of the snapshot (for the verdicts).
+            log_step: whether the step is a log step: only those record per-layer ratios for the verdicts.
 
         Returns:
             ``(stats, events)``, or ``None`` without a pending snapshot.
@@ -406,11 +423,28 @@ class GuardEngine:
         if any(sharded):
             vector = reduce_stats(vector, list(sharded) * 2)
         stats = tracker.read(vector)
+        events = self._stall_check(step, stats)
+        if not (log_step and self.log_updates):
+            return stats, events
         for layer, ratio in stats.log10_ratios().items():
             self.update_ratios.setdefault(layer, deque(maxlen=UPDATE_WINDOW)).append(ratio)
         if self.diagnostics is None:
-            return stats, ()
-        return stats, self._update_verdicts(step)
+            return stats, events
+        return stats, events + self._update_verdicts(step)
+
+    def _stall_check(self, step: int, stats: UpdateStats) -> tuple[GuardEvent, ...]:
+        guard = self.lr_guard
+        if guard is None or not guard.stall_due(step):
+            return ()
+        weight = math.sqrt(sum(w * w for w in stats.weight_norms))
+        if not weight > 0.0:
+            return ()
+        ratio = math.sqrt(sum(u * u for u in stats.update_norms)) / weight
+        reduction = guard.stall_check(step=step, update_ratio=ratio)
+        if reduction is None:
+            return ()
+        evidence = {"update_ratio": ratio, "lr_scale": reduction.lr_scale, "reason": reduction.reason}
+        return (GuardEvent("lr_reduction", step, str(reduction), evidence=evidence),)
 
     def _update_verdicts(self, step: int) -> tuple[GuardEvent, ...]:
         ratios = {layer: list(values) for layer, values in self.update_ratios.items()}

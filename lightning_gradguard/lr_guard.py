@@ -18,6 +18,19 @@ A step counts as *pressing* when either
   steady rise never comes near them; this second channel catches it. A median ignores isolated
   spikes.
 
+A third channel needs no clipping at all: **the loss has stalled while the weights move fast**. Every
+``STALL_EVERY`` (25) steps from step ``STALL_START`` (50), the caller measures the step's global update-to-weight
+ratio ``||w_after - w_before|| / ||w_before||`` and passes it to :meth:`LRGuard.stall_check`; when that ratio
+exceeds ``stall_update_ratio`` (0.005, i.e. 10^-2.3), the median training loss of the last 25 steps is no
+lower than that of the 25 before, and clipping bound at most half of the last 25 steps, the LR is cut. An
+optimizer that moves every weight by more than 0.5 % per step without lowering the loss is bouncing in its
+valley: the step size, not the gradient, is too large, and Adam's update size does not depend on the gradient's
+scale, so no clip threshold ever sees it. Measured on the outcomes benchmark (``docs/lr-guard.md``): at the
+checks of sane-LR runs, AdamW transformers move at 10^-3.0..-2.8, a tanh RNN and a ReLU IRNN under SGD at
+10^-4.4..-2.8, and a 10-layer tanh MLP at up to 10^-1.95 (while ``auto``'s ceiling opens, with clipping
+binding more than half of the steps: the clip-share condition leaves that run to the approach channel);
+Pre-LN and Post-LN transformers at 10x and 30x their LR move at 10^-2.5..-1.8 on a flat loss.
+
 ``patience`` consecutive pressing steps trigger a reduction; an isolated spike presses on one step
 only and never triggers it. When the training loss is passed and *diverges* (the median of its recent
 steps above 1.5x the median at the start of the horizon of up to 100 steps), half the evidence suffices
@@ -92,13 +105,19 @@ RISEN_LOSS_RATIO = 2.0
 #: A run has learned when its running loss level is below this fraction of its first loss (the ReLU IRNN of the
 #: outcomes benchmark: 1.1 -> 0.17 within 10 steps; ``examples/lr_too_high.py`` stays at 0.7 from its start).
 LEARNED_LOSS_RATIO = 0.5
+#: The stall channel checks every this many steps (its loss windows are this long, too) ...
+STALL_EVERY = 25
+#: ... from this step on (two full loss windows).
+STALL_START = 50
+#: ... and stays silent while clipping bound more than this share of the last ``STALL_EVERY`` steps.
+STALL_MAX_CLIP_SHARE = 0.5
 
 # sd of the median of n normal samples ~ 1.2533 * sigma / sqrt(n); sigma ~ 1.4826 * MAD.
 _MEDIAN_SE = 1.2533 / math.sqrt(LEVEL_WINDOW)
 _MAD_TO_SIGMA = 1.4826 / 0.977  # 0.977: mean of 1.4826 * MAD over 31 normal samples (measured)
 _TINY = 1e-300
 
-Reason = Literal["approach", "rise"]
+Reason = Literal["approach", "rise", "stall"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +127,8 @@ class LRReduction:
     Attributes:
         step: the step passed to :meth:`LRGuard.update` that triggered the reduction.
         reason: ``"approach"`` if most of the last ``patience`` steps approached the threshold,
-            ``"rise"`` if the norm level rose above its long-run reference.
+            ``"rise"`` if the norm level rose above its long-run reference, ``"stall"`` if the loss
+            stalled while the weights moved fast (:meth:`LRGuard.stall_check`).
         lr_scale_before: :attr:`LRGuard.lr_scale` before the reduction.
         lr_scale: :attr:`LRGuard.lr_scale` after it.
         num_reductions: reductions so far, this one included.
@@ -145,13 +165,31 @@ class LRReduction:
     new_lrs: tuple[float, ...]
     loss_recent: float | None = None
     loss_before: float | None = None
+    update_ratio: float | None = None
 
     def message(self) -> str:
         """One human-readable line with the evidence, for a log message or a TensorBoard text event."""
         thr = "none (warming up)" if self.threshold is None else f"{self.threshold:.4g}"
-        parts = [
+        head = (
             f"LR guard: step {self.step}: LR scale {self.lr_scale_before:.4g} -> {self.lr_scale:.4g}"
-            f" (reduction {self.num_reductions}).",
+            f" (reduction {self.num_reductions})."
+        )
+        if self.reason == "stall":
+            parts = [
+                head,
+                f"The weights moved by {self.update_ratio or 0.0:.3g} of their norm in one step while the training"
+                f" loss stopped improving (median of the last {STALL_EVERY} steps {self.loss_recent or 0.0:.4g},"
+                f" of the {STALL_EVERY} before {self.loss_before or 0.0:.4g}): the step size is too large.",
+            ]
+            if self.old_lrs:
+                parts.append(
+                    "LR "
+                    + ", ".join(f"{a:.4g} -> {b:.4g}" for a, b in zip(self.old_lrs, self.new_lrs, strict=True))
+                    + "."
+                )
+            return " ".join(parts)
+        parts = [
+            head,
             f"{self.approaching_steps} of the last {self.patience} steps approached the clip threshold"
             f" and {self.risen_steps} had a norm level above its long-run reference"
             f" (level {self.level:.4g} vs reference {self.reference:.4g},"
@@ -201,6 +239,9 @@ class LRGuard:
         rise_ratio: the norm level (median of the last 31 steps) must exceed the slow reference by
             this factor (and by five standard errors) to count as risen, ``> 1``; ``None`` disables
             the rise channel, leaving only the approach rule.
+        stall_update_ratio: the stall channel (:meth:`stall_check`) cuts the LR when a step moves the
+            weights by more than this fraction of their norm while the loss has stopped improving,
+            ``> 0``; ``None`` disables it. Needs the training loss.
         require_stalled_loss: when the caller passes the training loss to :meth:`update`, act only
             while the loss has stopped improving (median of the last quarter of up to 100 recent losses
             not below the median of the first quarter). Growing norms with a falling loss are healthy early
@@ -237,6 +278,7 @@ class LRGuard:
         max_reductions: int | None = None,
         rise_ratio: float | None = 2.0,
         require_stalled_loss: bool = True,
+        stall_update_ratio: float | None = 0.005,
     ) -> None:
         self.approach_ratio = _check_float("approach_ratio", approach_ratio, 0.0, 1.0, True, False)
         self.patience = check_int("patience", patience, 2)
@@ -251,6 +293,11 @@ class LRGuard:
         if not isinstance(require_stalled_loss, bool):
             raise TypeError(f"`require_stalled_loss` must be True or False, got {require_stalled_loss!r}")
         self.require_stalled_loss = require_stalled_loss
+        self.stall_update_ratio = (
+            None
+            if stall_update_ratio is None
+            else _check_float("stall_update_ratio", stall_update_ratio, 0.0, math.inf, True, True)
+        )
 
         self._optimizer: torch.optim.Optimizer | None = None
         self._handles: list[RemovableHandle] = []
@@ -275,6 +322,7 @@ class LRGuard:
         self._best_loss = math.inf  # lowest running loss level (median of RISE_LOSS_WINDOW steps) so far
         self._first_loss: float | None = None  # the first finite loss observed
         self._learned = False  # the running loss level has fallen below LEARNED_LOSS_RATIO x the first loss
+        self._clipped: deque[bool] = deque(maxlen=STALL_EVERY)  # whether each recent step was clipped
 
     @property
     def lr_scale(self) -> float:
@@ -307,6 +355,7 @@ class LRGuard:
             "best_loss": self._best_loss if math.isfinite(self._best_loss) else None,
             "first_loss": self._first_loss,
             "learned": self._learned,
+            "recent_clipped": list(self._clipped),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -327,6 +376,7 @@ class LRGuard:
         first = state_dict.get("first_loss")
         self._first_loss = None if first is None else float(first)
         self._learned = bool(state_dict.get("learned", False))
+        self._clipped.extend(bool(x) for x in state_dict.get("recent_clipped", []))
 
     # -------------------------------------------------------------- detection
 
@@ -386,6 +436,7 @@ class LRGuard:
                 self._best_loss = min(self._best_loss, level_now)
                 if self._first_loss > 0.0 and level_now < LEARNED_LOSS_RATIO * self._first_loss:
                     self._learned = True
+        self._clipped.append(threshold is not None and norm > threshold)
         # Channel 1: the norm has used `approach_ratio` of the headroom below the threshold.
         approaching = False
         if threshold is not None and math.isfinite(threshold) and threshold > 0.0:
@@ -438,6 +489,68 @@ class LRGuard:
             # The loss still improves, or too few losses to tell yet: keep the streak, judge again next step.
             return None
         return self._reduce(step, norm, threshold, center, level, losses)
+
+    def stall_due(self, step: int) -> bool:
+        """Whether :meth:`stall_check` wants the update ratio of optimizer step ``step`` (every
+        ``STALL_EVERY`` steps from ``STALL_START``, while the channel is on)."""
+        return self.stall_update_ratio is not None and step >= STALL_START and step % STALL_EVERY == 0
+
+    def stall_check(self, *, step: int, update_ratio: float) -> LRReduction | None:
+        """The stall channel: cut the LR when the weights move fast and the loss has stopped improving.
+
+        Call it after ``optimizer.step()`` of a step for which :meth:`stall_due` is true, with that step's
+        global update-to-weight ratio (the L2 norm of the change of all weights over the L2 norm of the
+        weights before it). It reduces when all hold: the ratio exceeds ``stall_update_ratio``; the median
+        training loss of the last ``STALL_EVERY`` steps (this one included) is not below the median of the
+        ``STALL_EVERY`` steps before; clipping bound at most half of the last ``STALL_EVERY`` steps; and
+        ``max_reductions`` is not reached. The norm channels' cooldown does not hold it back (each check
+        compares a window that lies after the previous check), and a reduction restarts that cooldown.
+
+        Returns:
+            The reduction, with its evidence, or ``None``.
+        """
+        limit = self.stall_update_ratio
+        if limit is None or not self.stall_due(step) or not math.isfinite(update_ratio):
+            return None
+        if len(self._losses) < 2 * STALL_EVERY or len(self._clipped) < STALL_EVERY:
+            return None
+        values = list(self._losses)
+        recent, before = _median(values[-STALL_EVERY:]), _median(values[-2 * STALL_EVERY : -STALL_EVERY])
+        clip_share = sum(self._clipped) / len(self._clipped)
+        if update_ratio <= limit or recent < before or clip_share > STALL_MAX_CLIP_SHARE:
+            return None
+        if self.max_reductions is not None and self._num_reductions >= self.max_reductions:
+            return None
+        before_scale = self._lr_scale
+        old_lrs: tuple[float, ...] = ()
+        if self._optimizer is not None:
+            old_lrs = tuple(self.effective_lrs())
+            after = before_scale * self.factor
+            if all(self._effective(lr, before_scale) <= self._effective(lr, after) for lr in self._scheduler_lrs()):
+                return None  # every group already sits at its `min_lr` floor
+        self.force_reduction()
+        self._num_reductions += 1
+        return LRReduction(
+            step=int(step),
+            reason="stall",
+            lr_scale_before=before_scale,
+            lr_scale=self._lr_scale,
+            num_reductions=self._num_reductions,
+            norm=self._norms[-1] if self._norms else math.nan,
+            threshold=None,
+            center=None,
+            recent_norms=tuple(self._norms),
+            level=math.exp(_median(self._window)) if self._window else math.nan,
+            reference=math.exp(self._reference),
+            approaching_steps=0,
+            risen_steps=0,
+            patience=self.patience,
+            old_lrs=old_lrs,
+            new_lrs=tuple(self.effective_lrs()) if self._optimizer is not None else (),
+            loss_recent=recent,
+            loss_before=before,
+            update_ratio=float(update_ratio),
+        )
 
     def _loss_medians(self) -> tuple[float, float] | None:
         """(median loss at the start of the loss horizon, median loss now), once ``2 * patience`` exist.
@@ -642,5 +755,5 @@ class LRGuard:
             f"{type(self).__name__}(approach_ratio={self.approach_ratio}, patience={self.patience},"
             f" factor={self.factor}, cooldown={self.cooldown}, min_lr={self.min_lr},"
             f" max_reductions={self.max_reductions}, rise_ratio={self.rise_ratio},"
-            f" require_stalled_loss={self.require_stalled_loss})"
+            f" require_stalled_loss={self.require_stalled_loss}, stall_update_ratio={self.stall_update_ratio})"
         )

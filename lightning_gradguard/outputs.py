@@ -120,7 +120,8 @@ class Reporter:
         self.rich_writers = rich_writers
         self._notified: set[str] = set()
         self._hook_failed = False
-        self._update_steps: dict[int, int] = {}  # engine index -> global step of the pending weight copy
+        # engine index -> (global step, is a log step) of the pending weight copy
+        self._update_steps: dict[int, tuple[int, bool]] = {}
         self._hooks: dict[int, Any] = {}  # id(optimizer) -> step post-hook handle
         self.recovery: Any | None = None  # a Recovery: its counters join the first optimizer's scalars
         self.events = EventLog()  # text events, one TensorBoard entry per step and tag
@@ -183,13 +184,14 @@ class Reporter:
 
     def after_optimizer_step(self, engine: GuardEngine) -> None:
         """After the optimizer step of a log step: log ``weight_norm/*`` and ``update_ratio/*``, report verdicts."""
-        global_step = self._update_steps.pop(engine.index, None)
+        pending = self._update_steps.pop(engine.index, None)
         step = engine.last.step if engine.last is not None else 0
-        closed = engine.close_updates(step)
-        if closed is None or global_step is None:
+        closed = engine.close_updates(step, log_step=pending is not None and pending[1])
+        if closed is None or pending is None:
             return
         stats, events = closed
-        if self.log_metrics is not None:
+        global_step, log_step = pending
+        if self.log_metrics is not None and log_step and engine.log_updates:
             self.log_metrics(update_metrics(stats, engine.index), global_step)
         for event in events:
             self.emit(event, engine.index)
@@ -200,10 +202,11 @@ class Reporter:
         for event in outcome.events:
             self.emit(event, engine.index)
         options, step = self.options, outcome.step
-        if step % self.log_every == 0:
+        log_step = step % self.log_every == 0
+        if log_step:
             self.log(engine, outcome, global_step)
-            if engine.snapshot_updates(outcome):
-                self._update_steps[engine.index] = global_step
+        if engine.wants_updates(step, log_step) and engine.snapshot_updates(outcome):
+            self._update_steps[engine.index] = (global_step, log_step)
         if options.histogram_every_n_steps and step % options.histogram_every_n_steps == 0:
             self.histograms(engine, global_step)
         if options.heatmap_every_n_steps and step and step % options.heatmap_every_n_steps == 0:

@@ -291,6 +291,9 @@ def test_parameters_unfrozen_during_training_are_clipped_and_skipped(how: str, t
     assert layers == ["backbone.0", "head"]
     acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
     assert 12 in scalars(acc, tag("layer_norm/{layer}", 0, "backbone.0"))
+    # the update-to-weight ratios (weight copies rebuilt at the regroup) cover the unfrozen backbone too
+    ratios = scalars(acc, tag("update_ratio/{layer}", 0, "backbone.0"))
+    assert 12 in ratios and math.isfinite(ratios[12]) and -8.0 < ratios[12] < 0.0
 
 
 def test_plain_guard_regroups_after_an_unfreeze() -> None:

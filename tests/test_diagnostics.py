@@ -111,11 +111,33 @@ def test_jump_rule_needs_three_previous_observations_and_a_nonzero_baseline() ->
 
 # ----------------------------------------------------------------------------------------- dead, nonfinite
 def test_dead_layer_is_named_and_not_called_vanishing() -> None:
+    """Changed: ``dead`` now needs two observations (one used to suffice), because at step 0 the layers below a
+    zero-initialised output layer have exactly-zero gradients too (see the next test)."""
     diag = GradientDiagnostics()
-    verdicts = diag.observe(5, {"head": 0.5, "frozen_by_mistake": 0.0}, {"head": 10, "frozen_by_mistake": 10})
+    norms, numels = {"head": 0.5, "frozen_by_mistake": 0.0}, {"head": 10, "frozen_by_mistake": 10}
+    assert diag.observe(4, norms, numels) == []
+    verdicts = diag.observe(5, norms, numels)
     assert kinds(verdicts) == [("frozen_by_mistake", "dead")]
     assert verdicts[0].value == 0.0
     assert "exactly zero" in verdicts[0].message and "requires_grad" in verdicts[0].remedy
+
+
+def test_layers_below_a_zero_initialised_head_are_not_dead_at_step_0() -> None:
+    """A zero-init output layer (a common recipe) zeroes every other layer's gradient at the first step only."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    torch.nn.init.zeros_(model[2].weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    diag, verdicts = GradientDiagnostics(), []
+    for step in range(5):
+        opt.zero_grad()
+        model(torch.randn(16, 4)).pow(2).mean().add(-1.0).abs().backward()
+        norms = {"0": float(model[0].weight.grad.norm()), "2": float(model[2].weight.grad.norm())}
+        if step == 0:
+            assert norms["0"] == 0.0 and norms["2"] > 0.0  # exactly zero below the zero head, at step 0 only
+        verdicts += diag.observe(step, norms, {"0": 32, "2": 8})
+        opt.step()
+    assert [v for v in verdicts if v.kind == "dead"] == []
 
 
 def test_nonfinite_layers_are_named_and_kept_out_of_the_history() -> None:
@@ -160,7 +182,7 @@ def test_summary_names_layers_counts_and_remedies() -> None:
     text = diag.summary()
     assert "3 layers over 2 log steps (steps 0-1): 2 with verdicts" in text
     assert "a: vanishing (1 episode, steps 0-1)" in text
-    assert "c: dead (1 episode, steps 0-1)" in text
+    assert "c: dead (1 episode, step 1)" in text  # changed: dead needs two observations (see above)
     assert REMEDIES["vanishing"] in text and REMEDIES["dead"] in text
     assert REMEDIES["exploding"] not in text
 
