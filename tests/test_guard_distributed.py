@@ -63,9 +63,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, A
         pytest.fail("the two-process Guard run did not finish in time (hang?)")
     for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log[-4000:]
-    return {
-        name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)] for name in ("ddp", "fsdp2")
-    }
+    names = ("ddp", "fsdp2", "ddp_noise", "fsdp2_noise")
+    return {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)] for name in names}
 
 
 def _reference() -> dict[str, Any]:
@@ -92,3 +91,21 @@ def test_norms_match_a_single_process_on_the_whole_batch(runs: dict[str, list[di
         for ours, ref in zip(records[: plain_worker.POISONED], reference, strict=False):
             assert math.isclose(ours[0], ref[0], rel_tol=1e-5), (name, ours, ref)
             assert ours[3:5] == ref[3:5]  # clipped, skipped
+
+
+@pytest.mark.parametrize("name", ["ddp_noise", "fsdp2_noise"])
+def test_the_stall_channel_cuts_at_the_same_step_on_every_rank(
+    runs: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The update ratio comes from replicated weights (DDP) or SUM-reduced shard norms (FSDP2): every rank
+    measures the same ratio and cuts the LR at the same step as one process training on the whole batch."""
+    rank0, rank1 = runs[name]
+    # the decisions (norm, clipped, LR scale at every step) bit for bit; events reach on_event on rank 0 only
+    assert repr(rank0["records"]) == repr(rank1["records"]) and rank1["cuts"] == []
+    model = plain_worker.make_noise_model()
+    reference = plain_worker.run_noise(model, model, rank=0, world=1)
+    assert rank0["cuts"] and all(reason == "stall" for _, reason, _ in rank0["cuts"])
+    assert [c[0] for c in rank0["cuts"]] == [c[0] for c in reference["cuts"]]
+    for ours, ref in zip(rank0["cuts"], reference["cuts"], strict=True):
+        assert math.isclose(ours[2], ref[2], rel_tol=1e-4)  # the same update ratio (up to float rounding)
+    assert rank0["records"][-1][2] == reference["records"][-1][2] < 1.0

@@ -3,7 +3,9 @@
 Started twice with ``RANK`` / ``WORLD_SIZE=2`` / ``MASTER_ADDR`` / ``MASTER_PORT``; runs a DDP loop, then an
 FSDP2 (``fully_shard``) loop, in the same processes over gloo on CPU. Each rank trains on its half of every
 batch; rank 1 alone poisons its loss at step ``POISONED``. Each rank writes what its guard decided at every
-step and the final full weights to ``OUT/{ddp,fsdp2}_rank{r}.pt``.
+step and the final full weights to ``OUT/{ddp,fsdp2}_rank{r}.pt``. Then the same two strategies train an
+AdamW regression on noise (``run_noise``) until the LR guard's stall channel cuts the LR, from the update
+ratio of replicated weights (DDP) and of SUM-reduced shard norms (FSDP2): ``OUT/{ddp,fsdp2}_noise_rank{r}.pt``.
 
 Imported as a module (by the test), nothing runs: ``make_model``, ``batch`` and ``run_loop`` serve the
 single-process reference run too.
@@ -60,6 +62,43 @@ def run_loop(model: nn.Module, params_of: nn.Module, rank: int, world: int) -> d
     return {"records": records, "weights": weights}
 
 
+NOISE_STEPS, NOISE_BATCH = 80, 16
+
+
+def make_noise_model() -> nn.Module:
+    """The zero-head regressor of ``tests/test_lr_guard_stall.py``: its loss is flat at the noise level."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    nn.init.zeros_(model[2].weight)
+    nn.init.zeros_(model[2].bias)
+    return model
+
+
+def run_noise(model: nn.Module, params_of: nn.Module, rank: int, world: int) -> dict[str, Any]:
+    """AdamW at lr 0.05 on fresh noise targets: per step, the LR scale and the LR-guard events seen."""
+    optimizer = torch.optim.AdamW(params_of.parameters(), lr=0.05)
+    events: list[Any] = []
+    guard = Guard(model, optimizer, on_event=events.append, rollback=False, diagnostics=False)
+    records = []
+    g = torch.Generator().manual_seed(1)  # every rank draws the whole batch, then takes its share
+    for _ in range(NOISE_STEPS):
+        x, y = 0.1 * torch.randn(NOISE_BATCH, 8, generator=g), 0.1 * torch.randn(NOISE_BATCH, 1, generator=g)
+        share = slice(rank * NOISE_BATCH // world, (rank + 1) * NOISE_BATCH // world)
+        loss = nn.functional.mse_loss(model(x[share]), y[share])
+        loss.backward()
+        o = guard.before_optimizer_step(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        records.append([o.global_norm, o.clipped, guard.lr_scale])
+    guard.close()
+    cuts = [
+        [e.step, str(e.evidence["reason"]), float(e.evidence["update_ratio"])]
+        for e in events
+        if e.kind == "lr_reduction"
+    ]
+    return {"records": records, "cuts": cuts}
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -76,6 +115,16 @@ def main(out: Path) -> None:
     fully_shard(sharded[2], mesh=mesh)
     fully_shard(sharded, mesh=mesh)
     torch.save(run_loop(sharded, sharded, rank, world), out / f"fsdp2_rank{rank}.pt")
+
+    noise = make_noise_model()
+    torch.save(
+        run_noise(nn.parallel.DistributedDataParallel(noise), noise, rank, world), out / f"ddp_noise_rank{rank}.pt"
+    )
+    noise = make_noise_model()
+    fully_shard(noise[0], mesh=mesh)
+    fully_shard(noise[2], mesh=mesh)
+    fully_shard(noise, mesh=mesh)
+    torch.save(run_noise(noise, noise, rank, world), out / f"fsdp2_noise_rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
