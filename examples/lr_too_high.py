@@ -6,8 +6,9 @@ A small Tanh MLP (16 -> 64 -> 1) fits a smooth synthetic regression with SGD + m
 rate just past what the problem's curvature tolerates. Two runs from the same weights and batches: with
 ``GradGuard()`` (LR guard on, the default) and with ``GradGuard(lr_guard=False)`` (clipping only). At this LR
 the steps overshoot more and more, so the gradient norm climbs; an adaptive clip threshold follows a steady
-climb by design, so clipping alone only slows the divergence. The LR guard sees the norm level rise far
-above its long-run reference, halves the LR, and training settles.
+climb by design, so clipping alone only slows the divergence. The LR guard sees the norms keep pressing
+the threshold, halves the LR, and training settles; later, when the loss has stopped improving while every
+step still moves the weights by about 5 % of their norm, its stall channel halves it once more.
 """
 
 from __future__ import annotations

@@ -122,6 +122,32 @@ class StepOutcome:
     events: tuple[GuardEvent, ...] = ()
 
 
+def _config_fields(text: str) -> tuple[str, dict[str, str]] | None:
+    """``"Name(a=1, b=None)"`` -> ``("Name", {"a": "1", "b": "None"})``; ``None`` if it is not of that form."""
+    name, _, body = text.partition("(")
+    if not body.endswith(")"):
+        return None
+    fields: dict[str, str] = {}
+    for part in body[:-1].split(", ") if body[:-1] else []:
+        key, sep, value = part.partition("=")
+        if not sep:
+            return None
+        fields[key] = value
+    return name, fields
+
+
+def _configs_differ(saved: str, now: str, default: str) -> bool:
+    """Whether a saved ``repr`` configuration differs from the current one. An option the saved one lacks (added
+    after the checkpoint was written) counts only if it is set to something else than its default now."""
+    parsed = [_config_fields(x) for x in (saved, now, default)]
+    if any(p is None for p in parsed):
+        return saved != now
+    (s_name, s_fields), (n_name, n_fields), (_, d_fields) = parsed  # type: ignore[misc]
+    if s_name != n_name or any(n_fields.get(k) != v for k, v in s_fields.items()):
+        return True
+    return any(v != d_fields.get(k) for k, v in n_fields.items() if k not in s_fields)
+
+
 def _shown(layers: list[str], limit: int = 5) -> str:
     return ", ".join(layers[:limit]) + (f" and {len(layers) - limit} more" if len(layers) > limit else "")
 
@@ -577,7 +603,7 @@ class GuardEngine:
                 saved = {k: saved[k] for k in ("lr_scale", "num_reductions", "cooldown_left") if k in saved}
             lr_guard.load_state_dict(saved)
             saved_config, config = state.get("lr_guard_config"), repr(lr_guard)
-            if saved_config is not None and saved_config != config:
+            if saved_config is not None and _configs_differ(str(saved_config), config, repr(type(lr_guard)())):
                 return [
                     f"LR guard configuration differs (saved {saved_config}, now {config}): keeping the current "
                     f"configuration, continuing from the saved LR scale {lr_guard.lr_scale:g} and history"

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_gradguard import GradGuard, Guard, GuardEvent
+from lightning_gradguard import GradGuard, Guard, GuardEvent, LRGuard
 
 from ._models import TinyRegressor, make_trainer, read_events, scalars
 
@@ -190,13 +190,18 @@ def test_on_event_must_be_callable() -> None:
 
 
 def test_update_ratios_can_be_switched_off(tmp_path: Path) -> None:
+    """Changed with the LR guard's stall channel: with ``log_update_ratios=False`` nothing is logged or judged,
+    but the weight copies still serve that channel unless it is off (``stall_update_ratio=None``) too."""
     guard = GradGuard(log_update_ratios=False, log_every_n_steps=2, histogram_every_n_steps=0)
     trainer = make_trainer(tmp_path, [guard], max_steps=4)
     trainer.fit(TinyRegressor())
     tags = read_events(trainer.logger.log_dir).Tags()["scalars"]  # type: ignore[union-attr]
     assert "gradguard/loss" in tags and "gradguard/layer_norm_median" in tags
     assert not [t for t in tags if "update_ratio" in t or "weight_norm" in t]
-    assert all(g.updates is None for g in guard._guards.values())
+    assert all(g.updates is not None and not g.log_updates and not g.update_ratios for g in guard._guards.values())
+    quiet = GradGuard(log_update_ratios=False, lr_guard=LRGuard(stall_update_ratio=None), histogram_every_n_steps=0)
+    make_trainer(tmp_path / "quiet", [quiet], max_steps=4).fit(TinyRegressor())
+    assert all(g.updates is None for g in quiet._guards.values())
     with pytest.raises(TypeError, match="log_update_ratios"):
         GradGuard(log_update_ratios=1)  # type: ignore[arg-type]
 

@@ -171,11 +171,14 @@ def test_lr_reduction_becomes_a_warning_event_with_its_evidence() -> None:
 
 
 def test_verdicts_at_log_steps_become_events() -> None:
+    """Changed: a layer is called dead from its second zero observation on (see test_diagnostics)."""
     options = guard_options(clip=None)
     model = _model()
     engine = options.engine(0, model.named_parameters(), monitor_only=False)
-    outcome = engine.decide(_stats(0.0, 1.0))  # layer "0" of the model: gradient exactly zero -> dead
-    events = engine.close_interval(outcome, global_step=0, heatmap=False)
+    outcome = engine.decide(_stats(0.0, 1.0))  # layer "0" of the model: gradient exactly zero
+    assert engine.close_interval(outcome, global_step=0, heatmap=False) == ()  # once could be a zero-init head
+    outcome = engine.decide(_stats(0.0, 1.0))  # still exactly zero -> dead
+    events = engine.close_interval(outcome, global_step=1, heatmap=False)
     assert events and all(e.kind == "verdict" and e.is_warning for e in events)
     assert [v.layer for v in engine.verdicts] == [layer for e in events for layer in e.layers]
     assert "Remedy:" in events[0].message

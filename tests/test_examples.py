@@ -72,7 +72,12 @@ def test_exploding_rnn_nonfinite_without_guard_finite_with_gradguard(tmp_path: P
 def test_lr_too_high_lr_guard_fires_and_loss_is_lower(tmp_path: Path) -> None:
     results = load("lr_too_high").main(["--max-steps", "200", "--logdir", str(tmp_path)])
     with_guard, without = results["lr_guard"], results["no_lr_guard"]
-    assert with_guard.lr_scale == 0.5 and len(with_guard.reductions) >= 1
+    # Two cuts since the stall channel (issue 11, round 3): the approach channel at step ~20, then at step 125 the
+    # stall channel (loss flat at 0.58 while SGD moves the weights by 5 % of their norm per step); without it
+    # the run ends at a mean last-50 loss of 0.566 with LR scale 0.5, with it at 0.534.
+    assert with_guard.lr_scale == 0.25 and len(with_guard.reductions) == 2
+    assert "approached the clip threshold" in with_guard.reductions[0]
+    assert "the step size is too large" in with_guard.reductions[1]
     assert without.lr_scale == 1.0 and without.reductions == []
     assert with_guard.mean_loss(50) < 0.5 * without.mean_loss(50)
     # Same weights and batches until the guard acts. Since the diverging-loss path of the LR guard (issue 11)

@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 
-from lightning_gradguard import AutoPolicy, GradGuard, Guard
+from lightning_gradguard import AutoPolicy, GradGuard, Guard, LRGuard
 from tests.test_frontends import _model, _options, _plain_steps
 from tests.test_resume import Model, N, StateAtStart, _assert_same_run, _fit, _same
 
@@ -70,8 +70,12 @@ def test_a_version_2_checkpoint_resumes_exactly_as_the_uninterrupted_run(tmp_pat
         tmp_path / "resumed", copy.deepcopy(init), gradguard_for_fixture(), N, ckpt_path=fixture, extra=(at_start,)
     )
     (start,) = at_start.states.values()
-    # Every value the old release saved is restored as saved; keys added since (later fields) may be extra.
-    assert _restored(state["guards"]["0"], start["guards"]["0"]) and _same(start["recovery"], state["recovery"])
+    # Every value the old release saved is restored as saved; keys added since (later fields) may be extra. The
+    # LR guard's configuration string is the current one (it has gained `stall_update_ratio` since, at its
+    # default, which the resume does not report as a difference: see the last test of this file).
+    old_guard = _without(state["guards"]["0"], {"lr_guard_config"})
+    assert _restored(old_guard, start["guards"]["0"]) and _same(start["recovery"], state["recovery"])
+    assert start["guards"]["0"]["lr_guard_config"] == repr(LRGuard())
     straight_guard = next(cb for cb in straight[0].callbacks if isinstance(cb, GradGuard))  # type: ignore[attr-defined]
     assert straight_guard.clipped_steps > 6  # the spikes after the resume point were clipped
     _assert_same_run(straight, resumed, 6, compare_state=False)
@@ -100,3 +104,20 @@ def test_a_version_2_plain_guard_state_resumes_exactly() -> None:
     assert guard.engine.counters.steps == 8 and guard.lr_scale == saved["guards"]["0"]["lr_guard"]["lr_scale"] < 1.0
     rest = _plain_steps(guard._module, guard.optimizer, guard, range(8, 16))
     assert repr(full[8:]) == repr(rest)
+
+
+def test_an_option_added_since_the_checkpoint_is_no_configuration_difference_at_its_default() -> None:
+    """A version-2 checkpoint's LR-guard configuration predates ``stall_update_ratio``: resuming it with the
+    default must not report a difference, resuming it with another value must."""
+    from lightning_gradguard.engine import _configs_differ
+
+    old = (
+        "LRGuard(approach_ratio=0.9, patience=10, factor=0.5, cooldown=100, min_lr=0.0, max_reductions=None,"
+        " rise_ratio=2.0, require_stalled_loss=True)"
+    )
+    default = repr(LRGuard())
+    assert "stall_update_ratio=0.005" in default
+    assert not _configs_differ(old, default, default)
+    assert _configs_differ(old, repr(LRGuard(stall_update_ratio=0.01)), default)
+    assert _configs_differ(old, repr(LRGuard(patience=5)), default)
+    assert _configs_differ(old, "something else", default)  # not of the Name(k=v) form: compared as text
