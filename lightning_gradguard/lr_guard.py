@@ -169,39 +169,31 @@ class LRReduction:
 
     def message(self) -> str:
         """One human-readable line with the evidence, for a log message or a TensorBoard text event."""
-        thr = "none (warming up)" if self.threshold is None else f"{self.threshold:.4g}"
-        head = (
+        parts = [
             f"LR guard: step {self.step}: LR scale {self.lr_scale_before:.4g} -> {self.lr_scale:.4g}"
             f" (reduction {self.num_reductions})."
-        )
+        ]
         if self.reason == "stall":
-            parts = [
-                head,
+            parts.append(
                 f"The weights moved by {self.update_ratio or 0.0:.3g} of their norm in one step while the training"
                 f" loss stopped improving (median of the last {STALL_EVERY} steps {self.loss_recent or 0.0:.4g},"
-                f" of the {STALL_EVERY} before {self.loss_before or 0.0:.4g}): the step size is too large.",
-            ]
-            if self.old_lrs:
-                parts.append(
-                    "LR "
-                    + ", ".join(f"{a:.4g} -> {b:.4g}" for a, b in zip(self.old_lrs, self.new_lrs, strict=True))
-                    + "."
-                )
-            return " ".join(parts)
-        parts = [
-            head,
-            f"{self.approaching_steps} of the last {self.patience} steps approached the clip threshold"
-            f" and {self.risen_steps} had a norm level above its long-run reference"
-            f" (level {self.level:.4g} vs reference {self.reference:.4g},"
-            f" x{self.level / max(self.reference, _TINY):.3g}).",
-            f"Norm {self.norm:.4g}, threshold {thr}; recent norms: "
-            + ", ".join(f"{n:.3g}" for n in self.recent_norms)
-            + ".",
-        ]
-        if self.loss_recent is not None and self.loss_before is not None:
-            parts.append(
-                f"The training loss is not improving (median {self.loss_before:.4g} -> {self.loss_recent:.4g})."
+                f" of the {STALL_EVERY} before {self.loss_before or 0.0:.4g}): the step size is too large."
             )
+        else:
+            thr = "none (warming up)" if self.threshold is None else f"{self.threshold:.4g}"
+            parts += [
+                f"{self.approaching_steps} of the last {self.patience} steps approached the clip threshold"
+                f" and {self.risen_steps} had a norm level above its long-run reference"
+                f" (level {self.level:.4g} vs reference {self.reference:.4g},"
+                f" x{self.level / max(self.reference, _TINY):.3g}).",
+                f"Norm {self.norm:.4g}, threshold {thr}; recent norms: "
+                + ", ".join(f"{n:.3g}" for n in self.recent_norms)
+                + ".",
+            ]
+            if self.loss_recent is not None and self.loss_before is not None:
+                parts.append(
+                    f"The training loss is not improving (median {self.loss_before:.4g} -> {self.loss_recent:.4g})."
+                )
         if self.old_lrs:
             parts.append(
                 "LR " + ", ".join(f"{a:.4g} -> {b:.4g}" for a, b in zip(self.old_lrs, self.new_lrs, strict=True)) + "."
