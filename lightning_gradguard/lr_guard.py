@@ -514,12 +514,9 @@ class LRGuard:
         if self.max_reductions is not None and self._num_reductions >= self.max_reductions:
             return None
         before_scale = self._lr_scale
-        old_lrs: tuple[float, ...] = ()
-        if self._optimizer is not None:
-            old_lrs = tuple(self.effective_lrs())
-            after = before_scale * self.factor
-            if all(self._effective(lr, before_scale) <= self._effective(lr, after) for lr in self._scheduler_lrs()):
-                return None  # every group already sits at its `min_lr` floor
+        if self._at_floor(before_scale * self.factor):
+            return None
+        old_lrs = tuple(self.effective_lrs()) if self._optimizer is not None else ()
         self.force_reduction()
         self._num_reductions += 1
         return LRReduction(
@@ -542,6 +539,14 @@ class LRGuard:
             loss_recent=recent,
             loss_before=before,
             update_ratio=float(update_ratio),
+        )
+
+    def _at_floor(self, new_scale: float) -> bool:
+        """Every group already sits at its ``min_lr`` floor: scaling to ``new_scale`` would change no effective LR."""
+        if self._optimizer is None:
+            return False
+        return all(
+            self._effective(lr, self._lr_scale) <= self._effective(lr, new_scale) for lr in self._scheduler_lrs()
         )
 
     def _loss_medians(self) -> tuple[float, float] | None:
@@ -572,12 +577,9 @@ class LRGuard:
         self._streak.clear()
         old_lrs = tuple(self.effective_lrs()) if self._optimizer is not None else ()
         new_scale = self._lr_scale * self.factor
-        if self._optimizer is not None:
-            sched = self._scheduler_lrs()
-            if all(self._effective(lr, self._lr_scale) <= self._effective(lr, new_scale) for lr in sched):
-                # Every group already sits at its `min_lr` floor: a reduction would change nothing.
-                self._cooldown_left = self.cooldown
-                return None
+        if self._at_floor(new_scale):
+            self._cooldown_left = self.cooldown
+            return None
         before = self._lr_scale
         self._lr_scale = new_scale
         self._num_reductions += 1
