@@ -465,11 +465,14 @@ class GuardEngine:
         weight = math.sqrt(sum(w * w for w in stats.weight_norms))
         if not weight > 0.0:
             return ()
-        ratio = math.sqrt(sum(u * u for u in stats.update_norms)) / weight
-        reduction = guard.stall_check(step=step, update_ratio=ratio)
+        update = math.sqrt(sum(u * u for u in stats.update_norms))
+        ratio = update / weight
+        reduction = guard.stall_check(step=step, update_ratio=ratio, update_norm=update)
         if reduction is None:
             return ()
         evidence = {"update_ratio": ratio, "lr_scale": reduction.lr_scale, "reason": reduction.reason}
+        if reduction.update_gain is not None:
+            evidence["update_gain"] = reduction.update_gain
         return (GuardEvent("lr_reduction", step, str(reduction), evidence=evidence),)
 
     def _update_verdicts(self, step: int) -> tuple[GuardEvent, ...]:

@@ -25,10 +25,19 @@ exceeds ``stall_update_ratio`` (0.005, i.e. 10^-2.3), the median training loss o
 lower than that of the 25 before, and clipping bound at most half of the last 25 steps, the LR is cut. An
 optimizer that moves every weight by more than 0.5 % per step without lowering the loss is bouncing in its
 valley: the step size, not the gradient, is too large, and Adam's update size does not depend on the gradient's
-scale, so no clip threshold ever sees it. Measured on the outcomes benchmark (``docs/lr-guard.md``): at the
+scale, so no clip threshold ever sees it. When the step *follows the gradient* (its gain, the update's norm over
+the effective LR times the RMS of the last 25 post-clip gradient norms, is at most ``STALL_MIN_GAIN`` = 10: SGD
+has gain 1, momentum 0.9 at most 10), one check's ratio is one batch's gradient, so the stall counts only for a
+run that has not learned yet or whose loss has risen to twice its best running level, the test the approach
+channel applies to a run that presses ``auto``'s prior. Measured on the outcomes benchmark: gain 0.1-3.3 at the
+checks of the SGD workloads (the momentum IRNN included), 59-350 for AdamW on the transformers; without the
+gain condition a 10-layer tanh MLP at its sane SGD LR (loss 2.1 -> 0.15) got a cut on 5 of 16 seeds, with it 1
+(a seed whose loss rose 2.7x within 25 steps), while the same MLP at 30x its LR, which sits at chance level, keeps
+its stall cuts (2 of 16 seeds diverged; 12 of 16 without any stall cut on SGD). Measured on the outcomes benchmark (``docs/lr-guard.md``): at the
 checks of sane-LR runs, AdamW transformers move at 10^-3.0..-2.8, a tanh RNN and a ReLU IRNN under SGD at
 10^-4.4..-2.8, and a 10-layer tanh MLP at up to 10^-1.95 (while ``auto``'s ceiling opens, with clipping
-binding more than half of the steps: the clip-share condition leaves that run to the approach channel);
+binding more than half of the steps, and alone at single steps afterwards: the gain condition leaves that run
+to clipping and the approach channel);
 Pre-LN and Post-LN transformers at 10x and 30x their LR move at 10^-2.5..-1.8 on a flat loss.
 
 ``patience`` consecutive pressing steps trigger a reduction; an isolated spike presses on one step
@@ -109,8 +118,12 @@ LEARNED_LOSS_RATIO = 0.5
 STALL_EVERY = 25
 #: ... from this step on (two full loss windows).
 STALL_START = 50
-#: ... and stays silent while clipping bound more than this share of the last ``STALL_EVERY`` steps.
+#: ... and stays silent while clipping bound more than this share of the last ``STALL_EVERY`` steps ...
 STALL_MAX_CLIP_SHARE = 0.5
+#: A step follows the gradient when its norm is at most this many times the effective LR times the RMS of the
+#: last ``STALL_EVERY`` post-clip gradient norms (SGD: 1; momentum 0.9: at most 10); the stall channel then needs
+#: a run that has not learned or whose loss has risen (see :meth:`LRGuard.stall_check`).
+STALL_MIN_GAIN = 10.0
 
 # sd of the median of n normal samples ~ 1.2533 * sigma / sqrt(n); sigma ~ 1.4826 * MAD.
 _MEDIAN_SE = 1.2533 / math.sqrt(LEVEL_WINDOW)
@@ -145,6 +158,9 @@ class LRReduction:
         new_lrs: effective LR of each param group after (empty when no optimizer is attached).
         loss_recent: median training loss of the most recent steps (``None`` without losses).
         loss_before: median training loss at the start of the loss horizon (up to 100 steps back).
+        update_ratio: the stall channel's global update-to-weight ratio (``None`` for the norm channels).
+        update_gain: the stall channel's :meth:`LRGuard.stall_gain` (``None`` when unknown or for the norm
+            channels).
     """
 
     step: int
@@ -166,6 +182,7 @@ class LRReduction:
     loss_recent: float | None = None
     loss_before: float | None = None
     update_ratio: float | None = None
+    update_gain: float | None = None
 
     def message(self) -> str:
         """One human-readable line with the evidence, for a log message or a TensorBoard text event."""
@@ -179,6 +196,15 @@ class LRReduction:
                 f" loss stopped improving (median of the last {STALL_EVERY} steps {self.loss_recent or 0.0:.4g},"
                 f" of the {STALL_EVERY} before {self.loss_before or 0.0:.4g}): the step size is too large."
             )
+            if self.update_gain is not None:
+                parts.append(
+                    f"The step was {self.update_gain:.3g}x a plain gradient step at this LR"
+                    + (
+                        ": the optimizer's step size does not follow the gradient, so clipping cannot bound it."
+                        if self.update_gain > STALL_MIN_GAIN
+                        else ", and the loss has not learned or has risen to twice its best level."
+                    )
+                )
         else:
             thr = "none (warming up)" if self.threshold is None else f"{self.threshold:.4g}"
             parts += [
@@ -315,6 +341,7 @@ class LRGuard:
         self._first_loss: float | None = None  # the first finite loss observed
         self._learned = False  # the running loss level has fallen below LEARNED_LOSS_RATIO x the first loss
         self._clipped: deque[bool] = deque(maxlen=STALL_EVERY)  # whether each recent step was clipped
+        self._applied: deque[float] = deque(maxlen=STALL_EVERY)  # each recent step's post-clip gradient norm
 
     @property
     def lr_scale(self) -> float:
@@ -348,6 +375,7 @@ class LRGuard:
             "first_loss": self._first_loss,
             "learned": self._learned,
             "recent_clipped": list(self._clipped),
+            "recent_applied_norms": list(self._applied),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -369,6 +397,7 @@ class LRGuard:
         self._first_loss = None if first is None else float(first)
         self._learned = bool(state_dict.get("learned", False))
         self._clipped.extend(bool(x) for x in state_dict.get("recent_clipped", []))
+        self._applied.extend(float(x) for x in state_dict.get("recent_applied_norms", []))
 
     # -------------------------------------------------------------- detection
 
@@ -428,7 +457,9 @@ class LRGuard:
                 self._best_loss = min(self._best_loss, level_now)
                 if self._first_loss > 0.0 and level_now < LEARNED_LOSS_RATIO * self._first_loss:
                     self._learned = True
-        self._clipped.append(threshold is not None and norm > threshold)
+        clipped = threshold is not None and norm > threshold
+        self._clipped.append(clipped)
+        self._applied.append(float(threshold) if clipped else norm)  # type: ignore[arg-type]
         # Channel 1: the norm has used `approach_ratio` of the headroom below the threshold.
         approaching = False
         if threshold is not None and math.isfinite(threshold) and threshold > 0.0:
@@ -487,15 +518,36 @@ class LRGuard:
         ``STALL_EVERY`` steps from ``STALL_START``, while the channel is on)."""
         return self.stall_update_ratio is not None and step >= STALL_START and step % STALL_EVERY == 0
 
-    def stall_check(self, *, step: int, update_ratio: float) -> LRReduction | None:
+    def stall_gain(self, update_norm: float) -> float | None:
+        """How many times farther the optimizer moved the weights (``update_norm``, the L2 norm of their change
+        over one step) than a plain gradient step would: ``update_norm / (lr x rms)`` with ``lr`` the largest
+        effective LR of the attached optimizer's groups and ``rms`` the root mean square of the last
+        ``STALL_EVERY`` post-clip gradient norms. ``None`` without an attached optimizer or recent norms; ``inf``
+        when the weights move while the LR or the gradients are zero."""
+        if self._optimizer is None or not self._applied or not math.isfinite(update_norm):
+            return None
+        lr = max(self.effective_lrs(), default=0.0)
+        rms = math.sqrt(sum(x * x for x in self._applied) / len(self._applied))
+        step_size = lr * rms
+        if not math.isfinite(step_size):
+            return None
+        return update_norm / step_size if step_size > 0.0 else (math.inf if update_norm > 0.0 else 0.0)
+
+    def stall_check(
+        self, *, step: int, update_ratio: float, update_norm: float | None = None
+    ) -> LRReduction | None:
         """The stall channel: cut the LR when the weights move fast and the loss has stopped improving.
 
         Call it after ``optimizer.step()`` of a step for which :meth:`stall_due` is true, with that step's
         global update-to-weight ratio (the L2 norm of the change of all weights over the L2 norm of the
         weights before it). It reduces when all hold: the ratio exceeds ``stall_update_ratio``; the median
         training loss of the last ``STALL_EVERY`` steps (this one included) is not below the median of the
-        ``STALL_EVERY`` steps before; clipping bound at most half of the last ``STALL_EVERY`` steps; and
-        ``max_reductions`` is not reached. The norm channels' cooldown does not hold it back (each check
+        ``STALL_EVERY`` steps before; clipping bound at most half of the last ``STALL_EVERY`` steps; the step's
+        gain (:meth:`stall_gain` of ``update_norm``) exceeds ``STALL_MIN_GAIN`` (the step size does not follow
+        the gradient) or, when it does follow it, the run has not learned yet (its running loss level never fell
+        below ``LEARNED_LOSS_RATIO`` of its first loss) or its loss rose above ``RISEN_LOSS_RATIO`` times its best
+        running level; and ``max_reductions`` is not reached. Without ``update_norm`` or an attached
+        optimizer the gain is unknown and the other conditions decide alone (the engine always passes it). The norm channels' cooldown does not hold it back (each check
         compares a window that lies after the previous check), and a reduction restarts that cooldown.
 
         Returns:
@@ -511,6 +563,10 @@ class LRGuard:
         clip_share = sum(self._clipped) / len(self._clipped)
         if update_ratio <= limit or recent < before or clip_share > STALL_MAX_CLIP_SHARE:
             return None
+        gain = None if update_norm is None else self.stall_gain(update_norm)
+        healthy = self._learned and recent <= RISEN_LOSS_RATIO * self._best_loss
+        if gain is not None and gain <= STALL_MIN_GAIN and healthy:
+            return None  # the step follows the gradient of a run that has learned and not blown up since
         if self.max_reductions is not None and self._num_reductions >= self.max_reductions:
             return None
         before_scale = self._lr_scale
@@ -539,6 +595,7 @@ class LRGuard:
             loss_recent=recent,
             loss_before=before,
             update_ratio=float(update_ratio),
+            update_gain=gain,
         )
 
     def _at_floor(self, new_scale: float) -> bool:

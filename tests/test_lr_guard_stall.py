@@ -8,6 +8,7 @@ update ratio measured by the engine itself (no logger, and with ``log_update_rat
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, Guard, LRGuard
 from lightning_gradguard.events import GuardEvent
-from lightning_gradguard.lr_guard import STALL_EVERY, STALL_START
+from lightning_gradguard.lr_guard import STALL_EVERY, STALL_MIN_GAIN, STALL_START
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _feed(guard: LRGuard, losses: list[float], norm: float = 0.5, threshold: float = 1.0) -> None:
@@ -103,6 +106,71 @@ def _roundtrip(state: dict[str, Any]) -> Any:
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_a_step_that_follows_the_gradient_needs_a_run_that_has_not_learned_or_has_blown_up() -> None:
+    """The gain condition. A run whose loss fell from 3.0 to a flat 1.0 has learned: with the same flat window
+    and ratio, an update of lr x the recent gradient norm (SGD, gain 1) gets no cut, one 50x larger (Adam's
+    normalised step) does. A run that never learned (flat at its first loss) is cut at gain 1 too, and so is
+    a learned run whose loss rose to more than twice its best level."""
+    def fed(losses: list[float]) -> LRGuard:
+        guard = LRGuard().attach(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1))
+        _feed(guard, losses, norm=0.5, threshold=1.0)  # post-clip norms 0.5: a plain step moves 0.1 x 0.5
+        return guard
+
+    learned = fed([3.0] * 5 + [1.0] * 46)
+    assert learned.stall_gain(0.05) == pytest.approx(1.0) and learned.stall_gain(math.nan) is None
+    assert learned.stall_check(step=50, update_ratio=0.012, update_norm=0.05) is None
+    assert learned.stall_check(step=50, update_ratio=0.012, update_norm=STALL_MIN_GAIN * 0.05) is None  # the limit
+    reduction = learned.stall_check(step=50, update_ratio=0.012, update_norm=2.5)
+    assert reduction is not None and reduction.update_gain == pytest.approx(50.0)
+    assert "50x a plain gradient step" in str(reduction) and "does not follow the gradient" in str(reduction)
+    never = fed([3.0] * 51)
+    reduction = never.stall_check(step=50, update_ratio=0.012, update_norm=0.05)
+    assert reduction is not None and "has not learned or has risen" in str(reduction)
+    risen = fed([3.0] * 5 + [0.4] * 21 + [1.0] * 25)  # best running level 0.4, now 1.0: 2.5x
+    assert risen.stall_check(step=50, update_ratio=0.012, update_norm=0.05) is not None
+    assert LRGuard().stall_gain(1.0) is None  # no optimizer attached: unknown
+
+
+def test_clipped_steps_count_at_their_threshold_and_the_record_survives_state_dict() -> None:
+    opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=1.0)
+    guard = LRGuard().attach(opt)
+    guard.update(step=0, norm=3.0, threshold=1.0, loss=1.0)  # clipped: the step applied a norm of 1.0
+    guard.update(step=1, norm=0.5, threshold=1.0, loss=1.0)
+    assert guard.state_dict()["recent_applied_norms"] == [1.0, 0.5]
+    assert guard.stall_gain(1.0) == pytest.approx(1.0 / math.sqrt((1.0 + 0.25) / 2))
+    restored = LRGuard().attach(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=1.0))
+    restored.load_state_dict(torch.load(_roundtrip(guard.state_dict()), weights_only=True))
+    assert restored.stall_gain(1.0) == guard.stall_gain(1.0)
+
+
+def test_a_healthy_sgd_run_whose_loss_is_noisy_keeps_its_lr() -> None:
+    """Regression (stop 20): the outcomes benchmark's 10-layer tanh MLP on digits at its sane SGD LR (0.1),
+    seeds 6 and 10, got a stall cut at step 200 / 150 (a single step's update ratio of 0.0145 / 0.0052 after a
+    large gradient, and a 25-step loss median that did not fall): 5 of 16 seeds were cut. Under SGD the update
+    follows the clipped gradient (gain about 1), so the stall channel now leaves those runs alone."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_outcomes as bo
+    finally:
+        sys.path.pop(0)
+    w = bo.WORKLOADS["mlp"]
+    for seed in (6, 10):
+        train, _, _ = bo._batches(w, seed, w.steps, w.batch)
+        model, loss_fn = bo._build(w, seed)
+        opt = bo._optimizer(w, model.parameters(), 0.1)
+        events: list[GuardEvent] = []
+        guard = Guard(model, opt, on_event=events.append, rollback=False)
+        for batch in train:
+            loss = loss_fn(model, batch)
+            loss.backward()
+            guard.before_optimizer_step(loss)
+            opt.step()
+            opt.zero_grad()
+        guard.close()
+        assert not [e for e in events if e.kind == "lr_reduction"] and guard.lr_scale == 1.0, seed
+        assert guard.clipped_steps > 0  # the ceiling acted on this run (its norms exceed the prior early on)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, math.inf, "0.005", True])
