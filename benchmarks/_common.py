@@ -226,7 +226,9 @@ class Report:
         value = self.median(num) / self.median(den)
         paired = statistics.median(a / b for a, b in zip(self.samples[num], self.samples[den], strict=True))
         entry: dict[str, Any] = {"numerator": num, "denominator": den, "ratio": value, "paired_median": paired}
-        line = f"ratio {label}: {value:.3f}x   (per-round median {paired:.3f}x)"
+        # significant digits, not decimals: a tiny ratio (a 5 us capture against a step slowed by a loaded
+        # machine) must not print as 0.000x
+        line = f"ratio {label}: {value:.4g}x   (per-round median {paired:.4g}x)"
         if target is not None:
             met = value <= target if op == "<=" else value >= target
             entry.update(target=target, op=op, met=met)

@@ -82,9 +82,9 @@ def test_a_version_2_checkpoint_resumes_exactly_as_the_uninterrupted_run(tmp_pat
     # The whole state agrees too, except the run's first loss and first per-layer norms, references added
     # after version 2 (the blow-up rules of issue 11): a version-2 checkpoint does not hold them, so the
     # resumed run takes them from its first step after the resume; likewise the LR guard's record of which
-    # recent steps were clipped (its stall channel, added later still), which refills within 25 steps.
-    # Decisions, logs and weights agree above.
-    later = {"first_loss", "first", "recent_clipped"}
+    # recent steps were clipped and of their post-clip norms (its stall channel, added later still), which
+    # refill within 25 steps. Decisions, logs and weights agree above.
+    later = {"first_loss", "first", "recent_clipped", "recent_applied_norms"}
     assert not later & set(_keys(state["guards"]["0"]))
     final_a, final_b = (
         _without(next(cb for cb in t.callbacks if isinstance(cb, GradGuard)).state_dict(), later)  # type: ignore[attr-defined]
