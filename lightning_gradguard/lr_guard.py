@@ -25,20 +25,20 @@ exceeds ``stall_update_ratio`` (0.005, i.e. 10^-2.3), the median training loss o
 lower than that of the 25 before, and clipping bound at most half of the last 25 steps, the LR is cut. An
 optimizer that moves every weight by more than 0.5 % per step without lowering the loss is bouncing in its
 valley: the step size, not the gradient, is too large, and Adam's update size does not depend on the gradient's
-scale, so no clip threshold ever sees it. When the step *follows the gradient* (its gain, the update's norm over
-the effective LR times the RMS of the last 25 post-clip gradient norms, is at most ``STALL_MIN_GAIN`` = 10: SGD
-has gain 1, momentum 0.9 at most 10), one check's ratio is one batch's gradient, so the stall counts only for a
-run that has not learned yet or whose loss has risen to twice its best running level, the test the approach
-channel applies to a run that presses ``auto``'s prior. Measured on the outcomes benchmark: gain 0.1-3.3 at the
-checks of the SGD workloads (the momentum IRNN included), 59-350 for AdamW on the transformers; without the
-gain condition a 10-layer tanh MLP at its sane SGD LR (loss 2.1 -> 0.15) got a cut on 5 of 16 seeds, with it 1
-(a seed whose loss rose 2.7x within 25 steps), while the same MLP at 30x its LR, which sits at chance level, keeps
-its stall cuts (2 of 16 seeds diverged; 12 of 16 without any stall cut on SGD). Measured on the outcomes benchmark (``docs/lr-guard.md``): at the
+scale, so no clip threshold ever sees it. Measured on the outcomes benchmark (``docs/lr-guard.md``): at the
 checks of sane-LR runs, AdamW transformers move at 10^-3.0..-2.8, a tanh RNN and a ReLU IRNN under SGD at
-10^-4.4..-2.8, and a 10-layer tanh MLP at up to 10^-1.95 (while ``auto``'s ceiling opens, with clipping
-binding more than half of the steps, and alone at single steps afterwards: the gain condition leaves that run
-to clipping and the approach channel);
-Pre-LN and Post-LN transformers at 10x and 30x their LR move at 10^-2.5..-1.8 on a flat loss.
+10^-4.4..-2.8, and a 10-layer tanh MLP at up to 10^-1.95; Pre-LN and Post-LN transformers at 10x and 30x their
+LR move at 10^-2.5..-1.8 on a flat loss.
+
+When the step *follows the gradient* (its gain, the update's norm over the effective LR times the RMS of the last
+25 post-clip gradient norms, is at most ``STALL_MIN_GAIN`` = 10: SGD has gain 1, momentum 0.9 at most 10), one
+check's ratio is the gradient of one batch, so the stall counts only for a run that has not learned yet or whose
+loss has risen to twice its best running level (the test the approach channel applies to a run that presses
+``auto``'s prior). Measured on the outcomes benchmark: gain 0.1-3.3 at the checks of the SGD workloads (the
+momentum IRNN included), 59-350 for AdamW on the transformers; without this condition the 10-layer tanh MLP at
+its sane SGD LR (loss 2.1 -> 0.15) got a cut on 5 of 16 seeds, with it on 1 (a seed whose loss rose 2.7x within
+25 steps), while the same MLP at 30x its LR, which sits at chance level, keeps its stall cuts (2 of 16 seeds
+diverge; 12 of 16 without any stall cut under SGD).
 
 ``patience`` consecutive pressing steps trigger a reduction; an isolated spike presses on one step
 only and never triggers it. When the training loss is passed and *diverges* (the median of its recent
@@ -533,9 +533,7 @@ class LRGuard:
             return None
         return update_norm / step_size if step_size > 0.0 else (math.inf if update_norm > 0.0 else 0.0)
 
-    def stall_check(
-        self, *, step: int, update_ratio: float, update_norm: float | None = None
-    ) -> LRReduction | None:
+    def stall_check(self, *, step: int, update_ratio: float, update_norm: float | None = None) -> LRReduction | None:
         """The stall channel: cut the LR when the weights move fast and the loss has stopped improving.
 
         Call it after ``optimizer.step()`` of a step for which :meth:`stall_due` is true, with that step's
@@ -547,8 +545,9 @@ class LRGuard:
         the gradient) or, when it does follow it, the run has not learned yet (its running loss level never fell
         below ``LEARNED_LOSS_RATIO`` of its first loss) or its loss rose above ``RISEN_LOSS_RATIO`` times its best
         running level; and ``max_reductions`` is not reached. Without ``update_norm`` or an attached
-        optimizer the gain is unknown and the other conditions decide alone (the engine always passes it). The norm channels' cooldown does not hold it back (each check
-        compares a window that lies after the previous check), and a reduction restarts that cooldown.
+        optimizer the gain is unknown and the other conditions decide alone (the engine always passes it).
+        The norm channels' cooldown does not hold it back (each check compares a window that lies after the
+        previous check), and a reduction restarts that cooldown.
 
         Returns:
             The reduction, with its evidence, or ``None``.

@@ -113,6 +113,7 @@ def test_a_step_that_follows_the_gradient_needs_a_run_that_has_not_learned_or_ha
     and ratio, an update of lr x the recent gradient norm (SGD, gain 1) gets no cut, one 50x larger (Adam's
     normalised step) does. A run that never learned (flat at its first loss) is cut at gain 1 too, and so is
     a learned run whose loss rose to more than twice its best level."""
+
     def fed(losses: list[float]) -> LRGuard:
         guard = LRGuard().attach(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1))
         _feed(guard, losses, norm=0.5, threshold=1.0)  # post-clip norms 0.5: a plain step moves 0.1 x 0.5
