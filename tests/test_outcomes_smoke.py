@@ -77,3 +77,23 @@ def test_cache_is_reused_and_the_table_has_its_structure(bench: Any, cache: tupl
     assert len(method_rows) == 2
     summary = next(line for line in lines if line.startswith("| method | diverged |"))
     assert "rollbacks sane / high" in summary and "exploding on blown-up runs" in summary
+
+
+def test_extra_seeds_table_reads_the_cache(bench: Any, cache: tuple[Path, Any]) -> None:
+    """The extra-seeds table (digits and IRNN over more seeds) reads the same cache: here only the IRNN at lr
+    0.03, seed 0, for three of its six methods; the rest shows as "-" and the verdict says what is missing."""
+    _, data = cache
+    runs = data["runs"]
+    text = bench.extra_table(data, bench.noise_floor(runs, ["irnn"], [0]), 1)
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| workload | lr |"))
+    assert header.count("|") == 2 + len(bench.EXTRA_METHODS) + 3  # workload, lr, methods, LR cuts, verdict
+    rows = [line for line in lines if line.startswith("| ")][1:]  # below the header
+    assert len(rows) == 3 * len(bench.EXTRA_WORKLOADS)
+    row = next(r for r in rows if r.startswith("| ReLU IRNN") and "| 0.03 |" in r)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    guard = runs["irnn|0.03|0|gradguard"]
+    assert cells[2].endswith("(1)") and cells[-3] == f"{guard['val_loss']:.3f} (0)"  # no clip diverged; GradGuard()
+    assert cells[4] == "-"  # ZClip was not run
+    assert cells[-2] == f"{int(guard['lr_reductions'] > 0)} / {guard['lr_reductions']}"
+    assert all("missing" in r for r in rows if r.startswith("| 10-layer"))
