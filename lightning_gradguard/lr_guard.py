@@ -202,7 +202,7 @@ class LRReduction:
                     + (
                         ": the optimizer's step size does not follow the gradient, so clipping cannot bound it."
                         if self.update_gain > STALL_MIN_GAIN
-                        else ", and the loss has not learned or has risen to twice its best level."
+                        else ", on a run that has not learned yet or whose loss has risen to twice its best level."
                     )
                 )
         else:
@@ -457,9 +457,9 @@ class LRGuard:
                 self._best_loss = min(self._best_loss, level_now)
                 if self._first_loss > 0.0 and level_now < LEARNED_LOSS_RATIO * self._first_loss:
                     self._learned = True
-        clipped = threshold is not None and norm > threshold
-        self._clipped.append(clipped)
-        self._applied.append(float(threshold) if clipped else norm)  # type: ignore[arg-type]
+        applied = norm if threshold is None or not norm > threshold else float(threshold)
+        self._clipped.append(applied < norm)
+        self._applied.append(applied)
         # Channel 1: the norm has used `approach_ratio` of the headroom below the threshold.
         approaching = False
         if threshold is not None and math.isfinite(threshold) and threshold > 0.0:
