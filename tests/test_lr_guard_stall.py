@@ -108,11 +108,11 @@ def _roundtrip(state: dict[str, Any]) -> Any:
     return buffer
 
 
-def test_a_step_that_follows_the_gradient_needs_a_run_that_has_not_learned_or_has_blown_up() -> None:
+def test_a_step_that_follows_the_gradient_needs_a_run_that_has_not_learned() -> None:
     """The gain condition. A run whose loss fell from 3.0 to a flat 1.0 has learned: with the same flat window
     and ratio, an update of lr x the recent gradient norm (SGD, gain 1) gets no cut, one 50x larger (Adam's
-    normalised step) does. A run that never learned (flat at its first loss) is cut at gain 1 too, and so is
-    a learned run whose loss rose to more than twice its best level."""
+    normalised step) does. A run that never learned (flat at its first loss) is cut at gain 1 too. A learned run
+    whose loss rose again is left to clipping and the approach channel under SGD."""
 
     def fed(losses: list[float]) -> LRGuard:
         guard = LRGuard().attach(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1))
@@ -128,9 +128,10 @@ def test_a_step_that_follows_the_gradient_needs_a_run_that_has_not_learned_or_ha
     assert "50x a plain gradient step" in str(reduction) and "does not follow the gradient" in str(reduction)
     never = fed([3.0] * 51)
     reduction = never.stall_check(step=50, update_ratio=0.012, update_norm=0.05)
-    assert reduction is not None and "has not learned yet or whose loss has risen" in str(reduction)
-    risen = fed([3.0] * 5 + [0.4] * 21 + [1.0] * 25)  # best running level 0.4, now 1.0: 2.5x
-    assert risen.stall_check(step=50, update_ratio=0.012, update_norm=0.05) is not None
+    assert reduction is not None and "on a run that has not learned yet" in str(reduction)
+    risen = fed([3.0] * 5 + [0.4] * 21 + [1.0] * 25)  # learned (0.4 < 1.5), then 2.5x its best running level
+    assert risen.stall_check(step=50, update_ratio=0.012, update_norm=0.05) is None
+    assert risen.stall_check(step=50, update_ratio=0.012, update_norm=2.5) is not None  # Adam-like: still cut
     assert LRGuard().stall_gain(1.0) is None  # no optimizer attached: unknown
 
 
@@ -148,16 +149,17 @@ def test_clipped_steps_count_at_their_threshold_and_the_record_survives_state_di
 
 def test_a_healthy_sgd_run_whose_loss_is_noisy_keeps_its_lr() -> None:
     """Regression (stop 20): the outcomes benchmark's 10-layer tanh MLP on digits at its sane SGD LR (0.1),
-    seeds 6 and 10, got a stall cut at step 200 / 150 (a single step's update ratio of 0.0145 / 0.0052 after a
-    large gradient, and a 25-step loss median that did not fall): 5 of 16 seeds were cut. Under SGD the update
-    follows the clipped gradient (gain about 1), so the stall channel now leaves those runs alone."""
+    seeds 6, 10 and 15, got a stall cut at step 200 / 150 / 175 (a single step's update ratio of 0.0145 /
+    0.0052 / 0.0064 after a large gradient, and a 25-step loss median that did not fall): 5 of 16 seeds were
+    cut. Under SGD the update follows the clipped gradient (gain about 1) and the run has learned, so the stall
+    channel now leaves those runs alone."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import bench_outcomes as bo
     finally:
         sys.path.pop(0)
     w = bo.WORKLOADS["mlp"]
-    for seed in (6, 10):
+    for seed in (6, 10, 15):
         train, _, _ = bo._batches(w, seed, w.steps, w.batch)
         model, loss_fn = bo._build(w, seed)
         opt = bo._optimizer(w, model.parameters(), 0.1)
