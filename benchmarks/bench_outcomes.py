@@ -777,6 +777,11 @@ def _count_verdicts(rs: Sequence[dict[str, Any]], kind: str) -> int:
     return sum(any(v.startswith(f"{kind}:") for v in r.get("update_verdicts", ())) for r in rs)
 
 
+def _cell_text(rs: Sequence[dict[str, Any]]) -> str:
+    """``median (k diverged)`` of one method's runs in one cell."""
+    return f"{_fmt(_median_loss(rs))} ({sum(r['diverged'] for r in rs)})"
+
+
 def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int], methods: Sequence[str]) -> str:
     runs = data["runs"]
     nf = noise_floor(runs, workloads, seeds)
@@ -798,7 +803,7 @@ def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int],
                 if not rs:
                     cells.append("-")
                     continue
-                text = f"{_fmt(meds[m])} ({sum(r['diverged'] for r in rs)})"
+                text = _cell_text(rs)
                 cells.append(f"**{text}**" if meds[m] <= best + 1e-3 else text)
             verdict = judge(runs, wname, i, seeds, nf, "gradguard")[1] if "gradguard" in methods else ""
             lines.append(f"| {w.title} | {lr:g} | " + " | ".join(cells) + f" | {verdict} |")
@@ -892,7 +897,7 @@ def extra_table(data: dict[str, Any], nf: dict[str, dict[str, Any]], n_seeds: in
             cells = []
             for m in methods:
                 rs = _cell_runs(runs, w, lr, seeds, m)
-                cells.append(f"{_fmt(_median_loss(rs))} ({sum(r['diverged'] for r in rs)})" if rs else "-")
+                cells.append(_cell_text(rs) if rs else "-")
             gg = _cell_runs(runs, w, lr, seeds, "gradguard")
             cuts = f"{sum(r['lr_reductions'] > 0 for r in gg)} / {sum(r['lr_reductions'] for r in gg)}"
             verdict = judge(runs, wname, i, seeds, nf, "gradguard")[1]
