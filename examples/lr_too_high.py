@@ -5,10 +5,10 @@
 A small Tanh MLP (16 -> 64 -> 1) fits a smooth synthetic regression with SGD + momentum 0.9 at a learning
 rate just past what the problem's curvature tolerates. Two runs from the same weights and batches: with
 ``GradGuard()`` (LR guard on, the default) and with ``GradGuard(lr_guard=False)`` (clipping only). At this LR
-the steps overshoot more and more, so the gradient norm climbs; an adaptive clip threshold follows a steady
-climb by design, so clipping alone only slows the divergence. The LR guard sees the norms keep pressing
-the threshold, halves the LR, and training settles; later, when the loss has stopped improving while every
-step still moves the weights by about 5 % of their norm, its stall channel halves it once more.
+the steps overshoot more and more. Clipping alone cannot fix that: the default clip threshold is relative to
+the run's own norms, and the step size is wrong from the first step, so the clipping-only run diverges. The LR
+guard sees a loss that never improves while every step moves the weights by several percent of their norm (its
+stall channel), halves the LR, checks again 25 steps later, and training settles.
 """
 
 from __future__ import annotations

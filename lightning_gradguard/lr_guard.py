@@ -429,17 +429,12 @@ class LRGuard:
                 act while the loss is still improving (median of the last quarter of up to 100 recent
                 losses below the median of the first quarter): norms that grow while the loss falls are
                 healthy early training, not a step size that is too large.
-            prior: the threshold is an absolute prior rather than learnt from this run's norms (``auto``'s
-                ceiling while it binds, see :meth:`~lightning_gradguard.policies.ThresholdPolicy.threshold_is_prior`).
-                A run that has learned (its running loss level, the median of 25 steps, fell below half its
-                first loss) and whose healthy norms sit above the prior presses it step after step, so for
-                such a run approaching it counts as evidence only while the loss diverges or has risen to
-                more than twice its lowest running level so far (measured on the outcomes benchmark: a ReLU
-                IRNN at a sane SGD LR, loss 1.1 -> 0.17 within 10 steps, got a reduction at step 135 from
-                norms of 1-15 against a ceiling of 3.3 with a flat loss; a 10-layer tanh MLP at 10x its sane
-                LR needs its reduction as soon as its loss climbs from 0.5 back to 1, before the
-                diverging-loss test sees it). A run that never learned (``examples/lr_too_high.py``: loss
-                0.7 from its start) is judged as before. Only with ``require_stalled_loss`` and a loss.
+            prior: the threshold is not learnt from this run's history (``auto``'s ceiling while it binds: a
+                multiple of the run's first norms, see
+                :meth:`~lightning_gradguard.policies.ThresholdPolicy.threshold_is_prior`). Norms that press such a
+                threshold are no evidence of a too-high LR on their own: a healthy run whose norms grow presses it
+                step after step. They count only while the training loss diverges or has risen to more than twice
+                its lowest running level so far (the loss is then the evidence, the norms say where to act).
 
         Returns:
             The reduction, with its evidence, if this step triggered one; else ``None``.
@@ -495,8 +490,8 @@ class LRGuard:
             and losses is not None
             and losses[1] > DIVERGING_LOSS_RATIO * losses[0]
         )
-        if prior and self.require_stalled_loss and self._learned and not (diverging or risen_loss):
-            approaching = False  # a run that learned presses a prior below its healthy norms on most steps
+        if prior and not (diverging or risen_loss):
+            approaching = False  # a threshold not learnt from the run's history is no evidence on its own
         if self._cooldown_left > 0:
             self._cooldown_left -= 1
             if not diverging:
@@ -566,6 +561,8 @@ class LRGuard:
         gain = None if update_norm is None else self.stall_gain(update_norm)
         if gain is not None and gain <= STALL_MIN_GAIN and self._learned:
             return None  # the step follows the gradient of a run that has learned: clipping's case, not ours
+        if self._learned and not recent > RISEN_LOSS_RATIO * self._best_loss:
+            return None  # a run that learned and sits near its best loss has converged, not stalled
         if self.max_reductions is not None and self._num_reductions >= self.max_reductions:
             return None
         before_scale = self._lr_scale

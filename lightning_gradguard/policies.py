@@ -454,6 +454,7 @@ class AutoPolicy(ThresholdPolicy):
     _MIN_SIGMA: ClassVar[float] = 0.05
     _MAD_TO_SIGMA: ClassVar[float] = 1.482602218505602
     _PRESS: ClassVar[float] = 0.7  # the ceiling opens while the median recent norm exceeds this share of it
+    _CLOSE: ClassVar[float | None] = 0.35  # ... and closes while it is below this share (None: drift up instead)
     _PRESS_WINDOW: ClassVar[int] = 32
     _DRIFT_STEPS: ClassVar[int] = 1024  # steps per doubling of the ceiling while the norms do not press it
 
@@ -465,9 +466,11 @@ class AutoPolicy(ThresholdPolicy):
         alpha: float = 0.98,
         warmup_steps: int = 25,
         max_norm: float | None = None,
-        prior_norm: float | None = 1.0,
+        prior_norm: float | None = None,
         hold_steps: int = 80,
         open_steps: int = 32,
+        prior_ratio: float | None = 2.0,
+        anchor_steps: int = 8,
     ) -> None:
         self.z_thresh = _check_positive("z_thresh", z_thresh)
         self.max_ratio = _check_real("max_ratio", max_ratio)
@@ -480,12 +483,21 @@ class AutoPolicy(ThresholdPolicy):
         if not 1.0 <= self.min_ratio <= self.max_ratio:
             raise ValueError(f"`min_ratio` must be in [1, max_ratio={self.max_ratio!r}], got {min_ratio!r}")
         self.prior_norm = None if prior_norm is None else _check_positive("prior_norm", prior_norm)
+        self.prior_ratio = None if prior_ratio is None else _check_positive("prior_ratio", prior_ratio)
+        if self.prior_norm is not None and self.prior_ratio is not None:
+            raise ValueError(
+                f"`prior_norm` ({prior_norm!r}) and `prior_ratio` ({prior_ratio!r}) both set the starting ceiling;"
+                " pass `prior_ratio=None` for an absolute ceiling, or `prior_norm=None` for one relative to the"
+                " run's first norms"
+            )
+        self.anchor_steps = check_int("anchor_steps", anchor_steps, 1)
         self.hold_steps = check_int("hold_steps", hold_steps, 0)
         self.open_steps = check_int("open_steps", open_steps, 1)
         self._open = 2.0 ** (1.0 / self.open_steps)
         self._drift = 2.0 ** (1.0 / self._DRIFT_STEPS)
-        self._ceiling = self.prior_norm
+        self._ceiling = self.prior_norm  # with `prior_ratio`: None until the first norm anchors it
         self._recent: deque[float] = deque(maxlen=self._PRESS_WINDOW)
+        self._anchor: list[float] = []  # the first norms, which set a relative ceiling
         self._log_ratio = math.log(self.max_ratio)
         self._log_min_ratio = math.log(self.min_ratio)
         self._slow = 0.5 * (1.0 + self.alpha)
@@ -516,9 +528,14 @@ class AutoPolicy(ThresholdPolicy):
             return None
         return math.exp(self._level + self._lag * self._slope)
 
+    @property
+    def _has_ceiling(self) -> bool:
+        return self.prior_norm is not None or self.prior_ratio is not None
+
     def threshold_is_prior(self) -> bool:
-        """True while the ceiling (which starts at ``prior_norm``) is the binding limit, not the adaptive part
-        or ``max_norm``: a healthy run whose norms sit far above the prior presses it on most steps."""
+        """True while the ceiling is the binding limit, not the adaptive part or ``max_norm``: the ceiling is
+        set from a few early norms (or an absolute ``prior_norm``), not learnt from the run's history, and a
+        healthy run whose norms grow presses it on most steps."""
         if self._ceiling is None:
             return False
         adaptive = self._adaptive()
@@ -552,14 +569,25 @@ class AutoPolicy(ThresholdPolicy):
         self._var = self._slow * self._var + (1.0 - self._slow) * resid * resid
 
     def _update_ceiling(self, norm: float) -> None:
-        """Hold at the prior, then open while the recent norms press the ceiling, else drift up slowly."""
-        if self._ceiling is None:
+        """Anchor (relative prior), hold, then open while the recent norms press the ceiling, else drift up."""
+        if not self._has_ceiling:
             return
         self._recent.append(norm)
-        if self._steps <= self.hold_steps:
+        if self.prior_ratio is not None and len(self._anchor) < self.anchor_steps:
+            # The ceiling is `prior_ratio` x the median of the run's first norms (at most `anchor_steps`), so it
+            # carries the run's own units: a loss x k gives thresholds x k and the same decisions.
+            self._anchor.append(norm)
+            self._ceiling = self.prior_ratio * statistics.median(self._anchor)
             return
-        press = statistics.median(self._recent) > self._PRESS * self._ceiling
-        self._ceiling *= self._open if press else self._drift
+        if self._ceiling is None or self._steps <= self.hold_steps:
+            return
+        level = statistics.median(self._recent)
+        if level > self._PRESS * self._ceiling:
+            self._ceiling *= self._open
+        elif self._CLOSE is not None and level < self._CLOSE * self._ceiling:
+            self._ceiling /= self._open
+        elif self._CLOSE is None:
+            self._ceiling *= self._drift
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -572,6 +600,8 @@ class AutoPolicy(ThresholdPolicy):
             "prior_norm": self.prior_norm,
             "hold_steps": self.hold_steps,
             "open_steps": self.open_steps,
+            "prior_ratio": self.prior_ratio,
+            "anchor_steps": self.anchor_steps,
         }
 
     def _state(self) -> dict[str, Any]:
@@ -583,6 +613,7 @@ class AutoPolicy(ThresholdPolicy):
             "steps": self._steps,
             "ceiling": self._ceiling,
             "recent": list(self._recent),
+            "anchor": list(self._anchor),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -593,8 +624,12 @@ class AutoPolicy(ThresholdPolicy):
         self._warmup = [float(x) for x in state.get("warmup", [])]
         self._steps = int(state.get("steps", 0))
         ceiling = state.get("ceiling", self.prior_norm)
-        self._ceiling = None if ceiling is None or self.prior_norm is None else float(ceiling)
+        self._ceiling = None if ceiling is None or not self._has_ceiling else float(ceiling)
         self._recent = deque((float(x) for x in state.get("recent", [])), maxlen=self._PRESS_WINDOW)
+        # A state saved before the relative ceiling existed has no anchor: the next norms anchor it.
+        self._anchor = [float(x) for x in state.get("anchor", [])] if self.prior_ratio is not None else []
+        if self.prior_ratio is not None and "anchor" not in state:
+            self._ceiling = None
 
 
 # ------------------------------------------------------------------------------------------------ factory

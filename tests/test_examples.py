@@ -72,20 +72,16 @@ def test_exploding_rnn_nonfinite_without_guard_finite_with_gradguard(tmp_path: P
 def test_lr_too_high_lr_guard_fires_and_loss_is_lower(tmp_path: Path) -> None:
     results = load("lr_too_high").main(["--max-steps", "200", "--logdir", str(tmp_path)])
     with_guard, without = results["lr_guard"], results["no_lr_guard"]
-    # Two cuts since the stall channel (issue 11, round 3): the approach channel at step ~20, then at step 125 the
-    # stall channel (loss flat at 0.58 while SGD moves the weights by 5 % of their norm per step); without it
-    # the run ends at a mean last-50 loss of 0.566 with LR scale 0.5, with it at 0.534. Changed in stop 20: the
-    # clipping-only run ends at 1.03 instead of 1.24 (auto's ceiling opens more slowly: 32-norm press window,
-    # drift x2 per 1024 steps), so the guard's run is ~0.52x of it rather than < 0.5x; the bound is now 0.6x.
-    assert with_guard.lr_scale == 0.25 and len(with_guard.reductions) == 2
-    assert "approached the clip threshold" in with_guard.reductions[0]
-    assert "the step size is too large" in with_guard.reductions[1]
+    # The clipping-only run diverges (its ceiling is relative to the first norms, which this LR already makes
+    # too large); the LR guard's stall channel sees a loss that never fell while SGD moves the weights by several
+    # percent of their norm per step, and cuts the LR until the run trains.
+    assert with_guard.lr_scale <= 0.5 and len(with_guard.reductions) >= 1
+    assert all("the step size is too large" in r for r in with_guard.reductions)
     assert without.lr_scale == 1.0 and without.reductions == []
     assert with_guard.mean_loss(50) < 0.6 * without.mean_loss(50)
-    # Same weights and batches until the guard acts. Since the diverging-loss path of the LR guard (issue 11)
-    # the first reduction comes around step 20 instead of after step 50: compare up to it.
+    # Same weights and batches until the guard acts: compare up to the first reduction.
     first = int(re.search(r"LR guard: step (\d+):", with_guard.reductions[0])[1])  # type: ignore[index]
-    assert first >= 10
+    assert first >= 50
     assert with_guard.losses[: first + 1] == without.losses[: first + 1]
 
 
