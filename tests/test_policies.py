@@ -319,7 +319,7 @@ def test_auto_ceiling_state_round_trip(split: int) -> None:
 def test_auto_absolute_prior_is_opt_in() -> None:
     p = AutoPolicy(prior_norm=1.0, prior_ratio=None)
     assert p.threshold() == 1.0  # protection from step 0, in the units the user chose
-    with pytest.raises(ValueError, match="`prior_norm` .* and `prior_ratio` .* both set the starting ceiling"):
+    with pytest.raises(ValueError, match=r"`prior_norm` .* and `prior_ratio` .* both set the starting ceiling"):
         AutoPolicy(prior_norm=1.0)
 
 
