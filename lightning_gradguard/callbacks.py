@@ -572,7 +572,6 @@ NO_TENSORBOARD_NOTICE = (
 )
 
 
-@rank_zero_only
 def _callback_state(trainer: Trainer, pl_module: LightningModule) -> tuple[list[torch.nn.Module], list[Callback]]:
     """The other callbacks' training state a rollback restores: their modules and their ``state_dict``.
 
@@ -597,6 +596,7 @@ def _callback_state(trainer: Trainer, pl_module: LightningModule) -> tuple[list[
     return modules, stateful
 
 
+@rank_zero_only
 def _rank_zero_warn_at_caller(message: str) -> None:
     """Rank-zero warning shown at the user's line (``trainer.fit``), not at a line of GradGuard's source."""
     warn_at_caller(message)

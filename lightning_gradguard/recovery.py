@@ -190,7 +190,9 @@ class Snapshot:
         self.stateful: list[Any] = list(stateful)
         for name, items in (("schedulers", self.schedulers), ("stateful", self.stateful)):
             for i, item in enumerate(items):
-                if not (callable(getattr(item, "state_dict", None)) and callable(getattr(item, "load_state_dict", None))):
+                if not (
+                    callable(getattr(item, "state_dict", None)) and callable(getattr(item, "load_state_dict", None))
+                ):
                     raise TypeError(
                         f"`{name}[{i}]` must have `state_dict` and `load_state_dict`, got {type(item).__name__}"
                     )
@@ -1061,9 +1063,7 @@ class Recovery:
                 averaged model).
             stateful: further objects with ``state_dict`` / ``load_state_dict`` (other callbacks).
         """
-        self.snapshots = [
-            Snapshot(model, optimizers, schedulers, modules=modules, stateful=stateful) for _ in range(2)
-        ]
+        self.snapshots = [Snapshot(model, optimizers, schedulers, modules=modules, stateful=stateful) for _ in range(2)]
         self.buffers = _BufferGuard(model)
         self.buffers.save()
         self._failed.clear()
@@ -1122,7 +1122,11 @@ class Recovery:
             self._failed.add(self._last_slot)  # restored, and trouble came back before any new snapshot
         first_bad = decision.step if decision.first_bad is None else decision.first_bad
         candidates = sorted(
-            (i for i, s in enumerate(self.snapshots) if s.step is not None and s.step < first_bad and i not in self._failed),
+            (
+                i
+                for i, s in enumerate(self.snapshots)
+                if s.step is not None and s.step < first_bad and i not in self._failed
+            ),
             key=lambda i: self.snapshots[i].step or 0,
             reverse=True,
         )
@@ -1173,11 +1177,11 @@ class Recovery:
             what = "non-finite module buffers (e.g. BatchNorm statistics) with no finite copy to put back"
             decision = self.trigger.fire(step, "nonfinite_state", what, decision.evidence)
         # Escalation: a non-finite streak that reached `max_consecutive_skips` rolls back before it stops.
-        if outcome.error is not None and engine.on_nonfinite == "skip" and not decision.rollback:
-            if decision.error is None:
-                streak = engine.counters.consecutive_skips
-                what = f"{streak} consecutive steps with non-finite gradients"
-                decision = self.trigger.fire(step, "nonfinite_grad", what, decision.evidence, step - streak + 1)
+        streak_error = outcome.error is not None and engine.on_nonfinite == "skip"
+        if streak_error and not decision.rollback and decision.error is None:
+            streak = engine.counters.consecutive_skips
+            what = f"{streak} consecutive steps with non-finite gradients"
+            decision = self.trigger.fire(step, "nonfinite_grad", what, decision.evidence, step - streak + 1)
         if decision.rollback or decision.error is not None:
             if engine.on_nonfinite == "raise" and outcome.error is not None:
                 return outcome, None
@@ -1196,9 +1200,7 @@ class Recovery:
                 "statistics of a batch with a non-finite sample); buffers put back to their values before the step"
             )
             event = GuardEvent("skipped", step, text, evidence={"buffers_restored": int(repaired)})
-            outcome = replace(
-                outcome, skipped=True, clipped=False, coefficient=None, events=(*outcome.events, event)
-            )
+            outcome = replace(outcome, skipped=True, clipped=False, coefficient=None, events=(*outcome.events, event))
             engine.counters.skipped_total += 1
             engine.interval.skipped += 1
         elif outcome.skipped and buffers is not None and not state_bad:
