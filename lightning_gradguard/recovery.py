@@ -874,13 +874,14 @@ class RollbackTrigger:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, history, loss window and streaks (primitives only)."""
+        others = [[i, n] for i, n in sorted(self._other_streaks.items()) if n]
         return {
+            **({"other_streaks": others} if others else {}),
             "version": 1,
             "history": [[r.step, r.trigger, r.restored_to, *(() if r.counted else (False,))] for r in self._history],
             "losses": [[s, v] for s, v in self._losses],
             "recent": [[s, a] for s, a in self._recent],
             "nonfinite_streak": self._nonfinite_streak,
-            "other_streaks": [[i, n] for i, n in sorted(self._other_streaks.items())],
             "nonfinite_loss_streak": self._nonfinite_loss_streak,
             "rollbacks_total": self.rollbacks_total,
             "steps_lost": self.steps_lost,
