@@ -21,6 +21,7 @@ Run: ``.venv/bin/python benchmarks/bench_snapshot.py [--quick] [--rounds N] [--d
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
 from _common import Report, parse_args, time_interleaved  # noqa: E402
 
-from lightning_gradguard.recovery import RollbackTrigger, Snapshot  # noqa: E402
+from lightning_gradguard.recovery import Recovery, RollbackTrigger, Snapshot, _BufferGuard  # noqa: E402
 
 # name -> (width, depth): depth square Linear layers, about depth * width^2 parameters.
 SIZES = {"1M": (512, 4), "10M": (1024, 10), "50M": (2048, 12)}
@@ -140,6 +141,76 @@ def _bench_size(report: Report, name: str, width: int, depth: int, device: torch
     return per_capture
 
 
+def _cnn(channels: int, blocks: int, device: torch.device) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, padding=1)]
+    for _ in range(blocks):
+        layers += [nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)]
+    return nn.Sequential(*layers).to(device)
+
+
+def _bench_whole_state(report: Report, device: torch.device, rounds: int, quick: bool) -> None:
+    """What whole-state protection adds: the buffer copy and check per step, the second slot, other modules.
+
+    A CNN with BatchNorm (SGD + momentum, 32x32 images): *buffers* is the per-step work recovery adds for
+    the persistent buffers (one device-side copy and the finiteness check that rides in the statistics
+    vector), against the training step. Memory: the two slots of :class:`Recovery` against one
+    :class:`Snapshot`, and a snapshot that also holds a weight-averaging copy of the model.
+    """
+    channels, blocks, batch = (8, 2, 8) if quick else (64, 8, 64)
+    torch.manual_seed(0)
+    model = _cnn(channels, blocks, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        float(loss.detach())
+
+    step()
+    guard = _BufferGuard(model)
+
+    def buffers() -> None:
+        guard.save()
+        check = guard.check()
+        assert check is not None
+        float(check)
+
+    samples = time_interleaved({"cnn/step": step, "cnn/buffers": buffers}, rounds=rounds, warmup=1, device=device)
+    report.add(samples)
+    report.ratio("cnn buffers (copy + check) / step", "cnn/buffers", "cnn/step")
+    one = Snapshot(model, opt)
+    one.capture(step=0)
+    recovery = Recovery(RollbackTrigger())
+    recovery.attach(model, opt)
+    for s in recovery.snapshots:
+        s.capture(step=0)
+    averaged = copy.deepcopy(model)
+    with_avg = Snapshot(model, opt, modules=[averaged])
+    with_avg.capture(step=0)
+    n_params = sum(p.numel() for p in model.parameters())
+    mib = 2**20
+    print(
+        f"memory cnn: {n_params / 1e6:.2f}M params, buffers copy {guard.nbytes / mib:.3f} MiB (device), one slot "
+        f"{one.nbytes / mib:.1f} MiB, two slots {sum(s.nbytes for s in recovery.snapshots) / mib:.1f} MiB, one slot "
+        f"with a weight-averaging copy {with_avg.nbytes / mib:.1f} MiB"
+    )
+    report.config["whole_state"] = {
+        "channels": channels,
+        "blocks": blocks,
+        "batch": batch,
+        "parameters": n_params,
+        "buffer_copy_bytes": guard.nbytes,
+        "one_slot_bytes": one.nbytes,
+        "two_slots_bytes": sum(s.nbytes for s in recovery.snapshots),
+        "one_slot_with_average_bytes": with_avg.nbytes,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     device = torch.device(args.device)
@@ -157,6 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             worst[n] = max(worst[n], amortised)
             print(f"amortised {name} every {n:>3d} steps: {100 * amortised:7.3f}% of step time")
 
+    _bench_whole_state(report, device, rounds, args.quick)
+    # Recovery captures at the first healthy step, at every power of two below the interval and at its
+    # multiples: the early captures add log2(interval) captures once per run.
+    for n in INTERVALS:
+        early = sum(1 for k in range(1, n) if k & (k - 1) == 0)
+        print(f"early captures with snapshot_every_n_steps={n}: {early} (once per run)")
     default = next((n for n in INTERVALS if worst[n] <= BUDGET), None)
     report.notes["worst_amortised_by_interval"] = {str(n): worst[n] for n in INTERVALS}
     report.notes["default_interval"] = default

@@ -297,7 +297,8 @@ class GradGuard(Callback):
         self._report_unused_state()
         if self._recovery is not None and not self._monitor_only:
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-            self._recovery.attach(pl_module, list(trainer.optimizers), schedulers)
+            modules, stateful = _callback_state(trainer, pl_module)
+            self._recovery.attach(pl_module, list(trainer.optimizers), schedulers, modules=modules, stateful=stateful)
         if reporter.writer is not None:
             reporter.writer.add_custom_scalars(dashboard_layout(sorted(g.index for g in self._guards.values())))
 
@@ -401,7 +402,8 @@ class GradGuard(Callback):
         if self._loss_sum is not None:
             loss = self._loss_sum / self._loss_count
             self._loss_sum, self._loss_count = None, 0
-        stats, loss_value, scale_value = guard.measure(loss=loss, amp_scale=scale)
+        check = self._recovery.state_check() if self._recovery is not None else None
+        stats, loss_value, scale_value = guard.measure(loss=loss, amp_scale=scale, state_check=check)
         outcome = guard.decide(
             stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self._reporter.scaler_enabled
         )
@@ -568,6 +570,30 @@ NO_TENSORBOARD_NOTICE = (
     "skipped (scalars go to every logger, histograms and the heatmap to those that take them, events also "
     "to the console and to `on_event`)."
 )
+
+
+def _callback_state(trainer: Trainer, pl_module: LightningModule) -> tuple[list[torch.nn.Module], list[Callback]]:
+    """The other callbacks' training state a rollback restores: their modules and their ``state_dict``.
+
+    Modules held by a callback (weight averaging's averaged model) are snapshotted with the model; the
+    ``state_dict`` of every callback that has one is too, except the callbacks whose state records the
+    world outside the training state (files a ``Checkpoint`` wrote, the wall-clock time a ``Timer``
+    counted: a rollback does not undo those) or the optimizer's param-group layout (``BaseFinetuning``:
+    the snapshot restores the optimizers). The GradGuard family restores its own state itself.
+    """
+    from lightning.pytorch.callbacks import BaseFinetuning, Checkpoint, Timer
+
+    modules: list[torch.nn.Module] = []
+    stateful: list[Callback] = []
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, (GradGuard, Checkpoint, Timer, BaseFinetuning)):
+            continue
+        for value in vars(callback).values():
+            if isinstance(value, torch.nn.Module) and value is not pl_module and all(value is not m for m in modules):
+                modules.append(value)
+        if type(callback).state_dict is not Callback.state_dict:
+            stateful.append(callback)
+    return modules, stateful
 
 
 @rank_zero_only

@@ -194,6 +194,7 @@ class GuardEngine:
     update_episodes: dict[tuple[str, str], int] = field(default_factory=dict)
     update_verdicts: list[UpdateVerdict] = field(default_factory=list)
     signature: tuple[int, ...] | None = None  # parameter_signature() of the optimizer the stats were built for
+    state_finite: bool = True  # the last measure()'s state check (module buffers) was finite on every rank
 
     # ------------------------------------------------------------------ the step
     def sync_parameters(
@@ -229,17 +230,24 @@ class GuardEngine:
         return True
 
     def measure(
-        self, loss: Tensor | None = None, amp_scale: Tensor | None = None
+        self, loss: Tensor | None = None, amp_scale: Tensor | None = None, state_check: Tensor | None = None
     ) -> tuple[StepStats, float | None, float | None]:
         """One pass over the gradients, one collective, one transfer: ``(stats, loss, amp_scale)`` on the host.
 
         Args:
             loss: a scalar tensor (the mean unscaled loss of the step), sent in the same vector.
             amp_scale: the GradScaler's scale when the gradients are still scaled (fused optimizers).
+            state_check: a scalar that is non-finite when the training state outside the gradients is
+                (recovery's module-buffer check); its reduced verdict is left in :attr:`state_finite`.
         """
         extras = [e for e in (amp_scale, loss) if e is not None]
-        vector = reduce_stats(self.stats.squared_norms(extras=extras), self.stats.sharded_layers)
-        stats = self.stats.read(vector, num_extras=len(extras))
+        vector = self.stats.squared_norms(extras=[*extras, *((state_check,) if state_check is not None else ())])
+        vector = reduce_stats(vector, self.stats.sharded_layers)
+        stats = self.stats.read(vector, num_extras=len(extras) + (state_check is not None))
+        self.state_finite = True
+        if state_check is not None:
+            self.state_finite = math.isfinite(stats.extras[-1])
+            stats = StepStats(stats.layers, stats.sq_norms, stats.extras[:-1])
         scale = stats.extras[0] if amp_scale is not None else None
         return stats, (stats.extras[-1] if loss is not None else None), scale
 

@@ -215,7 +215,8 @@ class Guard:
         value = None
         if loss is not None:
             value = loss.detach().float().reshape(())
-        stats, loss_value, scale_value = engine.measure(loss=value, amp_scale=scale)
+        check = self.recovery.state_check() if self.recovery is not None else None
+        stats, loss_value, scale_value = engine.measure(loss=value, amp_scale=scale, state_check=check)
         outcome = engine.decide(
             stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self.reporter.scaler_enabled
         )

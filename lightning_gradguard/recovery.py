@@ -63,13 +63,13 @@ __all__ = [
     "Snapshot",
 ]
 
-Trigger = Literal["nonfinite_grad", "nonfinite_loss", "loss_runaway"]
+Trigger = Literal["nonfinite_grad", "nonfinite_loss", "loss_runaway", "nonfinite_state"]
 #: Default snapshot interval (optimizer steps). Measured by ``benchmarks/bench_snapshot.py``: one capture costs
 #: 2.5-7.4 % of a training step on CPU (1M-50M parameters, AdamW), so every 100 steps amortises to <= 0.08 %,
 #: leaving room for GPUs, where the step is shorter and the copy is bound by host bandwidth.
 SNAPSHOT_EVERY_N_STEPS = 100
 #: The names a rollback's trigger can take.
-TRIGGERS: tuple[str, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_runaway")
+TRIGGERS: tuple[str, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_runaway", "nonfinite_state")
 
 
 class RecoveryError(GradGuardError):
@@ -136,6 +136,10 @@ class Snapshot:
       State that appears after the capture (a parameter that had none) is removed on restore, so the
       optimizer is exactly as it was;
     * each LR scheduler's ``state_dict()``;
+    * ``modules``: the parameters and buffers of further modules that belong to the training state
+      (e.g. a weight-averaging callback's averaged model), in place like the model's;
+    * ``stateful``: further objects with ``state_dict`` / ``load_state_dict`` (e.g. other callbacks),
+      their ``state_dict()`` deep-copied to host and loaded back on restore;
     * ``extra``: an opaque dict (e.g. GradGuard's own state), deep-copied with tensors moved to host.
 
     On an accelerator the device-to-host copies go to pinned buffers with ``non_blocking=True`` and do
@@ -149,6 +153,8 @@ class Snapshot:
             them, or ``None``.
         pin_memory: pin the host buffers of tensors that live on an accelerator. ``None`` (default):
             pin when such a tensor is seen and the accelerator is available.
+        modules: further modules captured and restored in place with the model.
+        stateful: further objects with ``state_dict`` / ``load_state_dict``, captured and restored.
 
     Example:
 
@@ -171,17 +177,25 @@ class Snapshot:
         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         schedulers: Any | Sequence[Any] | None = None,
         pin_memory: bool | None = None,
+        *,
+        modules: Sequence[nn.Module] = (),
+        stateful: Sequence[Any] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.optimizers: list[torch.optim.Optimizer] = _as_list(optimizers, torch.optim.Optimizer, "optimizers")
         self.schedulers: list[Any] = _as_list(schedulers, None, "schedulers")
-        for i, sched in enumerate(self.schedulers):
-            if not (callable(getattr(sched, "state_dict", None)) and callable(getattr(sched, "load_state_dict", None))):
-                raise TypeError(
-                    f"`schedulers[{i}]` must have `state_dict` and `load_state_dict`, got {type(sched).__name__}"
-                )
+        self.modules: list[nn.Module] = _as_list(list(modules), nn.Module, "modules")
+        self.stateful: list[Any] = list(stateful)
+        for name, items in (("schedulers", self.schedulers), ("stateful", self.stateful)):
+            for i, item in enumerate(items):
+                if not (
+                    callable(getattr(item, "state_dict", None)) and callable(getattr(item, "load_state_dict", None))
+                ):
+                    raise TypeError(
+                        f"`{name}[{i}]` must have `state_dict` and `load_state_dict`, got {type(item).__name__}"
+                    )
         if pin_memory is not None and not isinstance(pin_memory, bool):
             raise TypeError(f"`pin_memory` must be a bool or None, got {pin_memory!r}")
         self.pin_memory = pin_memory
@@ -192,6 +206,7 @@ class Snapshot:
         self._opt_groups: list[list[dict[str, Any]]] = []
         self._opt_layout: list[list[int]] = []
         self._sched_states: list[dict[str, Any]] = []
+        self._stateful_states: list[Any] = []
         self._extra: dict[str, Any] = {}
         self._events: list[Any] = []
 
@@ -239,6 +254,7 @@ class Snapshot:
                     self._model_slots.append(slot)
             self._capture_optimizers(devices)
         self._sched_states = [_copy_tree(s.state_dict()) for s in self.schedulers]
+        self._stateful_states = [_copy_tree(s.state_dict()) for s in self.stateful]
         self._extra = _copy_tree(dict(extra)) if extra is not None else {}
         self._record_events(devices)
         self._step = int(step)
@@ -277,6 +293,8 @@ class Snapshot:
             self._restore_optimizers()
         for sched, state in zip(self.schedulers, self._sched_states, strict=True):
             sched.load_state_dict(_copy_tree(state))
+        for obj, state in zip(self.stateful, self._stateful_states, strict=True):
+            obj.load_state_dict(_copy_tree(state))
         if clear_grads:
             for p in self.model.parameters():
                 p.grad = None
@@ -297,8 +315,9 @@ class Snapshot:
     # ----------------------------------------------------------------- helpers
 
     def _model_tensors(self) -> Iterator[Tensor]:
-        yield from self.model.parameters()
-        yield from self.model.buffers()
+        for module in (self.model, *self.modules):
+            yield from module.parameters()
+            yield from module.buffers()
 
     def _pin(self, t: Tensor) -> bool:
         if t.device.type == "cpu":
@@ -458,7 +477,10 @@ class RollbackDecision:
         evidence: the numbers behind the decision (loss, running median and MAD, threshold, streaks).
         snapshot_ok: the step was healthy (finite loss and gradients, not skipped, loss not above the
             runaway threshold, no streak running): a snapshot may be taken now.
-        error: set instead of a rollback once ``max_rollbacks`` rollbacks were spent; raise it.
+        error: set instead of a rollback once ``max_rollbacks`` rollbacks were spent.
+        reason: what fired, in words (no step, no remedy), when something fired.
+        first_bad: the first step of the trouble that fired (the start of the streak, the first loss above
+            the runaway threshold); a snapshot taken before it holds state known to be good.
     """
 
     step: int
@@ -468,15 +490,22 @@ class RollbackDecision:
     evidence: Mapping[str, float | int | str] = field(default_factory=dict)
     snapshot_ok: bool = False
     error: RecoveryError | None = None
+    first_bad: int | None = None
+    reason: str = ""
 
 
 @dataclass(frozen=True)
 class RollbackRecord:
-    """One rollback: at ``step``, because of ``trigger``, the state of ``restored_to`` was restored."""
+    """One rollback: at ``step``, because of ``trigger``, the state of ``restored_to`` was restored.
+
+    ``counted`` is false for a rollback taken while the run had little history (it does not use up
+    ``max_rollbacks``).
+    """
 
     step: int
     trigger: str
     restored_to: int
+    counted: bool = True
 
     @property
     def steps_lost(self) -> int:
@@ -577,6 +606,7 @@ class RollbackTrigger:
         self._sorted: list[float] = []  # the window's values, sorted: the median in O(1)
         self._recent: deque[tuple[int, bool]] = deque(maxlen=max(1, self.runaway_steps))
         self._nonfinite_streak = 0
+        self._other_streaks: dict[int, int] = {}  # non-finite streaks of the other optimizers, by index
         self._nonfinite_loss_streak = 0
         self._history: list[RollbackRecord] = []
 
@@ -586,6 +616,11 @@ class RollbackTrigger:
     def rollbacks_total(self) -> int:
         """Rollbacks recorded so far."""
         return len(self._history)
+
+    @property
+    def rollbacks_counted(self) -> int:
+        """Rollbacks that count against ``max_rollbacks`` (those taken with little history do not)."""
+        return sum(1 for r in self._history if r.counted)
 
     @property
     def steps_lost(self) -> int:
@@ -650,7 +685,12 @@ class RollbackTrigger:
     # ---------------------------------------------------------------- decision
 
     def update(
-        self, step: int, loss: float | None = None, nonfinite: bool = False, skipped: bool = False
+        self,
+        step: int,
+        loss: float | None = None,
+        nonfinite: bool = False,
+        skipped: bool = False,
+        source: int = 0,
     ) -> RollbackDecision:
         """Feed one optimizer step and decide.
 
@@ -660,8 +700,12 @@ class RollbackTrigger:
                 for this step.
             nonfinite: the step's gradients are non-finite on some rank (reduced).
             skipped: the optimizer step is skipped for any reason (GradGuard, the GradScaler).
+            source: the optimizer the step belongs to. Each optimizer has its own non-finite streak and
+                any of them fires; the loss checks read the loss of optimizer ``0`` only.
         """
         step = int(step)
+        if source != 0:
+            return self._update_other(step, int(source), nonfinite, skipped)
         loss_finite = loss is None or math.isfinite(loss)
         self._nonfinite_streak = self._nonfinite_streak + 1 if nonfinite else 0
         self._nonfinite_loss_streak = 0 if loss_finite else self._nonfinite_loss_streak + 1
@@ -690,13 +734,83 @@ class RollbackTrigger:
 
         trigger, what = self._fired(loss, n_above, level, evidence)
         if trigger is None:
-            healthy = loss_finite and not nonfinite and not skipped and n_above == 0
+            healthy = loss_finite and not nonfinite and not skipped and n_above == 0 and not self._others_bad()
             return RollbackDecision(step=step, evidence=evidence, snapshot_ok=healthy)
-        if self.rollbacks_total >= self.max_rollbacks:
+        if trigger == "nonfinite_grad":
+            first_bad = step - self._nonfinite_streak + 1
+        elif trigger == "nonfinite_loss":
+            first_bad = step - self._nonfinite_loss_streak + 1
+        else:
+            first_bad = min((s for s, above in self._recent if above), default=step)
+        return self.fire(step, trigger, what, evidence, first_bad)
+
+    def _others_bad(self) -> bool:
+        return any(self._other_streaks.values())
+
+    def _update_other(self, step: int, source: int, nonfinite: bool, skipped: bool) -> RollbackDecision:
+        """A step of an optimizer other than the first: only its non-finite streak is followed."""
+        streak = self._other_streaks.get(source, 0) + 1 if nonfinite else 0
+        self._other_streaks[source] = streak
+        evidence: dict[str, float | int | str] = {
+            "nonfinite_streak": streak,
+            "optimizer": source,
+            "rollbacks_total": self.rollbacks_total,
+        }
+        if 0 < self.nonfinite_steps <= streak:
+            what = f"non-finite gradients of optimizer {source} on {streak} consecutive steps"
+            return self.fire(step, "nonfinite_grad", what, evidence, step - streak + 1)
+        return RollbackDecision(step=step, evidence=evidence, snapshot_ok=not (nonfinite or skipped))
+
+    def fire(
+        self,
+        step: int,
+        trigger: str,
+        what: str,
+        evidence: Mapping[str, float | int | str] | None = None,
+        first_bad: int | None = None,
+    ) -> RollbackDecision:
+        """A rollback decision for ``trigger`` at ``step`` (``what``: the evidence in words).
+
+        Answers a :class:`RecoveryError` in ``error`` instead once ``max_rollbacks`` counted rollbacks
+        were spent. Used by :meth:`update`, and by a front-end for a trigger it detects itself
+        (``"nonfinite_state"``: non-finite module buffers that cannot be repaired in place).
+        """
+        step = int(step)
+        evidence = dict(evidence or {})
+        first_bad = step if first_bad is None else int(first_bad)
+        if self.rollbacks_counted >= self.max_rollbacks:
             error = RecoveryError(self._error_message(step, trigger, what))
-            return RollbackDecision(step=step, trigger=trigger, message=str(error), evidence=evidence, error=error)
+            return RollbackDecision(
+                step=step,
+                trigger=trigger,
+                message=str(error),
+                evidence=evidence,
+                error=error,
+                first_bad=first_bad,
+                reason=what,
+            )
         message = f"step {step}: {what}: rolling back to the last good snapshot"
-        return RollbackDecision(step=step, rollback=True, trigger=trigger, message=message, evidence=evidence)
+        return RollbackDecision(
+            step=step,
+            rollback=True,
+            trigger=trigger,
+            message=message,
+            evidence=evidence,
+            first_bad=first_bad,
+            reason=what,
+        )
+
+    def decline(self, decision: RollbackDecision) -> None:
+        """Forget the trouble that fired ``decision`` without a rollback (the front-end skips or clips instead).
+
+        The streaks start again; after a runaway the loss level is learned again from the losses to come,
+        so the run is judged from where it now is.
+        """
+        self._nonfinite_streak = self._nonfinite_loss_streak = 0
+        self._other_streaks.clear()
+        self._recent.clear()
+        if decision.trigger == "loss_runaway":
+            self._set_losses([])
 
     def _fired(
         self,
@@ -718,18 +832,27 @@ class RollbackTrigger:
             )
         return None, ""
 
-    def record_rollback(self, decision: RollbackDecision, restored_to: int) -> RollbackRecord:
+    def record_rollback(self, decision: RollbackDecision, restored_to: int, counted: bool = True) -> RollbackRecord:
         """Count the rollback ``decision`` asked for, now that the state of step ``restored_to`` is back.
 
         Resets the streaks and forgets the losses observed after ``restored_to`` (they belong to the
         discarded trajectory).
+
+        Args:
+            decision: the decision that asked for the rollback.
+            restored_to: the step of the restored snapshot.
+            counted: whether the rollback uses up one of ``max_rollbacks`` (a front-end passes ``False``
+                for a rollback taken while the run had little history).
         """
         if not decision.rollback or decision.trigger is None:
             raise ValueError(f"`decision` did not ask for a rollback: {decision!r}")
         restored_to = check_int("restored_to", restored_to, 0)
-        record = RollbackRecord(step=decision.step, trigger=decision.trigger, restored_to=restored_to)
+        record = RollbackRecord(
+            step=decision.step, trigger=decision.trigger, restored_to=restored_to, counted=bool(counted)
+        )
         self._history.append(record)
         self._nonfinite_streak = self._nonfinite_loss_streak = 0
+        self._other_streaks.clear()
         self._recent.clear()
         self._set_losses([(s, v) for s, v in self._losses if s <= restored_to])
         return record
@@ -737,7 +860,8 @@ class RollbackTrigger:
     def _error_message(self, step: int, trigger: str, what: str) -> str:
         lines = [
             f"GradGuard recovery gave up at step {step}: {what} ({trigger}), after {self.rollbacks_total} "
-            f"rollback(s) (max_rollbacks={self.max_rollbacks}), {self.steps_lost} step(s) lost:"
+            f"rollback(s) (max_rollbacks={self.max_rollbacks}, {self.rollbacks_counted} counted), "
+            f"{self.steps_lost} step(s) lost:"
         ]
         lines += [
             f"  rollback {i}: at step {r.step} ({r.trigger}) restored step {r.restored_to}"
@@ -750,9 +874,11 @@ class RollbackTrigger:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, history, loss window and streaks (primitives only)."""
+        others = [[i, n] for i, n in sorted(self._other_streaks.items()) if n]
         return {
+            **({"other_streaks": others} if others else {}),
             "version": 1,
-            "history": [[r.step, r.trigger, r.restored_to] for r in self._history],
+            "history": [[r.step, r.trigger, r.restored_to, *(() if r.counted else (False,))] for r in self._history],
             "losses": [[s, v] for s, v in self._losses],
             "recent": [[s, a] for s, a in self._recent],
             "nonfinite_streak": self._nonfinite_streak,
@@ -763,7 +889,11 @@ class RollbackTrigger:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; keys it lacks keep their defaults."""
-        self._history = [RollbackRecord(int(s), str(t), int(r)) for s, t, r in state_dict.get("history", [])]
+        self._history = [
+            RollbackRecord(int(h[0]), str(h[1]), int(h[2]), bool(h[3]) if len(h) > 3 else True)
+            for h in state_dict.get("history", [])
+        ]
+        self._other_streaks = {int(i): int(n) for i, n in state_dict.get("other_streaks", [])}
         self._set_losses([(int(s), float(v)) for s, v in state_dict.get("losses", [])])
         self._recent.clear()
         self._recent.extend((int(s), bool(a)) for s, a in state_dict.get("recent", []))
@@ -793,25 +923,95 @@ def _check_nonneg(name: str, value: Any) -> float:
 # ---------------------------------------------------------------------------------------------- wiring
 
 
+class _BufferGuard:
+    """Undo what a forward pass wrote into a model's persistent buffers (BatchNorm's running statistics).
+
+    :meth:`save` keeps a device-side copy of the persistent buffers (the ones a ``state_dict`` holds)
+    before the step's first forward pass; :meth:`restore` puts it back when the step is skipped, so a
+    skipped step leaves no trace in them. :meth:`check` is a scalar tensor that is ``0`` while every
+    floating buffer is finite and ``nan`` otherwise: it rides in the reduced statistics vector, so every
+    rank reads the same verdict. A model without persistent buffers costs nothing.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        seen: set[int] = set()
+        buffers: list[Tensor] = []
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is None or name in module._non_persistent_buffers_set or id(buf) in seen:
+                    continue
+                seen.add(id(buf))
+                buffers.append(_local(buf))
+        self.buffers = buffers
+        self.floating = [b for b in buffers if b.is_floating_point()]
+        self.copies = [torch.empty_like(b) for b in buffers]
+        self.saved = False
+        self.trusted = True  # the copy holds buffers known to be finite
+        self.finite_now = True  # the buffers were finite (or repaired) at the last decision
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by the copy."""
+        return sum(c.numel() * c.element_size() for c in self.copies)
+
+    def save(self) -> None:
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.copies, self.buffers)
+            self.saved = True
+            self.trusted = self.finite_now
+
+    def restore(self) -> bool:
+        """Put the copy back if it is known to be finite; returns whether it did."""
+        if not (self.saved and self.trusted):
+            return False
+        with torch.no_grad():
+            torch._foreach_copy_(self.buffers, self.copies)
+        return True
+
+    def check(self) -> Tensor | None:
+        if not self.floating:
+            return None
+        with torch.no_grad():
+            norms = torch._foreach_norm(self.floating, 2, dtype=torch.float32)
+            return torch.stack([n.to(norms[0].device) for n in norms]).double().sum() * 0.0
+
+
 class Recovery:
-    """A :class:`RollbackTrigger` and a :class:`Snapshot` wired to GradGuard's engines (every front-end).
+    """A :class:`RollbackTrigger` and two alternating :class:`Snapshot` slots wired to GradGuard's engines.
 
-    The front-end calls :meth:`attach` once the model, optimizers and schedulers exist, then
-    :meth:`after_decide` at every optimizer step, right after :meth:`GuardEngine.decide
+    The front-end calls :meth:`attach` once the model, optimizers and schedulers exist, passes
+    :meth:`state_check` to :meth:`GuardEngine.measure <lightning_gradguard.engine.GuardEngine.measure>`,
+    then calls :meth:`after_decide` at every optimizer step, right after :meth:`GuardEngine.decide
     <lightning_gradguard.engine.GuardEngine.decide>` and before
-    :func:`~lightning_gradguard.engine.apply_outcome`. The decision is taken from the outcome (the loss
-    and the non-finite flag come from the reduced statistics vector), so every rank acts at the same step.
+    :func:`~lightning_gradguard.engine.apply_outcome`. Decisions are taken from reduced values (the loss,
+    the non-finite flags, the buffer check), so every rank acts at the same step.
 
-    The first optimizer (index 0) drives recovery; the snapshot holds every optimizer. On a rollback, in
-    this order: the model, optimizers and schedulers are restored; GradGuard's own state of every engine
-    (clip policy, LR guard, diagnostics) is restored; the LR guard of every engine lowers the LR
-    (:meth:`~lightning_gradguard.lr_guard.LRGuard.force_reduction`, scheduler-proof); the step is
-    skipped. Counters (steps, totals) are never rolled back.
+    * **Every optimizer drives.** Each optimizer's non-finite streak can fire; the loss of optimizer 0
+      feeds the loss checks. A rollback restores the whole state: the model (parameters and persistent
+      buffers), every optimizer, every scheduler, the further ``modules`` and ``stateful`` objects
+      (other callbacks), and GradGuard's own state of every engine (clip policy, LR guard,
+      diagnostics). Counters are never rolled back.
+    * **Two slots.** Snapshots are taken at healthy steps that are due (the first healthy step, every
+      power of two below ``every_n_steps``, every multiple of ``every_n_steps``), alternately into two
+      slots. A rollback restores the newest slot older than the first bad step; a slot whose restore
+      was followed by another trigger before any new snapshot is not restored again.
+    * **The remedy follows the cause.** A non-finite fault is restored without touching the LR; the LR
+      guard lowers the LR when a runaway loss fired, or when the same trigger fires again within
+      ``trigger.runaway_window`` steps of the previous rollback.
+    * **Never a crash a run would have survived.** Rollbacks that restore a snapshot from the run's
+      first ``every_n_steps`` steps do not count against ``max_rollbacks``. When no slot is left to
+      restore, or ``max_rollbacks`` is spent, recovery falls back to skipping and clipping (and, for a
+      runaway loss, one LR cut) and training goes on; it raises :class:`RecoveryError` only when the
+      run cannot continue: the skip streak reached ``max_consecutive_skips`` after rollbacks were
+      tried, or module buffers are non-finite with nothing to restore.
+    * **Skipped steps leave no trace in buffers.** The persistent buffers are copied on the device
+      after every decision (the values the next forward pass starts from) and put back when a step is
+      skipped or the check finds them non-finite.
 
     Args:
         trigger: the trigger (its state is GradGuard's ``state_dict()["recovery"]``).
-        every_n_steps: take a snapshot at healthy steps whose index is a multiple of this (and at the
-            first healthy step, so the first rollback always has a target).
+        every_n_steps: the snapshot interval (see above).
     """
 
     def __init__(self, trigger: RollbackTrigger, every_n_steps: int = SNAPSHOT_EVERY_N_STEPS) -> None:
@@ -819,16 +1019,67 @@ class Recovery:
             raise TypeError(f"`trigger` must be a RollbackTrigger, got {type(trigger).__name__}")
         self.trigger = trigger
         self.every_n_steps = check_int("snapshot_every_n_steps", every_n_steps, 1)
-        self.snapshot: Snapshot | None = None
+        self.snapshots: list[Snapshot] = []
+        self.buffers: _BufferGuard | None = None
+        self._failed: set[int] = set()  # slots whose restore was followed by a trigger before any new snapshot
+        self._last_slot: int | None = None
+        self._captures_since_rollback = 0
+        self._declined = False
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The newest snapshot slot (``None`` before :meth:`attach` or after :meth:`release`)."""
+        taken = [s for s in self.snapshots if s.step is not None]
+        if taken:
+            return max(taken, key=lambda s: s.step or 0)
+        return self.snapshots[0] if self.snapshots else None
+
+    @snapshot.setter
+    def snapshot(self, value: None) -> None:
+        if value is not None:
+            raise TypeError("`snapshot` can only be set to None (release); use attach() to start snapshotting")
+        self.release()
+
+    def release(self) -> None:
+        """Drop the snapshots and buffer copies (host memory and references to the model and optimizers)."""
+        self.snapshots = []
+        self.buffers = None
 
     def attach(
         self,
         model: nn.Module,
         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         schedulers: Any | Sequence[Any] | None = None,
+        *,
+        modules: Sequence[nn.Module] = (),
+        stateful: Sequence[Any] = (),
     ) -> None:
-        """Start snapshotting ``model``, ``optimizers`` and ``schedulers`` (drops any earlier snapshot)."""
-        self.snapshot = Snapshot(model, optimizers, schedulers)
+        """Start snapshotting (drops any earlier snapshot).
+
+        Args:
+            model: the trained module.
+            optimizers: every optimizer.
+            schedulers: every LR scheduler.
+            modules: further modules that belong to the training state (a weight-averaging callback's
+                averaged model).
+            stateful: further objects with ``state_dict`` / ``load_state_dict`` (other callbacks).
+        """
+        self.snapshots = [Snapshot(model, optimizers, schedulers, modules=modules, stateful=stateful) for _ in range(2)]
+        self.buffers = _BufferGuard(model)
+        self.buffers.save()
+        self._failed.clear()
+        self._last_slot = None
+        self._captures_since_rollback = 0
+        self._declined = False
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of both snapshot slots plus device bytes of the buffer copy."""
+        return sum(s.nbytes for s in self.snapshots) + (self.buffers.nbytes if self.buffers else 0)
+
+    def state_check(self) -> Tensor | None:
+        """A scalar to send with the step's statistics: ``nan`` when a floating module buffer is non-finite."""
+        return self.buffers.check() if self.buffers is not None else None
 
     def metrics(self) -> dict[str, float]:
         """``gradguard/rollbacks_total`` and ``gradguard/steps_lost``, for the log steps."""
@@ -839,13 +1090,62 @@ class Recovery:
             tag("steps_lost"): float(self.trigger.steps_lost),
         }
 
+    def _due(self, step: int) -> bool:
+        newest = self.snapshot
+        if newest is None or newest.step is None or newest.layout_changed:
+            return True
+        every = self.every_n_steps
+        return step % every == 0 or (step < every and step & (step - 1) == 0)
+
+    def _capture_slot(self, step: int) -> int:
+        """The slot a capture overwrites: a failed one, an empty one, else the older one.
+
+        Within the first ``every_n_steps`` steps the run's first snapshot is kept and the other slot
+        takes the early captures: a runaway in the first steps can still go back to where the run began.
+        """
+        if self._failed:
+            return min(self._failed)
+        empty = [i for i, s in enumerate(self.snapshots) if s.step is None]
+        if empty:
+            return empty[0]
+        by_age = sorted(range(len(self.snapshots)), key=lambda i: self.snapshots[i].step or 0)
+        return by_age[-1] if step < self.every_n_steps else by_age[0]
+
+    def _target(self, decision: RollbackDecision) -> int | None:
+        """The slot to restore, ``None`` if none is left.
+
+        The newest slot older than the first bad step that has not failed before. After a runaway loss
+        the slot must also be known good: at least ``runaway_steps`` steps older than the first loss
+        above the threshold (a loss can climb for a while before it crosses it); failing that, the
+        oldest slot.
+        """
+        if self._last_slot is not None and self._captures_since_rollback == 0:
+            self._failed.add(self._last_slot)  # restored, and trouble came back before any new snapshot
+        first_bad = decision.step if decision.first_bad is None else decision.first_bad
+        candidates = sorted(
+            (
+                i
+                for i, s in enumerate(self.snapshots)
+                if s.step is not None and s.step < first_bad and i not in self._failed
+            ),
+            key=lambda i: self.snapshots[i].step or 0,
+            reverse=True,
+        )
+        if not candidates:
+            return None
+        if decision.trigger == "loss_runaway":
+            margin = self.trigger.runaway_steps
+            proven = [i for i in candidates if (self.snapshots[i].step or 0) + margin <= first_bad]
+            return proven[0] if proven else candidates[-1]
+        return candidates[0]
+
     def after_decide(
         self, engine: GuardEngine, outcome: StepOutcome, engines: Sequence[GuardEngine]
     ) -> tuple[StepOutcome, RecoveryError | None]:
-        """Feed the trigger; roll back, snapshot, or do nothing; returns the outcome to apply and any error.
+        """Feed the trigger; roll back, fall back, snapshot, or do nothing; returns the outcome to apply and any error.
 
         Args:
-            engine: the engine that decided ``outcome`` (only index 0 drives recovery).
+            engine: the engine that decided ``outcome`` (any optimizer's).
             outcome: what it decided.
             engines: every engine of the front-end (their own state is snapshotted and restored).
 
@@ -854,71 +1154,117 @@ class Recovery:
             a ``"rollback"`` event added; ``error`` is a :class:`RecoveryError` to raise (every rank, same
             step) once the step has been reported, else ``None``.
         """
-        if engine.index != 0 or engine.monitor_only or self.snapshot is None:
+        if engine.monitor_only or not self.snapshots:
             return outcome, None
         step = outcome.step
+        buffers = self.buffers
+        state_bad = not engine.state_finite
+        repaired = state_bad and buffers is not None and buffers.restore()
         # A step the AMP GradScaler skips is its calibration's business: its gradients are not counted
         # and a finite loss stays out of the runaway window. A non-finite loss is fed: the loss is
         # unscaled, so no loss scale can make it finite (a NaN loss is NaN at any scale).
         scaler = outcome.scaler_skipped
-        loss = outcome.loss
+        loss = outcome.loss if engine.index == 0 else None
         if scaler and loss is not None and math.isfinite(loss):
             loss = None
         decision = self.trigger.update(
             step,
             loss=loss,
-            nonfinite=not outcome.stats.finite and not scaler,
-            skipped=outcome.skipped or scaler,
+            nonfinite=(not outcome.stats.finite and not scaler) or state_bad,
+            skipped=outcome.skipped or scaler or state_bad,
+            source=engine.index,
         )
-        snapshot = self.snapshot
-        if decision.error is not None:
-            return outcome, decision.error
+        if state_bad and not repaired and not decision.rollback and decision.error is None:
+            what = "non-finite module buffers (e.g. BatchNorm statistics) with no finite copy to put back"
+            decision = self.trigger.fire(step, "nonfinite_state", what, decision.evidence)
         # Escalation: a non-finite streak that reached `max_consecutive_skips` rolls back before it stops.
-        streak_error = outcome.error is not None and engine.on_nonfinite == "skip" and not decision.rollback
-        room = self.trigger.rollbacks_total < self.trigger.max_rollbacks
-        if streak_error and snapshot.step is not None and room:
-            what = f"{engine.counters.consecutive_skips} consecutive steps with non-finite gradients"
-            decision = RollbackDecision(
-                step=step,
-                rollback=True,
-                trigger="nonfinite_grad",
-                message=f"step {step}: {what}: rolling back to the last good snapshot",
-                evidence=decision.evidence,
+        streak_error = outcome.error is not None and engine.on_nonfinite == "skip"
+        if streak_error and not decision.rollback and decision.error is None:
+            streak = engine.counters.consecutive_skips
+            what = f"{streak} consecutive steps with non-finite gradients"
+            decision = self.trigger.fire(step, "nonfinite_grad", what, decision.evidence, step - streak + 1)
+        if decision.rollback or decision.error is not None:
+            if engine.on_nonfinite == "raise" and outcome.error is not None:
+                return outcome, None
+            slot = self._target(decision) if decision.error is None else None
+            with _scheduler_lrs(engines):
+                if slot is not None:
+                    outcome = self._roll_back(decision, outcome, engines, slot)
+                    self._save_buffers(True)
+                    return outcome, None
+                outcome, error = self._fall_back(decision, outcome, engines)
+            self._save_buffers(not state_bad or repaired)
+            return outcome, error
+        if state_bad and not outcome.skipped and not scaler:
+            text = (
+                f"skipped optimizer step {step}: non-finite module buffers after the forward pass (e.g. BatchNorm "
+                "statistics of a batch with a non-finite sample); buffers put back to their values before the step"
             )
-        if decision.rollback and snapshot.step is not None and (engine.on_nonfinite != "raise" or not outcome.error):
+            event = GuardEvent("skipped", step, text, evidence={"buffers_restored": int(repaired)})
+            outcome = replace(outcome, skipped=True, clipped=False, coefficient=None, events=(*outcome.events, event))
+            engine.counters.skipped_total += 1
+            engine.interval.skipped += 1
+        elif outcome.skipped and buffers is not None and not state_bad:
+            buffers.restore()  # the step leaves no trace in the running statistics
+        if decision.snapshot_ok:
+            self._declined = False
+        if engine.index == 0 and decision.snapshot_ok and not state_bad and self._due(step):
+            slot = self._capture_slot(step)
             with _scheduler_lrs(engines):
-                return self._roll_back(decision, outcome, engines), None
-        # A param group added since the snapshot (BackboneFinetuning's unfreeze) makes the next healthy
-        # step a snapshot step, so later rollbacks restore the new group's optimizer state too.
-        due = snapshot.step is None or step % self.every_n_steps == 0 or snapshot.layout_changed
-        if decision.snapshot_ok and due:
-            with _scheduler_lrs(engines):
-                snapshot.capture(step, extra={"engines": {str(e.index): _own_state(e) for e in engines}})
+                self.snapshots[slot].capture(step, extra={"engines": {str(e.index): _own_state(e) for e in engines}})
+            self._failed.discard(slot)
+            self._captures_since_rollback += 1
+        self._save_buffers(not state_bad or repaired)
         return outcome, None
 
+    def _save_buffers(self, finite: bool) -> None:
+        """Copy the buffers the next forward pass starts from (``finite``: they are known to be finite)."""
+        if self.buffers is not None:
+            self.buffers.finite_now = finite
+            self.buffers.save()
+
+    def _lower_lr(self, engines: Sequence[GuardEngine]) -> tuple[float, float] | None:
+        scales = [e.lr_guard.force_reduction() for e in engines if e.lr_guard is not None]
+        return scales[0] if scales else None
+
     def _roll_back(
-        self, decision: RollbackDecision, outcome: StepOutcome, engines: Sequence[GuardEngine]
+        self, decision: RollbackDecision, outcome: StepOutcome, engines: Sequence[GuardEngine], slot: int
     ) -> StepOutcome:
-        snapshot = self.snapshot
-        assert snapshot is not None and snapshot.step is not None
+        snapshot = self.snapshots[slot]
+        assert snapshot.step is not None
         saved = snapshot.extra.get("engines", {})
         restored_to = snapshot.restore()
-        record = self.trigger.record_rollback(decision, restored_to)
-        scales = []
+        history = self.trigger.history
+        last = history[-1] if history else None
+        again = (
+            last is not None
+            and last.trigger == decision.trigger
+            and decision.step - last.step <= self.trigger.runaway_window
+        )
+        cut = decision.trigger == "loss_runaway" or again
+        counted = restored_to >= self.every_n_steps
+        record = self.trigger.record_rollback(decision, restored_to, counted=counted)
+        self._last_slot = slot
+        self._captures_since_rollback = 0
+        self._declined = False
         for e in engines:
             _load_own_state(e, saved.get(str(e.index)))
             e.counters.consecutive_skips = 0
-            if e.lr_guard is not None:
-                scales.append(e.lr_guard.force_reduction())
-        if scales:
-            before, after = scales[0]
-            lr_text = f"LR scale {before:.4g} -> {after:.4g}"
+        lr_scale = engines[0].lr_guard.lr_scale if engines and engines[0].lr_guard is not None else 1.0
+        before = after = lr_scale
+        if cut:
+            scales = self._lower_lr(engines)
+            if scales is not None:
+                before, after = scales
+                lr_text = f"LR scale {before:.4g} -> {after:.4g}"
+            else:
+                lr_text = "LR unchanged (no LR guard)"
         else:
-            before = after = 1.0
-            lr_text = "LR unchanged (no LR guard)"
+            lr_text = f"LR scale kept at {before:.4g} (a non-finite fault is not evidence of a too-high LR)"
+        note = "" if counted else " (an early rollback: not counted against max_rollbacks)"
         message = (
             f"rollback {self.trigger.rollbacks_total}/{self.trigger.max_rollbacks}: {decision.message}; restored "
-            f"step {restored_to} ({record.steps_lost} step(s) lost), {lr_text}, step {decision.step} skipped"
+            f"step {restored_to} ({record.steps_lost} step(s) lost), {lr_text}, step {decision.step} skipped{note}"
         )
         evidence = dict(decision.evidence)
         evidence.update(
@@ -926,6 +1272,7 @@ class Recovery:
             restored_to=restored_to,
             steps_lost=record.steps_lost,
             rollbacks_total=self.trigger.rollbacks_total,
+            counted=int(counted),
             lr_scale_before=before,
             lr_scale=after,
         )
@@ -933,6 +1280,43 @@ class Recovery:
         return replace(
             outcome, skipped=True, clipped=False, coefficient=None, error=None, events=(*outcome.events, event)
         )
+
+    def _fall_back(
+        self, decision: RollbackDecision, outcome: StepOutcome, engines: Sequence[GuardEngine]
+    ) -> tuple[StepOutcome, RecoveryError | None]:
+        """No rollback: skip (non-finite) or clip (runaway) and go on; raise only when the run cannot continue."""
+        step = decision.step
+        self.trigger.decline(decision)
+        events = outcome.events
+        if not self._declined:
+            self._declined = True
+            if decision.error is not None:
+                why = f"max_rollbacks={self.trigger.max_rollbacks} spent"
+            else:
+                why = f"no snapshot from before step {decision.first_bad} left to restore"
+            lr_text = ""
+            if decision.trigger == "loss_runaway":
+                scales = self._lower_lr(engines)
+                if scales is not None:
+                    lr_text = f", LR scale {scales[0]:.4g} -> {scales[1]:.4g}"
+            message = (
+                f"no rollback at step {step}: {decision.reason} ({decision.trigger}), but {why}; "
+                f"training continues with skipping and clipping{lr_text}"
+            )
+            evidence = dict(decision.evidence)
+            evidence.update(trigger=str(decision.trigger), rollbacks_total=self.trigger.rollbacks_total)
+            events = (*events, GuardEvent("rollback", step, message, evidence=evidence))
+        stop = outcome.error is not None and _stops_by_skipping(outcome)
+        if decision.trigger == "nonfinite_state" or (stop and self.trigger.rollbacks_total > 0):
+            what = decision.reason if not stop else f"{decision.reason}; {outcome.error}"
+            error = RecoveryError(self.trigger._error_message(step, str(decision.trigger), what))
+            return replace(outcome, skipped=True, error=None, events=events), error
+        return replace(outcome, events=events), None
+
+
+def _stops_by_skipping(outcome: StepOutcome) -> bool:
+    """Whether ``outcome`` stops training through the skip streak (rather than ``on_nonfinite="raise"``)."""
+    return outcome.skipped or outcome.scaler_skipped
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ EXPECTED_RATIOS = {
         "tiny capture / step",
         "tiny restore / step",
         "tiny trigger.update / step",
+        "cnn buffers (copy + check) / step",
     ],
     "bench_updates.py": [
         "adamw_step_with_updates / adamw_step",

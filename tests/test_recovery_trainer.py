@@ -67,14 +67,14 @@ def test_weight_turned_nan_mid_run_rolls_back_and_finishes_close_to_the_fault_fr
     assert clean_guard.rollbacks_total == 0
     # Steps 45-47 have non-finite gradients (skipped); the third rolls back to the snapshot of step 40.
     assert guard.rollbacks_total == 1 and guard.steps_lost == 47 - 40 and guard.skipped_steps == 3
-    assert guard.lr_scale == 0.5
+    assert guard.lr_scale == 1.0  # a non-finite weight after a healthy history is no evidence of a too-high LR
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     loss, clean_loss = _full_loss(model), _full_loss(clean)
     assert math.isfinite(loss) and abs(loss - clean_loss) < 0.05 + 0.5 * clean_loss, (loss, clean_loss)
     assert _full_loss(TinyRegressor()) > 5 * loss  # and it did learn
     (warning,) = [m for m in messages if "rollback" in m]
     assert "rollback 1/3: step 47: non-finite gradients on 3 consecutive steps" in warning
-    assert "restored step 40 (7 step(s) lost), LR scale 1 -> 0.5, step 47 skipped" in warning
+    assert "restored step 40 (7 step(s) lost), LR scale kept at 1 (a non-finite fault" in warning
     acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
     rollbacks, lost = scalars(acc, tag("rollbacks_total")), scalars(acc, tag("steps_lost"))
     assert rollbacks[45] == 0.0 and rollbacks[50] == 1.0 and lost[50] == 7.0 and rollbacks[max(rollbacks)] == 1.0
@@ -94,7 +94,8 @@ def test_too_high_lr_diverging_in_the_first_steps_recovers() -> None:
     losses, gg, messages = _fit_regression(lr_guard=True, rollback=True, clip=AutoPolicy(prior_norm=None))
     assert gg.rollbacks_total >= 1
     first = next(m for m in messages if "rollback 1/3" in m)
-    assert "losses above" in first and "restored step 0" in first  # the loss ran away from its level
+    restored = int(re.search(r"restored step (\d+)", first).group(1))  # type: ignore[union-attr]
+    assert "losses above" in first and restored < 8  # the loss ran away from its level; an early snapshot
     assert max(losses[:15]) > 20 * losses[0]  # it did diverge within its first steps
     final = sum(losses[-20:]) / 20
     assert final < 0.05  # the noise floor is 0.01
@@ -114,7 +115,8 @@ def test_adamw_far_too_high_lr_is_rolled_back_under_defaults(tmp_path: Path) -> 
     first = next(m for m in messages if "rollback 1/3" in m)
     step, blown = re.search(r"rollback 1/3: step (\d+): loss ([0-9.e+]+)", first).groups()  # type: ignore[union-attr]
     assert int(step) < 15 and float(blown) > 20 * init_loss  # it diverged within its first steps
-    assert "restored step 0" in first and guard.rollbacks_total >= 1 and guard.lr_scale <= 0.5
+    restored = int(re.search(r"restored step (\d+)", first).group(1))  # type: ignore[union-attr]
+    assert restored < int(step) and guard.rollbacks_total >= 1 and guard.lr_scale <= 0.5  # a runaway cuts the LR
     assert math.isfinite(loss) and loss < 0.5 * runs[False][1], (loss, runs[False][1])  # far better than without
     assert runs[False][0].rollbacks_total == 0
 
@@ -139,10 +141,14 @@ def test_recovery_runs_out_of_rollbacks_with_an_error_naming_each(tmp_path: Path
     with pytest.raises(RecoveryError) as info:
         _tiny_fit(tmp_path, guard, 60, fault=range(5, 60))
     text = str(info.value)
-    assert "after 2 rollback(s) (max_rollbacks=2)" in text
+    # Spent rollbacks do not stop the run by themselves: it skips on until the skip streak shows that
+    # training cannot make progress, then names every rollback.
+    assert "GradGuard recovery gave up at step 35" in text and "25 consecutive" in text
+    assert "after 2 rollback(s) (max_rollbacks=2, 2 counted)" in text
     assert "rollback 1: at step 7 (nonfinite_grad) restored step 4" in text
-    assert "rollback 2: at step 10 (nonfinite_grad) restored step 4" in text
-    assert "What to try" in text and guard.rollbacks_total == 2
+    # the same trigger before any new snapshot: the slot of step 4 failed, the older one is restored
+    assert "rollback 2: at step 10 (nonfinite_grad) restored step 2" in text
+    assert "What to try" in text and guard.rollbacks_total == 2 and guard.lr_scale == 0.5
 
 
 def test_rollback_false_keeps_the_old_escalation(tmp_path: Path) -> None:
@@ -207,7 +213,7 @@ def test_resume_from_a_checkpoint_taken_after_a_rollback_equals_the_uninterrupte
     assert {s: probe.rows[s] for s in range(k, n)} == {s: straight_probe.rows[s] for s in range(k, n)}
     a, b = weights(straight.lightning_module), weights(resumed.lightning_module)
     assert all(torch.equal(a[key], b[key]) for key in a)
-    assert resumed_guard.lr_scale == guard.lr_scale == 0.5
+    assert resumed_guard.lr_scale == guard.lr_scale == 1.0  # one non-finite fault: restored, LR kept
 
 
 # --------------------------------------------------------------------------- the three front-ends
@@ -247,7 +253,7 @@ def test_rollbacks_restore_the_schedulers_own_lr_not_the_lr_guards_scaled_one(tm
     guard = _resume_guard()
     trainer, _ = _fit(tmp_path, Model(scheduler=True), guard, 14, extra=(_Faults((3, 8)),))
     assert [(r.step, r.restored_to) for r in guard._recovery.trigger.history] == [(5, 2), (10, 6)]  # type: ignore[union-attr]
-    assert guard.lr_scale == 0.25
+    assert guard.lr_scale == 0.5  # the same trigger again soon after a restore: the second rollback cuts the LR
     sched = trainer.lr_scheduler_configs[0].scheduler
     (group,) = trainer.optimizers[0].param_groups
     assert group["lr"] == pytest.approx(0.05 * 0.7 ** (sched.last_epoch // 3), rel=1e-12)
