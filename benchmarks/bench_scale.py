@@ -121,9 +121,18 @@ def _build(w: ScaleWorkload, seed: int) -> tuple[Any, Any]:
     return net, F.mse_loss
 
 
-def run(w: ScaleWorkload, k: float, *, guard: bool = True, seed: int = 0, steps: int | None = None) -> ScaleRun:
+def run(
+    w: ScaleWorkload,
+    k: float,
+    *,
+    guard: bool = True,
+    seed: int = 0,
+    steps: int | None = None,
+    options: dict[str, Any] | None = None,
+) -> ScaleRun:
     """Train ``w`` with its loss multiplied by ``k`` (and, under SGD, its LR divided by ``k``) under
-    ``Guard(model, optimizer)`` with every default (or no guard at all); record what was decided."""
+    ``Guard(model, optimizer, **options)`` (every default when ``options`` is ``None``; no guard at all when
+    ``guard`` is false); record what was decided."""
     import torch
 
     from lightning_gradguard import Guard
@@ -144,7 +153,7 @@ def run(w: ScaleWorkload, k: float, *, guard: bool = True, seed: int = 0, steps:
     out = ScaleRun(k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        g = Guard(model, opt, on_event=events.append) if guard else None
+        g = Guard(model, opt, on_event=events.append, **(options or {})) if guard else None
         try:
             for i in range(n_steps):
                 rows = index[i]
