@@ -8,7 +8,14 @@ Every run is a real ``lightning.Trainer.fit`` on real data that nobody here wrot
 * ``rnn``: a tanh character RNN on the same text, plain SGD;
 * ``mlp``: a 10-layer tanh MLP on sklearn's ``load_digits``, plain SGD;
 * ``irnn``: a ReLU RNN with identity recurrent init (Le et al. 2015) on the adding problem (synthetic by
-  definition), SGD with momentum 0.9.
+  definition), SGD with momentum 0.9;
+* ``lstm``: an LSTM character LM on the stdlib text, Adam;
+* ``cnn``: a CNN with BatchNorm on the digits as 8x8 images, SGD with momentum 0.9;
+* ``postln4``: a 4-layer Post-LN transformer character LM, Adam, no warmup;
+* ``tabreg``: a ReLU MLP regression on sklearn's ``load_diabetes`` with its raw targets (mean ~152), Adam;
+* ``cancer``: a ReLU MLP classifier on sklearn's ``load_breast_cancer`` (standardised features), RMSprop.
+
+``SPLIT`` names a tuning half and a held-out half of the workloads; the tables report each half on its own.
 
 Each workload runs at three learning rates (sane, about 10x and about 30x too high) and several seeds (5; the
 cheap digits and IRNN workloads also run seeds 5-15 for the peers and ``GradGuard()``, a second table). A
@@ -33,6 +40,9 @@ Results are cached in ``benchmarks/results/outcomes.json`` keyed by ``workload|l
 with a fingerprint of the configuration and, for GradGuard methods, of the package's algorithm sources, so
 a rerun only recomputes what changed. The markdown tables are written between markers in
 ``docs/benchmarks.md``.
+
+``--horizon-mult N`` runs every workload for N times its steps, cached under keys that carry the step count
+(``workload|lr|seed|method|steps=900``), with its own table between its own markers.
 
 Run: ``.venv/bin/python benchmarks/bench_outcomes.py --jobs 2`` (full), ``--quick`` (smoke form, tiny).
 """
