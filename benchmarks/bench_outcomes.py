@@ -8,7 +8,14 @@ Every run is a real ``lightning.Trainer.fit`` on real data that nobody here wrot
 * ``rnn``: a tanh character RNN on the same text, plain SGD;
 * ``mlp``: a 10-layer tanh MLP on sklearn's ``load_digits``, plain SGD;
 * ``irnn``: a ReLU RNN with identity recurrent init (Le et al. 2015) on the adding problem (synthetic by
-  definition), SGD with momentum 0.9.
+  definition), SGD with momentum 0.9;
+* ``lstm``: an LSTM character LM on the stdlib text, Adam;
+* ``cnn``: a CNN with BatchNorm on the digits as 8x8 images, SGD with momentum 0.9;
+* ``postln4``: a 4-layer Post-LN transformer character LM, Adam, no warmup;
+* ``tabreg``: a ReLU MLP regression on sklearn's ``load_diabetes`` with its raw targets (mean ~152), Adam;
+* ``cancer``: a ReLU MLP classifier on sklearn's ``load_breast_cancer`` (standardised features), RMSprop.
+
+``SPLIT`` names a tuning half and a held-out half of the workloads; the tables report each half on its own.
 
 Each workload runs at three learning rates (sane, about 10x and about 30x too high) and several seeds (5; the
 cheap digits and IRNN workloads also run seeds 5-15 for the peers and ``GradGuard()``, a second table). A
@@ -33,6 +40,9 @@ Results are cached in ``benchmarks/results/outcomes.json`` keyed by ``workload|l
 with a fingerprint of the configuration and, for GradGuard methods, of the package's algorithm sources, so
 a rerun only recomputes what changed. The markdown tables are written between markers in
 ``docs/benchmarks.md``.
+
+``--horizon-mult N`` runs every workload for N times its steps, cached under keys that carry the step count
+(``workload|lr|seed|method|steps=900``), with its own table between its own markers.
 
 Run: ``.venv/bin/python benchmarks/bench_outcomes.py --jobs 2`` (full), ``--quick`` (smoke form, tiny).
 """
@@ -122,7 +132,20 @@ WORKLOADS: dict[str, Workload] = {
     "irnn": Workload("irnn", "ReLU IRNN, adding problem, SGD+momentum", (1e-3, 1e-2, 3e-2), 300, 32),
     "preln": Workload("preln", "Pre-LN transformer char-LM, AdamW", (1e-3, 1e-2, 3e-2), 200, 16),
     "postln": Workload("postln", "Post-LN transformer char-LM, AdamW", (1e-3, 1e-2, 3e-2), 200, 16),
+    "lstm": Workload("lstm", "LSTM char-LM, Adam", (3e-3, 3e-2, 1e-1), 300, 16),
+    "cnn": Workload("cnn", "CNN with BatchNorm on digits images, SGD+momentum", (0.05, 0.5, 1.5), 300, 64),
+    "postln4": Workload("postln4", "4-layer Post-LN transformer char-LM, Adam, no warmup", (1e-3, 1e-2, 3e-2), 200, 16),
+    "tabreg": Workload("tabreg", "tabular regression, raw targets (diabetes), Adam", (1e-2, 1e-1, 3e-1), 300, 32),
+    "cancer": Workload("cancer", "MLP on breast-cancer features, RMSprop", (1e-3, 1e-2, 3e-2), 300, 32),
 }
+#: Workloads the defaults may be tuned on, and the held-out ones they are judged on without having been tuned
+#: on them (a change that wins on the first half and loses on the second is overfitting).
+SPLIT: dict[str, tuple[str, ...]] = {
+    "tuning": ("rnn", "mlp", "preln", "lstm", "cnn"),
+    "held-out": ("irnn", "postln", "postln4", "tabreg", "cancer"),
+}
+#: ``--horizon-mult N`` runs every workload for N times its steps; those runs are cached under their own keys.
+HORIZON_MULT = 1
 SEQ = 64  # characters per LM example
 IRNN_T = 30  # adding-problem sequence length
 DIVERGED_MARGIN = 1.1  # diverged: final val loss non-finite or above 1.1x the trivial baseline
@@ -182,6 +205,29 @@ def _digits() -> tuple[Any, Any, Any, Any]:
     return xt[tr], yt[tr], xt[va], yt[va]
 
 
+@cache
+def _tabular(name: str) -> tuple[Any, Any, Any, Any]:
+    """sklearn's bundled ``diabetes`` (raw features and raw targets, mean ~152) or ``breast_cancer`` data set:
+    (x_train, y_train, x_val, y_val), features standardised with the training split's mean and std, targets
+    untouched (float column for the regression, class index for the classifier); a seeded split."""
+    import torch
+    from sklearn.datasets import load_breast_cancer, load_diabetes
+
+    if name == "diabetes":
+        x, y = load_diabetes(return_X_y=True, scaled=False)
+        yt = torch.tensor(y, dtype=torch.float32)[:, None]
+    else:
+        x, y = load_breast_cancer(return_X_y=True)
+        yt = torch.tensor(y, dtype=torch.long)
+    xt = torch.tensor(x, dtype=torch.float32)
+    perm = torch.randperm(len(xt), generator=torch.Generator().manual_seed(0))
+    n_val = 100
+    tr, va = perm[n_val:], perm[:n_val]
+    mean, std = xt[tr].mean(dim=0), xt[tr].std(dim=0)
+    xt = (xt - mean) / std
+    return xt[tr], yt[tr], xt[va], yt[va]
+
+
 def _adding(n: int, gen: Any) -> tuple[Any, Any]:
     """Adding problem: values in [0, 1), two marked positions (one per half); target = sum of the marked."""
     import torch
@@ -201,7 +247,7 @@ def _batches(w: Workload, seed: int, steps: int, batch: int) -> tuple[list[Any],
     import torch
 
     gen = torch.Generator().manual_seed(10_000 + seed)
-    if w.name in ("preln", "postln", "rnn"):
+    if w.name in ("preln", "postln", "rnn", "lstm", "postln4"):
         tr, va, _, baseline = _char_data()
         starts = torch.randint(0, len(tr) - SEQ - 1, (steps, batch), generator=gen)
         offs = torch.arange(SEQ + 1)
@@ -214,6 +260,19 @@ def _batches(w: Workload, seed: int, steps: int, batch: int) -> tuple[list[Any],
         xtr, ytr, xva, yva = _digits()
         idx = [torch.randint(0, len(xtr), (batch,), generator=gen) for _ in range(steps)]
         return [(xtr[i], ytr[i]) for i in idx], [(xva, yva)], math.log(10.0)
+    if w.name == "cnn":
+        xtr, ytr, xva, yva = _digits()
+        idx = [torch.randint(0, len(xtr), (batch,), generator=gen) for _ in range(steps)]
+        return [(xtr[i].view(-1, 1, 8, 8), ytr[i]) for i in idx], [(xva.view(-1, 1, 8, 8), yva)], math.log(10.0)
+    if w.name in ("tabreg", "cancer"):
+        xtr, ytr, xva, yva = _tabular("diabetes" if w.name == "tabreg" else "breast_cancer")
+        idx = [torch.randint(0, len(xtr), (batch,), generator=gen) for _ in range(steps)]
+        if w.name == "tabreg":  # trivial baseline: predict the training mean
+            trivial = float(((yva - ytr.mean()) ** 2).mean())
+        else:  # trivial baseline: the class prior's cross-entropy
+            prior = torch.bincount(ytr, minlength=2).double() / len(ytr)
+            trivial = float(-prior.log()[yva].mean())
+        return [(xtr[i], ytr[i]) for i in idx], [(xva, yva)], trivial
     x, y = _adding(steps * batch, gen)
     train = [(x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(steps)]
     vx, vy = _adding(1000, torch.Generator().manual_seed(99))
@@ -228,11 +287,11 @@ def _build(w: Workload, seed: int) -> tuple[Any, Callable[[Any, Any], Any]]:
     from torch.nn import functional as F
 
     torch.manual_seed(seed)
-    if w.name in ("preln", "postln"):
+    if w.name in ("preln", "postln", "postln4"):
         _, _, vocab, _ = _char_data()
 
         class CharTransformer(nn.Module):
-            def __init__(self, pre_ln: bool) -> None:
+            def __init__(self, pre_ln: bool, depth: int) -> None:
                 super().__init__()
                 width = 64
                 self.embed = nn.Embedding(vocab, width)
@@ -240,7 +299,7 @@ def _build(w: Workload, seed: int) -> tuple[Any, Callable[[Any, Any], Any]]:
                 layer = nn.TransformerEncoderLayer(
                     width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=pre_ln, activation="gelu"
                 )
-                self.blocks = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+                self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
                 self.norm = nn.LayerNorm(width) if pre_ln else nn.Identity()
                 self.head = nn.Linear(width, vocab)
                 self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(SEQ), persistent=False)
@@ -250,21 +309,25 @@ def _build(w: Workload, seed: int) -> tuple[Any, Callable[[Any, Any], Any]]:
                 h = self.blocks(h, mask=self.mask[: x.shape[1], : x.shape[1]], is_causal=True)
                 return self.head(self.norm(h))
 
-        model: nn.Module = CharTransformer(w.name == "preln")
+        model: nn.Module = CharTransformer(w.name == "preln", 4 if w.name == "postln4" else 2)
 
         def lm_loss(m: Any, b: Any) -> Any:
             logits = m(b[:, :-1])
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1))
 
         return model, lm_loss
-    if w.name == "rnn":
+    if w.name in ("rnn", "lstm"):
         _, _, vocab, _ = _char_data()
 
         class CharRNN(nn.Module):
             def __init__(self) -> None:
                 super().__init__()
                 self.embed = nn.Embedding(vocab, 32)
-                self.rnn = nn.RNN(32, 128, nonlinearity="tanh", batch_first=True)
+                self.rnn: nn.Module = (
+                    nn.LSTM(32, 128, batch_first=True)
+                    if w.name == "lstm"
+                    else nn.RNN(32, 128, nonlinearity="tanh", batch_first=True)
+                )
                 self.head = nn.Linear(128, vocab)
 
             def forward(self, x: Any) -> Any:
@@ -286,6 +349,25 @@ def _build(w: Workload, seed: int) -> tuple[Any, Callable[[Any, Any], Any]]:
                 nn.init.xavier_normal_(mod.weight, gain=5.0 / 3.0)
                 nn.init.zeros_(mod.bias)
         return mlp, lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    if w.name == "cnn":
+        cnn = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 10),
+        )
+        return cnn, lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    if w.name in ("tabreg", "cancer"):
+        n_in = _tabular("diabetes" if w.name == "tabreg" else "breast_cancer")[0].shape[1]
+        net = nn.Sequential(nn.Linear(n_in, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+        if w.name == "tabreg":
+            return nn.Sequential(net, nn.Linear(64, 1)), lambda m, b: F.mse_loss(m(b[0]), b[1])
+        return nn.Sequential(net, nn.Linear(64, 2)), lambda m, b: F.cross_entropy(m(b[0]), b[1])
 
     class IRNN(nn.Module):
         def __init__(self) -> None:
@@ -309,7 +391,11 @@ def _optimizer(w: Workload, params: Iterable[Any], lr: float) -> Any:
 
     if w.name in ("preln", "postln"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    if w.name == "irnn":
+    if w.name in ("lstm", "postln4", "tabreg"):
+        return torch.optim.Adam(params, lr=lr)
+    if w.name == "cancer":
+        return torch.optim.RMSprop(params, lr=lr)
+    if w.name in ("irnn", "cnn"):
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     return torch.optim.SGD(params, lr=lr)
 
@@ -598,7 +684,17 @@ def _fingerprint(method: str, steps: int | None) -> str:
 
 
 def _key(workload: str, lr: float, seed: int, method: str) -> str:
-    return f"{workload}|{lr:g}|{seed}|{method}"
+    """The cache key of one run; runs at ``HORIZON_MULT`` times their workload's steps carry the step count."""
+    base = f"{workload}|{lr:g}|{seed}|{method}"
+    return base if HORIZON_MULT == 1 else f"{base}|steps={WORKLOADS[workload].steps * HORIZON_MULT}"
+
+
+def _steps(w: Workload, steps: int | None) -> int | None:
+    """The step count a run is given: ``steps`` when set (the smoke form), else the workload's own times
+    ``HORIZON_MULT`` (``None`` at 1x, so the fingerprints of the 1x runs stay what they were)."""
+    if steps is not None:
+        return steps
+    return w.steps * HORIZON_MULT if HORIZON_MULT != 1 else None
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -642,9 +738,9 @@ def run_all(
             for seed in seeds:
                 for m in methods:
                     key = _key(wname, w.lrs[i], seed, m)
-                    fp = _fingerprint(m, steps)
+                    fp = _fingerprint(m, _steps(w, steps))
                     if runs.get(key, {}).get("fingerprint") != fp:
-                        todo.append((key, fp, (wname, w.lrs[i], seed, m, steps)))
+                        todo.append((key, fp, (wname, w.lrs[i], seed, m, _steps(w, steps))))
     print(f"{len(todo)} runs to compute ({len(runs)} cached), jobs={jobs}", flush=True)
     t0 = time.perf_counter()
 
@@ -783,12 +879,38 @@ def _cell_text(rs: Sequence[dict[str, Any]]) -> str:
 
 
 def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int], methods: Sequence[str]) -> str:
+    """The markdown tables: per half of :data:`SPLIT` (the workloads of ``workloads`` in it), the loss table and
+    the per-method summary; then the noise floors of every workload."""
     runs = data["runs"]
     nf = noise_floor(runs, workloads, seeds)
+    horizon = "" if HORIZON_MULT == 1 else f" Every workload at {HORIZON_MULT}x its steps."
     lines = [
         f"Median final validation loss over {len(seeds)} seeds, (k) = seeds diverged; LR column: sane, ~10x, "
-        "~30x. Bold: the best median of the row (ties within 0.001).",
-        "",
+        f"~30x. Bold: the best median of the row (ties within 0.001).{horizon}",
+    ]
+    halves = [(name, [w for w in members if w in workloads]) for name, members in SPLIT.items()]
+    unsplit = [w for w in workloads if not any(w in members for members in SPLIT.values())]
+    for name, members in [*halves, ("unassigned", unsplit)]:
+        if members:
+            lines += ["", f"**{name.capitalize()} half** ({', '.join(members)}):", ""]
+            lines += _loss_rows(runs, members, seeds, methods, nf)
+    lines += _floor_lines(nf)
+    for name, members in [*halves, ("unassigned", unsplit)]:
+        if members:
+            lines += ["", f"**{name.capitalize()} half**, per method:", ""]
+            lines += _summary_rows(runs, members, seeds, methods)
+    return "\n".join(lines)
+
+
+def _loss_rows(
+    runs: dict[str, Any],
+    workloads: Sequence[str],
+    seeds: Sequence[int],
+    methods: Sequence[str],
+    nf: dict[str, dict[str, Any]],
+) -> list[str]:
+    """The loss table of ``workloads``: median (k diverged) per method and LR, and the verdict on GradGuard()."""
+    lines = [
         "| workload | lr | " + " | ".join(LABELS[m] for m in methods) + " | `GradGuard()` vs the peers |",
         "|---|---:|" + "---:|" * len(methods) + "---|",
     ]
@@ -807,7 +929,11 @@ def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int],
                 cells.append(f"**{text}**" if meds[m] <= best + 1e-3 else text)
             verdict = judge(runs, wname, i, seeds, nf, "gradguard")[1] if "gradguard" in methods else ""
             lines.append(f"| {w.title} | {lr:g} | " + " | ".join(cells) + f" | {verdict} |")
-    lines += [
+    return lines
+
+
+def _floor_lines(nf: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
         "",
         "Noise floor per workload: |median(`gradient_clip_val=1`) - median(GG fixed 1.0)| (two implementations "
         "of the same clip-1.0; largest over the workload's LRs where neither diverged) and the median seed range "
@@ -831,8 +957,13 @@ def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int],
     for wname, entry in nf.items():
         cells = " | ".join(f"{entry['cells'].get(f'{lr:g}', 0.0):.4f}" for lr in WORKLOADS[wname].lrs)
         lines.append(f"| {WORKLOADS[wname].title} | {cells} |")
-    lines += [
-        "",
+    return lines
+
+
+def _summary_rows(
+    runs: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int], methods: Sequence[str]
+) -> list[str]:
+    lines = [
         "Per method, over all rows: runs diverged, mean clip rate on sane-LR rows and on too-high-LR rows, "
         'LR-guard reductions on sane / too-high rows, runs with an "exploding" verdict on sane / too-high '
         "rows, and on runs whose loss blew up (a 10-step median above twice the first loss, or non-finite; named "
@@ -874,7 +1005,7 @@ def tables(data: dict[str, Any], workloads: Sequence[str], seeds: Sequence[int],
             f"| {statistics.median(r['spikes'] for r in allr):g} "
             f"| {statistics.median(ratios) if ratios else math.nan:.2f}x |"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def extra_table(data: dict[str, Any], nf: dict[str, dict[str, Any]], n_seeds: int) -> str:
@@ -905,14 +1036,23 @@ def extra_table(data: dict[str, Any], nf: dict[str, dict[str, Any]], n_seeds: in
     return "\n".join(lines)
 
 
+def _markers() -> tuple[str, str]:
+    """The docs markers of the table: the 1x table, or its own table per ``--horizon-mult``."""
+    if HORIZON_MULT == 1:
+        return BEGIN, END
+    tag = f"outcomes-table-x{HORIZON_MULT}"
+    return BEGIN.replace("outcomes-table", tag), END.replace("outcomes-table", tag)
+
+
 def write_docs(text: str, path: Path = DOCS) -> None:
     doc = path.read_text(encoding="utf-8")
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        doc = f"{head}{BEGIN}\n{text}\n{END}{tail}"
+    begin, end = _markers()
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        doc = f"{head}{begin}\n{text}\n{end}{tail}"
     else:
-        doc = doc.rstrip("\n") + f"\n\n{BEGIN}\n{text}\n{END}\n"
+        doc = doc.rstrip("\n") + f"\n\n{begin}\n{text}\n{end}\n"
     path.write_text(doc, encoding="utf-8")
 
 
@@ -932,7 +1072,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="cache JSON (default benchmarks/results/outcomes.json)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
+    parser.add_argument(
+        "--horizon-mult",
+        type=int,
+        default=1,
+        help="run every workload for N times its steps (cached under keys with the step count; own docs table)",
+    )
     args = parser.parse_args(argv)
+    if args.horizon_mult < 1:
+        parser.error(f"--horizon-mult must be >= 1, got {args.horizon_mult}")
+    global HORIZON_MULT
+    HORIZON_MULT = args.horizon_mult
     steps: int | None = None
     methods = list(args.methods)
     seeds = list(range(args.seeds))

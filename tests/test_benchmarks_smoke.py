@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,3 +66,61 @@ def test_benchmark_quick_run(script: str, tmp_path: Path) -> None:
         num, den = result["median_ms"][entry["numerator"]], result["median_ms"][entry["denominator"]]
         assert entry["ratio"] == pytest.approx(num / den), label
         assert len(result["samples_ms"][entry["numerator"]]) == 2
+
+
+def _import_benchmark(name: str) -> Any:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_zoo_quick_run_writes_its_table_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "zoo.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_zoo.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    zoo = _import_benchmark("bench_zoo")
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| config |"))
+    assert "no callback" in header and "`GradGuard()`" in header and "noise floor" in header and "| pass |" in header
+    for name in zoo.QUICK:
+        row = next(line for line in lines if line.startswith(f"| {zoo.CONFIGS[name].title} | 30 |"))
+        assert row.rstrip(" |").endswith(("yes", ")")), row  # a verdict: yes, or **no** (why)
+    runs = json.loads(out.read_text(encoding="utf-8"))["runs"]
+    assert sorted(runs) == sorted(f"{n}|0|{m}" for n in zoo.QUICK for m in zoo.METHODS)
+    for key, run in runs.items():
+        assert run["steps"] == 30 and run["val_loss"] is not None, key
+        assert isinstance(run["cuts"], list) and isinstance(run["verdicts"], list) and 0.0 <= run["clip_share"] <= 1
+        if key.endswith("|none"):
+            assert run["clip_share"] == 0.0 and run["cuts"] == [] and run["lr_scale"] == 1.0
+    # a rerun reuses every cached run
+    again = zoo.run_all(list(zoo.QUICK), [0], jobs=1, steps=30, path=out)
+    assert again["runs"] == runs
+    # a package change invalidates the GradGuard runs only
+    name = zoo.QUICK[0]
+    before = {m: zoo._fingerprint(name, m, 30) for m in zoo.METHODS}
+    monkeypatch.setattr(zoo, "_package_hash", lambda: "changed")
+    after = {m: zoo._fingerprint(name, m, 30) for m in zoo.METHODS}
+    assert before["none"] == after["none"] and before["gradguard"] != after["gradguard"]
+
+
+def test_scale_quick_run_prints_one_row_per_workload() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_scale.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    scale = _import_benchmark("bench_scale")
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "| 100 |" in line]
+    assert len(rows) == len(scale.QUICK)
+    assert any(line.endswith("rows scale-free.") for line in proc.stdout.splitlines())

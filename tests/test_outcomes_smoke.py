@@ -97,3 +97,20 @@ def test_extra_seeds_table_reads_the_cache(bench: Any, cache: tuple[Path, Any]) 
     assert cells[4] == "-"  # ZClip was not run
     assert cells[-2] == f"{int(guard['lr_reductions'] > 0)} / {guard['lr_reductions']}"
     assert all("missing" in r for r in rows if r.startswith("| 10-layer"))
+
+
+def test_split_assigns_every_workload_to_one_half(bench: Any) -> None:
+    halves = list(bench.SPLIT.values())
+    assert len(halves) == 2
+    assert sorted(w for half in halves for w in half) == sorted(bench.WORKLOADS)
+
+
+def test_longer_horizon_runs_have_their_own_keys_and_steps(bench: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = bench.WORKLOADS["mlp"]
+    assert bench._key("mlp", 0.1, 0, "none") == "mlp|0.1|0|none"  # the 1x keys of the existing cache
+    assert bench._steps(w, None) is None and bench._steps(w, 25) == 25
+    one_x = bench._fingerprint("none", bench._steps(w, None))
+    monkeypatch.setattr(bench, "HORIZON_MULT", 3)
+    assert bench._key("mlp", 0.1, 0, "none") == f"mlp|0.1|0|none|steps={3 * w.steps}"
+    assert bench._steps(w, None) == 3 * w.steps
+    assert bench._fingerprint("none", bench._steps(w, None)) != one_x
