@@ -28,21 +28,7 @@ finally:
     sys.path.pop(0)
 
 #: Configurations on which the current defaults act, and why (each shows in the zoo table with its steps).
-_PRESSED_PRIOR = (
-    "healthy norms of 10-100 press the auto policy's absolute 1.0 prior ceiling on every step; the LR guard's "
-    "approach channel reads that as a too-high LR and cuts it"
-)
-_STALL = (
-    "the stall channel reads a converging classifier (loss flattening while RMSprop keeps moving the weights) "
-    "as a stalled run and cuts the LR"
-)
-KNOWN_FAILING: dict[str, str] = {
-    "tabreg_sgd": _PRESSED_PRIOR,
-    "tabreg_momentum": _PRESSED_PRIOR,
-    "tabreg_adam_cos_long": _PRESSED_PRIOR,
-    "cancer_rmsprop": _STALL,
-    "cancer_rmsprop_long": _STALL,
-}
+KNOWN_FAILING: dict[str, str] = {}
 
 
 @dataclass

@@ -23,14 +23,8 @@ try:
 finally:
     sys.path.pop(0)
 
-_PRIOR = (
-    "the auto policy starts from an absolute 1.0 ceiling, so the loss's units decide which steps are clipped "
-    "and what the LR guard sees"
-)
 #: (workload, k) pairs whose decisions depend on k with the current defaults, and why.
-KNOWN_SCALE_DEPENDENT: dict[tuple[str, float], str] = {
-    (name, k): _PRIOR for name in bench_scale.WORKLOADS for k in bench_scale.KS
-}
+KNOWN_SCALE_DEPENDENT: dict[tuple[str, float], str] = {}
 
 _runs: dict[tuple[str, float, bool, str], Any] = {}
 
