@@ -177,7 +177,7 @@ class GradGuard(Callback):
         self.histogram_bins = options.histogram_bins
         self._diagnostics_template = self._options.diagnostics
         self.heatmap_every_n_steps = options.heatmap_every_n_steps
-        self.log_update_ratios = log_update_ratios
+        self.log_update_ratios = options.log_update_ratios
         self.on_event = on_event
         self._guards: dict[int, GuardEngine] = {}  # id(optimizer) -> engine
         self._pending_state: dict[int, dict[str, Any]] = {}
@@ -193,7 +193,7 @@ class GradGuard(Callback):
         self._monitor_only = False
         self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (loss, LR guard)
         self._loss_count = 0
-        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.snapshot_every_n_steps = options.snapshot_every_n_steps
         self._recovery: Recovery | None = self._options.recovery()
         self._reporter.recovery = self._recovery
         self._last_trainer: weakref.ref[Trainer] | None = None  # the Trainer of the last fit (never kept alive)

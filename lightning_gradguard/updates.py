@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_gradguard._validation import check_bool
 from lightning_gradguard.keys import tag
 from lightning_gradguard.stats import GradStats, _local
 
@@ -127,10 +128,8 @@ class UpdateTracker:
     """
 
     def __init__(self, stats: GradStats, keep_buffers: bool = False) -> None:
-        if not isinstance(keep_buffers, bool):
-            raise TypeError(f"`keep_buffers` must be a bool, got {keep_buffers!r}")
         self._stats = stats
-        self.keep_buffers = keep_buffers
+        self.keep_buffers = check_bool("keep_buffers", keep_buffers)
         self._buffers: dict[int, list[Tensor]] = {}  # id(bucket) -> kept copy buffers
         self._plans: dict[tuple[bool, ...], list[_Bucket]] = {}
         self._pending: list[tuple[_Bucket, list[Tensor]]] | None = None
