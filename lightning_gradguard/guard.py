@@ -9,6 +9,7 @@ the same decisions through the same :class:`~lightning_gradguard.engine.GuardEng
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -216,7 +217,8 @@ class Guard:
         """
         engine = self.engine
         engine.sync_parameters(self.optimizer, lambda: optimizer_parameters(self._module, self.optimizer))
-        scale = scaler_scale(self.scaler) if grads_still_scaled(self.scaler, self.optimizer) else None
+        still_scaled = grads_still_scaled(self.scaler, self.optimizer)
+        scale = scaler_scale(self.scaler) if still_scaled else None
         value = None
         if loss is not None:
             value = loss.detach().float().reshape(())
@@ -229,6 +231,8 @@ class Guard:
             outcome, failure = self.recovery.after_decide(engine, outcome, [engine])
             engine.last = outcome
         apply_outcome(engine, outcome)
+        if outcome.skipped and still_scaled:
+            _record_inf_checks(self.scaler, self.optimizer, nonfinite=not outcome.stats.finite)
         self.reporter.after_step(engine, outcome, outcome.step)
         if failure is not None:
             raise failure  # decided from the reduced vector: every rank raises at the same step
@@ -356,6 +360,24 @@ def _check_scaler(scaler: Any) -> None:
             f"`scaler` must be a torch.amp.GradScaler or None, got {_received(scaler)}, "
             f"which lacks {', '.join(missing)}"
         )
+
+
+def _record_inf_checks(scaler: Any, optimizer: torch.optim.Optimizer, nonfinite: bool) -> None:
+    """Let ``scaler.step`` / ``scaler.update`` run after the guard dropped the gradients of a step.
+
+    Both need the inf checks that ``scaler.unscale_(optimizer)`` records from the gradients (also for fused
+    optimizers, which otherwise record them in ``scaler.step``); with every gradient dropped they would find
+    none and raise. One gradient, on the smallest parameter, stands in for the dropped ones while ``unscale_``
+    records them: non-finite if the step's gradients were (the scaler then skips the step and lowers its scale,
+    as it would have), else zero (the optimizer then steps with no gradients: nothing changes).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    probe = min((p for p in params if p.grad is None), key=lambda p: p.numel(), default=None)
+    if probe is not None:
+        probe.grad = torch.full_like(probe, math.nan if nonfinite else 0.0)
+    scaler.unscale_(optimizer)
+    if probe is not None:
+        probe.grad = None
 
 
 def _schedulers(scheduler: Any) -> list[Any]:
