@@ -377,10 +377,17 @@ class GradGuard(Callback):
     # ------------------------------------------------------------------ the step
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        """Keep the loss on the device; it reaches the host with the step's statistics (no extra sync)."""
+        """Keep the loss on the device; it reaches the host with the step's statistics (no extra sync).
+
+        Under automatic optimization Lightning divides each micro-batch's loss by ``accumulate_grad_batches``
+        before this hook; it is multiplied back, so the step's loss is the mean of its micro-batch losses.
+        """
         if self._monitor_only:
             return
         value = loss.detach().float().reshape(())
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        if pl_module.automatic_optimization and accumulate > 1:
+            value = value * accumulate
         scale = scaler_scale(self._scaler)
         if scale is not None:
             value = value / scale.to(value.device)  # Lightning hands the hook the AMP-scaled loss
