@@ -77,11 +77,11 @@ class Guard:
             optimizer's, so the schedule continues from the snapshot's step; without it a rollback leaves
             the scheduler where it is.
         log_every_n_steps: log cadence in optimizer steps (default 50).
-        **options: every other :class:`~lightning_gradguard.GradGuard` argument (``clip``, ``max_norm``,
-            ``on_nonfinite``, ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``,
-            ``histogram_every_n_steps``, ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``,
-            ``log_update_ratios``, ``on_event``, ``rollback``, ``snapshot_every_n_steps``). Recovery snapshots
-            ``model``, ``optimizer`` (param-group LRs included) and ``scheduler``.
+        clip: the clip policy; this and every other argument (``max_norm``, ``on_nonfinite``,
+            ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``, ``histogram_every_n_steps``,
+            ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``, ``log_update_ratios``, ``on_event``,
+            ``rollback``, ``snapshot_every_n_steps``) as for :class:`~lightning_gradguard.GradGuard`. Recovery
+            snapshots ``model``, ``optimizer`` (param-group LRs included) and ``scheduler``.
 
     Raises:
         ValueError: an option out of range, with the same messages as GradGuard.
