@@ -63,3 +63,19 @@ def test_benchmark_quick_run(script: str, tmp_path: Path) -> None:
         num, den = result["median_ms"][entry["numerator"]], result["median_ms"][entry["denominator"]]
         assert entry["ratio"] == pytest.approx(num / den), label
         assert len(result["samples_ms"][entry["numerator"]]) == 2
+
+
+def test_memory_benchmark_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_memory.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert any(line.startswith("check: ok") for line in proc.stdout.splitlines()), proc.stdout
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["quick"] is True and result["steps"] == 600 and result["heatmaps_after_warmup"] > 0
+    assert len(result["rss_mib"]) >= 2 and all(r > 0 for _, r in result["rss_mib"])
