@@ -29,20 +29,51 @@ CLIP_NAMES: tuple[str, ...] = get_args(ClipName)
 ON_NONFINITE: tuple[str, ...] = get_args(OnNonFinite)
 
 
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a Python int or float after :func:`python_scalar` (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, int | float)
+
+
 def check_int(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an int ``>= minimum``; ``TypeError`` for a non-int (bools included), else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int ``>= minimum``; ``TypeError`` for a non-int (bools included), else ``ValueError``.
+
+    Numpy integers and 0-d integer tensors are accepted (:func:`python_scalar`); numpy bools are bools.
+
+    Example:
+
+        >>> import numpy as np
+        >>> check_int("window", np.int64(5), 1)
+        5
+    """
+    plain = python_scalar(value)
+    if isinstance(plain, bool) or not isinstance(plain, int):
         raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
+    if plain < minimum:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-    return value
+    return plain
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a Python bool: ``True``, ``False`` or a numpy bool; ``TypeError`` for anything else (``0``, ``1``).
+
+    Example:
+
+        >>> import numpy as np
+        >>> check_bool("log_update_ratios", np.bool_(False))
+        False
+    """
+    plain = python_scalar(value)
+    if not isinstance(plain, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__})")
+    return plain
 
 
 def check_real(name: str, value: Any) -> float:
     """``value`` as a finite float (``TypeError`` for a non-number, bools included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    plain = python_scalar(value)
+    if not is_number(plain):
         raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__})")
-    out = float(value)
+    out = float(plain)
     if not math.isfinite(out):
         raise ValueError(f"`{name}` must be finite, got {value!r}")
     return out
@@ -66,9 +97,10 @@ def check_open_unit(name: str, value: Any) -> float:
 
 def check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
     """``value`` as a float in the interval ``lo..hi`` (open or closed at each end; ``inf`` only for ``[.., inf]``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    plain = python_scalar(value)
+    if not is_number(plain):
         raise TypeError(f"`{name}` must be a float, got {value!r} ({type(value).__name__})")
-    v = float(value)
+    v = float(plain)
     ok = math.isfinite(v) or (v == math.inf and hi == math.inf and not hi_open)
     ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
@@ -79,13 +111,14 @@ def check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi_o
 
 def check_number(name: str, value: float, minimum: float, inclusive: bool, allowed: str) -> float:
     """``value`` as a float ``>= minimum`` (``inclusive``) or ``> minimum``; ``allowed`` words the range."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    plain = python_scalar(value)
+    if not is_number(plain):
         raise TypeError(f"`{name}` must be a number {allowed}, got {value!r}")
-    value = float(value)
-    ok = value >= minimum if inclusive else value > minimum
-    if math.isnan(value) or not ok:
+    out = float(plain)
+    ok = out >= minimum if inclusive else out > minimum
+    if math.isnan(out) or not ok:
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-    return value
+    return out
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str], extra: str = "") -> None:
@@ -105,7 +138,8 @@ def check_finite_positive(name: str, value: Any, allow_none: bool = False) -> No
     """``ValueError`` unless ``value`` is a finite number > 0 (or ``None`` when allowed)."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+    plain = python_scalar(value)
+    if not is_number(plain) or not 0 < plain < math.inf:
         raise ValueError(f"`{name}` must be a finite number > 0{' or None' if allow_none else ''}, got {value!r}")
 
 
@@ -228,6 +262,7 @@ def guard_options(
     log_every_n_steps, log_layer_norms = python_scalar(log_every_n_steps), python_scalar(log_layer_norms)
     histogram_every_n_steps, histogram_bins = python_scalar(histogram_every_n_steps), python_scalar(histogram_bins)
     heatmap_every_n_steps, group_by = python_scalar(heatmap_every_n_steps), python_scalar(group_by)
+    log_update_ratios, snapshot_every_n_steps = python_scalar(log_update_ratios), python_scalar(snapshot_every_n_steps)
     _check_protection(clip, max_norm, on_nonfinite, max_consecutive_skips, lr_guard)
     _check_outputs(
         group_by,
@@ -311,7 +346,6 @@ def _check_outputs(
     check_int("histogram_every_n_steps", histogram_every_n_steps, 0)
     check_int("histogram_bins", histogram_bins, 1)
     check_int("heatmap_every_n_steps", heatmap_every_n_steps, 0)
-    if not isinstance(log_update_ratios, bool):
-        raise TypeError(f"`log_update_ratios` must be True or False, got {log_update_ratios!r}")
+    check_bool("log_update_ratios", log_update_ratios)
     if not isinstance(diagnostics, bool | GradientDiagnostics):
         raise ValueError(f"`diagnostics` must be True, False or a GradientDiagnostics instance, got {diagnostics!r}")

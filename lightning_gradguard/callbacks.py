@@ -177,7 +177,7 @@ class GradGuard(Callback):
         self.histogram_bins = options.histogram_bins
         self._diagnostics_template = self._options.diagnostics
         self.heatmap_every_n_steps = options.heatmap_every_n_steps
-        self.log_update_ratios = log_update_ratios
+        self.log_update_ratios = options.log_update_ratios
         self.on_event = on_event
         self._guards: dict[int, GuardEngine] = {}  # id(optimizer) -> engine
         self._pending_state: dict[int, dict[str, Any]] = {}
@@ -193,7 +193,7 @@ class GradGuard(Callback):
         self._monitor_only = False
         self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (loss, LR guard)
         self._loss_count = 0
-        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.snapshot_every_n_steps = options.snapshot_every_n_steps
         self._recovery: Recovery | None = self._options.recovery()
         self._reporter.recovery = self._recovery
         self._last_trainer: weakref.ref[Trainer] | None = None  # the Trainer of the last fit (never kept alive)
@@ -378,10 +378,17 @@ class GradGuard(Callback):
     # ------------------------------------------------------------------ the step
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        """Keep the loss on the device; it reaches the host with the step's statistics (no extra sync)."""
+        """Keep the loss on the device; it reaches the host with the step's statistics (no extra sync).
+
+        Under automatic optimization Lightning divides each micro-batch's loss by ``accumulate_grad_batches``
+        before this hook; it is multiplied back, so the step's loss is the mean of its micro-batch losses.
+        """
         if self._monitor_only:
             return
         value = loss.detach().float().reshape(())
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        if pl_module.automatic_optimization and accumulate > 1:
+            value = value * accumulate
         scale = scaler_scale(self._scaler)
         if scale is not None:
             value = value / scale.to(value.device)  # Lightning hands the hook the AMP-scaled loss

@@ -40,7 +40,7 @@ from lightning_gradguard.heatmap import log10_norm
 from lightning_gradguard.lr_guard import LRGuard, LRReduction
 from lightning_gradguard.policies import ThresholdPolicy
 from lightning_gradguard.stats import GradStats, HistogramData, StepStats
-from lightning_gradguard.updates import UpdateStats, UpdateTracker
+from lightning_gradguard.updates import UpdateStats, UpdateTracker, log10_update_ratio
 
 __all__ = [
     "STATE_VERSION",
@@ -61,6 +61,12 @@ _HEATMAP_COLUMNS = 512  # bounded memory: past this, keep every other column
 #: Log steps of update-to-weight ratios kept per layer for the update verdicts (their medians), and the
 #: verdict-free log steps after which an update verdict's episode ends (a recurrence is reported again).
 UPDATE_WINDOW = 5
+#: A layer whose first measured step moved it by more than its norm started at (near) zero (a LoRA factor
+#: initialised to zero): its update ratios are judged only once its norm is no longer built by its own recent
+#: updates, i.e. its norm before the oldest of its last ``UPDATE_REFERENCE`` log steps is at least
+#: ``UPDATE_OWN_SHARE`` of its norm now.
+UPDATE_REFERENCE = 4 * UPDATE_WINDOW
+UPDATE_OWN_SHARE = 0.5
 
 
 @dataclass
@@ -192,6 +198,7 @@ class GuardEngine:
     log_updates: bool = True  # per-layer update ratios at log steps; False: the tracker serves the LR guard only
     update_ratios: dict[str, deque[float]] = field(default_factory=dict)
     update_episodes: dict[tuple[str, str], int] = field(default_factory=dict)
+    update_references: dict[str, deque[float]] = field(default_factory=dict)  # layers that started at zero
     update_verdicts: list[UpdateVerdict] = field(default_factory=list)
     signature: tuple[int, ...] | None = None  # parameter_signature() of the optimizer the stats were built for
     state_finite: bool = True  # the last measure()'s state check (module buffers) was finite on every rank
@@ -455,12 +462,25 @@ class GuardEngine:
         vector = tracker.squared_norms()
         sharded = self.stats.sharded_layers
         if any(sharded):
-            vector = reduce_stats(vector, list(sharded) * 2)
+            vector = reduce_stats(vector, list(sharded) * 3)
         stats = tracker.read(vector)
         events = self._stall_check(step, stats)
         if not (log_step and self.log_updates):
             return stats, events
-        for layer, ratio in stats.log10_ratios().items():
+        for layer, update, weight, start in zip(
+            stats.layers, stats.update_norms, stats.weight_norms, stats.start_norms, strict=True
+        ):
+            if not (weight > 0.0 or not math.isfinite(weight)):
+                continue  # no touched weights (the layers of UpdateStats.log10_ratios)
+            if layer not in self.update_ratios and start < update:
+                self.update_references[layer] = deque(maxlen=UPDATE_REFERENCE)  # started at (near) zero
+            reference = self.update_references.get(layer)
+            judged = True
+            if reference is not None:
+                # Its norm is its own recent updates: it moves by a large fraction of it whatever the LR.
+                reference.append(start)
+                judged = reference[0] >= UPDATE_OWN_SHARE * weight
+            ratio = log10_update_ratio(update, weight) if judged else math.nan
             self.update_ratios.setdefault(layer, deque(maxlen=UPDATE_WINDOW)).append(ratio)
         if self.diagnostics is None:
             return stats, events
@@ -543,6 +563,7 @@ class GuardEngine:
         if self.update_ratios:
             state["update_ratios"] = {layer: list(values) for layer, values in self.update_ratios.items()}
             state["update_episodes"] = [[layer, kind, n] for (layer, kind), n in self.update_episodes.items()]
+            state["update_references"] = {layer: list(values) for layer, values in self.update_references.items()}
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
@@ -582,6 +603,10 @@ class GuardEngine:
                 str(k): deque((float(v) for v in vs), maxlen=UPDATE_WINDOW) for k, vs in saved_ratios.items()
             }
             self.update_episodes = {(str(e[0]), str(e[1])): int(e[2]) for e in state.get("update_episodes", [])}
+            self.update_references = {
+                str(k): deque((float(v) for v in vs), maxlen=UPDATE_REFERENCE)
+                for k, vs in state.get("update_references", {}).items()
+            }
         return differences
 
     def _load_policy(self, saved: Any, same_params: bool) -> list[str]:

@@ -9,6 +9,7 @@ the same decisions through the same :class:`~lightning_gradguard.engine.GuardEng
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,15 +77,17 @@ class Guard:
             optimizer's, so the schedule continues from the snapshot's step; without it a rollback leaves
             the scheduler where it is.
         log_every_n_steps: log cadence in optimizer steps (default 50).
-        **options: every other :class:`~lightning_gradguard.GradGuard` argument (``clip``, ``max_norm``,
-            ``on_nonfinite``, ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``,
-            ``histogram_every_n_steps``, ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``,
-            ``log_update_ratios``, ``on_event``, ``rollback``, ``snapshot_every_n_steps``). Recovery snapshots
-            ``model``, ``optimizer`` (param-group LRs included) and ``scheduler``.
+        clip: the clip policy; this and every other argument (``max_norm``, ``on_nonfinite``,
+            ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``, ``histogram_every_n_steps``,
+            ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``, ``log_update_ratios``, ``on_event``,
+            ``rollback``, ``snapshot_every_n_steps``) as for :class:`~lightning_gradguard.GradGuard`. Recovery
+            snapshots ``model``, ``optimizer`` (param-group LRs included) and ``scheduler``.
 
     Raises:
         ValueError: an option out of range, with the same messages as GradGuard.
-        TypeError: ``scheduler`` is not an LR scheduler (nor a list of them).
+        TypeError: ``model`` is not a ``torch.nn.Module``, ``optimizer`` not a ``torch.optim.Optimizer``,
+            ``writer`` not a ``SummaryWriter``, ``scaler`` not a ``GradScaler``, ``scheduler`` not an LR
+            scheduler (nor a list of them), or an option has the wrong type.
         NonFiniteGradientsError: from :meth:`before_optimizer_step`, per ``on_nonfinite`` /
             ``max_consecutive_skips`` (on every rank at the same step).
         RecoveryError: from :meth:`before_optimizer_step`, after ``max_rollbacks`` rollbacks.
@@ -124,6 +127,9 @@ class Guard:
         snapshot_every_n_steps: int = 100,
         scheduler: Any | None = None,
     ) -> None:
+        model, optimizer = _checked_model(model), _checked_optimizer(optimizer)
+        _check_writer(writer)
+        _check_scaler(scaler)
         check_hook("on_event", on_event)
         self.options = guard_options(
             clip=clip,
@@ -142,7 +148,7 @@ class Guard:
             rollback=rollback,
             snapshot_every_n_steps=snapshot_every_n_steps,
         )
-        self.optimizer = unwrap_optimizer(optimizer)
+        self.optimizer = optimizer
         self.scaler = scaler
         self.schedulers: list[Any] = _schedulers(scheduler)
         self._module = unwrap_model(model)
@@ -211,7 +217,8 @@ class Guard:
         """
         engine = self.engine
         engine.sync_parameters(self.optimizer, lambda: optimizer_parameters(self._module, self.optimizer))
-        scale = scaler_scale(self.scaler) if grads_still_scaled(self.scaler, self.optimizer) else None
+        still_scaled = grads_still_scaled(self.scaler, self.optimizer)
+        scale = scaler_scale(self.scaler) if still_scaled else None
         value = None
         if loss is not None:
             value = loss.detach().float().reshape(())
@@ -225,6 +232,8 @@ class Guard:
             outcome, failure = self.recovery.after_decide(engine, outcome, [engine])
             engine.last = outcome
         apply_outcome(engine, outcome)
+        if outcome.skipped and still_scaled:
+            _record_inf_checks(self.scaler, self.optimizer, nonfinite=not outcome.stats.finite)
         self.reporter.after_step(engine, outcome, outcome.step)
         if failure is not None:
             raise failure  # decided from the reduced vector: every rank raises at the same step
@@ -297,6 +306,81 @@ class Guard:
                 self.reporter.emit(GuardEvent("state", self.engine.counters.steps, message), index=None)
 
 
+#: What :class:`Guard` calls on a ``writer`` (``torch.utils.tensorboard.SummaryWriter`` and tensorboardX have them).
+WRITER_METHODS = ("add_scalar", "add_custom_scalars", "add_histogram_raw", "add_image", "add_text", "flush")
+#: What :class:`Guard` and the training loop call on a ``scaler`` (``torch.amp.GradScaler`` has them).
+SCALER_METHODS = ("is_enabled", "scale", "unscale_", "step", "update")
+
+
+def _received(value: Any) -> str:
+    """``'net' (str)``, or ``a Sequential`` for an object whose repr is long: the "got ..." part of a message."""
+    text = repr(value)
+    if len(text) > 60 or "\n" in text:
+        return f"a {type(value).__name__}"
+    return f"{text} ({type(value).__name__})"
+
+
+def _checked_model(model: Any) -> torch.nn.Module:
+    """``model`` if it is a ``torch.nn.Module`` (DDP / Fabric wrappers included), else ``TypeError``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module (the model being trained), got {_received(model)}")
+    return model
+
+
+def _checked_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer in ``optimizer`` (Fabric's wrapper unwrapped), else ``TypeError``."""
+    unwrapped = unwrap_optimizer(optimizer)
+    if not isinstance(unwrapped, torch.optim.Optimizer):
+        hint = " (the model was passed as the optimizer?)" if isinstance(optimizer, torch.nn.Module) else ""
+        raise TypeError(
+            "`optimizer` must be a torch.optim.Optimizer instance (e.g. torch.optim.AdamW(model.parameters())), "
+            f"got {_received(optimizer)}{hint}"
+        )
+    return unwrapped
+
+
+def _missing(value: Any, methods: tuple[str, ...]) -> list[str]:
+    return [name for name in methods if not callable(getattr(value, name, None))]
+
+
+def _check_writer(writer: Any) -> None:
+    """``TypeError`` unless ``writer`` is ``None`` or has the ``SummaryWriter`` methods the guard calls."""
+    missing = [] if writer is None else _missing(writer, WRITER_METHODS)
+    if missing:
+        raise TypeError(
+            "`writer` must be a TensorBoard SummaryWriter (torch.utils.tensorboard or tensorboardX) or None, got "
+            f"{_received(writer)}, which lacks {', '.join(missing)}"
+        )
+
+
+def _check_scaler(scaler: Any) -> None:
+    """``TypeError`` unless ``scaler`` is ``None`` or has the ``torch.amp.GradScaler`` methods in use."""
+    missing = [] if scaler is None else _missing(scaler, SCALER_METHODS)
+    if missing:
+        raise TypeError(
+            f"`scaler` must be a torch.amp.GradScaler or None, got {_received(scaler)}, "
+            f"which lacks {', '.join(missing)}"
+        )
+
+
+def _record_inf_checks(scaler: Any, optimizer: torch.optim.Optimizer, nonfinite: bool) -> None:
+    """Let ``scaler.step`` / ``scaler.update`` run after the guard dropped the gradients of a step.
+
+    Both need the inf checks that ``scaler.unscale_(optimizer)`` records from the gradients (also for fused
+    optimizers, which otherwise record them in ``scaler.step``); with every gradient dropped they would find
+    none and raise. One gradient, on the smallest parameter, stands in for the dropped ones while ``unscale_``
+    records them: non-finite if the step's gradients were (the scaler then skips the step and lowers its scale,
+    as it would have), else zero (the optimizer then steps with no gradients: nothing changes).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    probe = min((p for p in params if p.grad is None), key=lambda p: p.numel(), default=None)
+    if probe is not None:
+        probe.grad = torch.full_like(probe, math.nan if nonfinite else 0.0)
+    scaler.unscale_(optimizer)
+    if probe is not None:
+        probe.grad = None
+
+
 def _schedulers(scheduler: Any) -> list[Any]:
     """``Guard(scheduler=...)`` as a list, checked: ``None``, one LR scheduler or a list / tuple of them."""
     found = [] if scheduler is None else list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
@@ -326,10 +410,18 @@ class FabricGuard(Guard):
             to the first TensorBoard logger of the Fabric; scalars also go to ``fabric.log_dict``).
 
     Raises:
+        TypeError: ``fabric`` is not a ``lightning.fabric.Fabric`` (and the :class:`Guard` checks).
         GradGuardError: Fabric's FSDP (FSDP1) or DeepSpeed strategy.
     """
 
     def __init__(self, fabric: Any, model: torch.nn.Module, optimizer: Any, **options: Any) -> None:
+        from lightning.fabric import Fabric
+
+        if not isinstance(fabric, Fabric):
+            raise TypeError(
+                f"`fabric` must be a lightning.fabric.Fabric (FabricGuard(fabric, model, optimizer)), got "
+                f"{_received(fabric)}"
+            )
         kind = fabric_strategy_kind(fabric.strategy)
         if kind != "other":
             raise GradGuardError(

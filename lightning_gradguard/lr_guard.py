@@ -87,8 +87,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard._validation import check_float as _check_float
-from lightning_gradguard._validation import check_int
 
 __all__ = ["LRGuard", "LRReduction"]
 
@@ -309,9 +309,7 @@ class LRGuard:
             None if rise_ratio is None else _check_float("rise_ratio", rise_ratio, 1.0, math.inf, True, True)
         )
         self._log_rise = 0.0 if self.rise_ratio is None else math.log(self.rise_ratio)
-        if not isinstance(require_stalled_loss, bool):
-            raise TypeError(f"`require_stalled_loss` must be True or False, got {require_stalled_loss!r}")
-        self.require_stalled_loss = require_stalled_loss
+        self.require_stalled_loss = check_bool("require_stalled_loss", require_stalled_loss)
         self.stall_update_ratio = (
             None
             if stall_update_ratio is None

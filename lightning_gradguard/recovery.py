@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard._validation import check_int
+from lightning_gradguard._validation import check_bool, check_int, is_number, python_scalar
 from lightning_gradguard.engine import GradGuardError, GuardEngine, StepOutcome
 from lightning_gradguard.events import GuardEvent
 
@@ -196,9 +196,7 @@ class Snapshot:
                     raise TypeError(
                         f"`{name}[{i}]` must have `state_dict` and `load_state_dict`, got {type(item).__name__}"
                     )
-        if pin_memory is not None and not isinstance(pin_memory, bool):
-            raise TypeError(f"`pin_memory` must be a bool or None, got {pin_memory!r}")
-        self.pin_memory = pin_memory
+        self.pin_memory = None if pin_memory is None else check_bool("pin_memory", pin_memory)
         self._step: int | None = None
         self._model_slots: list[_Slot] = []
         # (optimizer, group, index in group) -> {state key -> slot or copied value}; None: no state.
@@ -913,11 +911,12 @@ def _fmt(value: float | None) -> str:
 
 
 def _check_nonneg(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    plain = python_scalar(value)
+    if not is_number(plain):
         raise TypeError(f"`{name}` must be a float >= 0, got {value!r} ({type(value).__name__})")
-    if not (math.isfinite(value) and value >= 0):
+    if not (math.isfinite(plain) and plain >= 0):
         raise ValueError(f"`{name}` must be a finite float >= 0, got {value!r}")
-    return float(value)
+    return float(plain)
 
 
 # ---------------------------------------------------------------------------------------------- wiring

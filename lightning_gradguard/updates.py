@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_gradguard._validation import check_bool
 from lightning_gradguard.keys import tag
 from lightning_gradguard.stats import GradStats, _local
 
@@ -61,11 +62,13 @@ class UpdateStats:
         update_norms: L2 norm of each layer's weight change over the step (``0.0`` for a layer none
             of whose weights had a gradient).
         weight_norms: L2 norm of each layer's touched weights after the step.
+        start_norms: L2 norm of the same weights before the step (empty when not measured).
     """
 
     layers: Sequence[str]
     update_norms: Sequence[float]
     weight_norms: Sequence[float]
+    start_norms: Sequence[float] = ()
 
     def log10_ratios(self) -> dict[str, float]:
         """Layer name -> :func:`log10_update_ratio`, for every layer with touched weights."""
@@ -127,10 +130,8 @@ class UpdateTracker:
     """
 
     def __init__(self, stats: GradStats, keep_buffers: bool = False) -> None:
-        if not isinstance(keep_buffers, bool):
-            raise TypeError(f"`keep_buffers` must be a bool, got {keep_buffers!r}")
         self._stats = stats
-        self.keep_buffers = keep_buffers
+        self.keep_buffers = check_bool("keep_buffers", keep_buffers)
         self._buffers: dict[int, list[Tensor]] = {}  # id(bucket) -> kept copy buffers
         self._plans: dict[tuple[bool, ...], list[_Bucket]] = {}
         self._pending: list[tuple[_Bucket, list[Tensor]]] | None = None
@@ -196,8 +197,9 @@ class UpdateTracker:
         """Per-layer squared update and weight norms since :meth:`snapshot`, on the device.
 
         Returns:
-            A float64 vector of length ``2 * num_layers``: the squared L2 norm of every layer's weight
-            change, then the squared L2 norm of its touched weights. Nothing is transferred.
+            A float64 vector of length ``3 * num_layers``: the squared L2 norm of every layer's weight
+            change, then the squared L2 norm of its touched weights after the step, then before it.
+            Nothing is transferred.
 
         Raises:
             RuntimeError: without a pending :meth:`snapshot`.
@@ -206,16 +208,17 @@ class UpdateTracker:
             raise RuntimeError("`UpdateTracker.squared_norms` needs a `snapshot()` taken before the optimizer step")
         n = self._stats.num_layers
         device = self._stats.device
-        out = torch.zeros(2, n, dtype=torch.float64, device=device)
+        out = torch.zeros(3, n, dtype=torch.float64, device=device)
         with torch.no_grad():
             for bucket, before in self._pending:
                 after = self._weights(bucket)
-                torch._foreach_sub_(before, after)  # the copies become the (negated) update
                 low = before[0].dtype not in (torch.float32, torch.float64) and not before[0].is_complex()
                 kw = {"dtype": torch.float32} if low else {}
+                w0 = torch.stack(torch._foreach_norm(before, 2.0, **kw))
+                torch._foreach_sub_(before, after)  # the copies become the (negated) update
                 du = torch.stack(torch._foreach_norm(before, 2.0, **kw))
                 w = torch.stack(torch._foreach_norm(after, 2.0, **kw))
-                sq = torch.stack([du, w]).to(device=device, dtype=torch.float64).square()
+                sq = torch.stack([du, w, w0]).to(device=device, dtype=torch.float64).square()
                 if bucket.weight is not None:
                     sq = sq * bucket.weight
                 out.index_add_(1, bucket.index, sq)
@@ -230,4 +233,5 @@ class UpdateTracker:
             layers=self.layers,
             update_norms=[math.sqrt(v) for v in values[:n]],
             weight_norms=[math.sqrt(v) for v in values[n : 2 * n]],
+            start_norms=[math.sqrt(v) for v in values[2 * n : 3 * n]],
         )

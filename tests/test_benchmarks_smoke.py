@@ -124,3 +124,19 @@ def test_scale_quick_run_prints_one_row_per_workload() -> None:
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "| 100 |" in line]
     assert len(rows) == len(scale.QUICK)
     assert any(line.endswith("rows scale-free.") for line in proc.stdout.splitlines())
+
+
+def test_memory_benchmark_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_memory.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert any(line.startswith("check: ok") for line in proc.stdout.splitlines()), proc.stdout
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["quick"] is True and result["steps"] == 600 and result["heatmaps_after_warmup"] > 0
+    assert len(result["rss_mib"]) >= 2 and all(r > 0 for _, r in result["rss_mib"])
