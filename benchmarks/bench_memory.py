@@ -1,29 +1,37 @@
 """Resident memory over a long run with every GradGuard output on: it must stay flat after warm-up.
 
-A plain PyTorch loop trains a tiny regression MLP with :class:`~lightning_gradguard.Guard` writing to a
-TensorBoard ``SummaryWriter``, every output on at short cadences: scalars and per-layer norms every
-``--log-every`` steps, histograms, the layer x step heatmap image, update-to-weight ratios and their
-verdicts, diagnostics, recovery snapshots. Short cadences make a per-output leak show within the run: at
-the defaults (heatmap every 1,000 steps) the same growth would take 20-50x more steps to appear.
+Two front-ends, each training a tiny regression MLP with every output on at short cadences (scalars and
+per-layer norms every ``--log-every`` steps, histograms, the layer x step heatmap image, update-to-weight
+ratios and their verdicts, diagnostics, recovery snapshots):
 
-Resident memory (``VmRSS`` from ``/proc/self/status``) is read after a warm-up (the first heatmaps,
-histograms and snapshots allocate their buffers, matplotlib loads its fonts) and at the end; the
-growth in between, per 10,000 steps and per heatmap written, is printed. ``check: ok`` when the growth
-after warm-up stays within ``--tolerance-mib``.
+* ``--mode trainer`` (the default): a Lightning ``Trainer`` with a ``TensorBoardLogger`` and the
+  :class:`~lightning_gradguard.GradGuard` callback, as users run it;
+* ``--mode loop``: a plain PyTorch loop with :class:`~lightning_gradguard.Guard` writing to a
+  TensorBoard ``SummaryWriter``.
 
-Run: ``.venv/bin/python benchmarks/bench_memory.py [--quick] [--steps N] [--out result.json]``
+Short cadences make a per-output leak show within the run: at the defaults (heatmap every 1,000 steps)
+the same growth would take 10-50x more steps to appear.
+
+Resident memory (``VmRSS`` from ``/proc/self/status``) is read as the user would see it, without forcing a
+garbage collection: after a warm-up (the first heatmaps, histograms and snapshots allocate their buffers,
+matplotlib loads its fonts) and at every tenth of the run. The growth from the warm-up reading to the
+end, per 10,000 steps and per heatmap written, is printed; ``check: ok`` when it stays within
+``--tolerance-mib``.
+
+Run: ``.venv/bin/python benchmarks/bench_memory.py [--mode trainer|loop] [--quick] [--steps N] [--out result.json]``
 (``--quick``: 600 steps, for the smoke test; the default, 50,000 steps, takes a few minutes on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import logging
 import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,8 +39,6 @@ from torch import nn
 
 _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]
-
-from lightning_gradguard import Guard  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -48,6 +54,7 @@ def rss_mib() -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("trainer", "loop"), default="trainer", help="front-end (default trainer)")
     parser.add_argument("--quick", action="store_true", help="600 steps (smoke test)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 50,000; 600 quick)")
     parser.add_argument("--warmup", type=int, default=None, help="steps before the first reading (default 10%%)")
@@ -60,54 +67,127 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    steps = args.steps or (600 if args.quick else 50_000)
-    warmup = args.warmup if args.warmup is not None else max(args.heatmap_every * 3, steps // 10)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+class _Readings:
+    """RSS readings at the warm-up step, every tenth of the run and the last step."""
+
+    def __init__(self, steps: int, warmup: int) -> None:
+        self.steps, self.warmup = steps, warmup
+        self.values: list[tuple[int, float]] = []
+
+    def after(self, step: int) -> None:
+        if step == self.warmup or step % max(1, self.steps // 10) == 0 or step == self.steps:
+            self.values.append((step, rss_mib()))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4096, 8, generator=g)
     y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(4096, 1, generator=g)
+    return x, y, g
 
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+
+
+def _outputs(args: argparse.Namespace) -> dict[str, object]:
+    """Every output on, at the benchmark's cadences (the keyword arguments of Guard and GradGuard)."""
+    return {
+        "log_every_n_steps": args.log_every,
+        "histogram_every_n_steps": args.histogram_every,
+        "heatmap_every_n_steps": args.heatmap_every,
+        "snapshot_every_n_steps": args.snapshot_every,
+        "log_update_ratios": True,
+        "diagnostics": True,
+    }
+
+
+def run_loop(args: argparse.Namespace, readings: _Readings) -> None:
+    """A plain PyTorch loop with ``Guard`` and a ``SummaryWriter``."""
     from torch.utils.tensorboard import SummaryWriter
 
-    readings: list[tuple[int, float]] = []
+    from lightning_gradguard import Guard
+
+    model = _mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y, g = _data()
     with tempfile.TemporaryDirectory() as tmp:
         writer = SummaryWriter(tmp)
-        guard = Guard(
-            model,
-            optimizer,
-            writer=writer,
-            log_every_n_steps=args.log_every,
-            histogram_every_n_steps=args.histogram_every,
-            heatmap_every_n_steps=args.heatmap_every,
-            snapshot_every_n_steps=args.snapshot_every,
-            log_update_ratios=True,
-            diagnostics=True,
-        )
-        start = time.perf_counter()
-        for step in range(steps):
+        guard = Guard(model, optimizer, writer=writer, **_outputs(args))  # type: ignore[arg-type]
+        for step in range(readings.steps):
             idx = torch.randint(0, len(x), (32,), generator=g)
             loss = nn.functional.mse_loss(model(x[idx]), y[idx])
             loss.backward()
             guard.before_optimizer_step(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if step + 1 == warmup or (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-                gc.collect()
-                readings.append((step + 1, rss_mib()))
-        elapsed = time.perf_counter() - start
+            readings.after(step + 1)
         guard.close()
         writer.close()
+
+
+def run_trainer(args: argparse.Namespace, readings: _Readings) -> None:
+    """A Lightning ``Trainer`` with a ``TensorBoardLogger`` and the ``GradGuard`` callback."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_gradguard import GradGuard
+
+    class Regression(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            inputs, targets = batch
+            return nn.functional.mse_loss(self.net(inputs), targets)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    class Read(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *_: object) -> None:
+            readings.after(trainer.global_step)
+
+    x, y, g = _data()
+    batches = [(x[idx], y[idx]) for idx in torch.randint(0, len(x), (1000, 32), generator=g)]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            max_steps=readings.steps,
+            logger=TensorBoardLogger(tmp),
+            callbacks=[GradGuard(**_outputs(args)), Read()],  # type: ignore[arg-type]
+            log_every_n_steps=args.log_every,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
+        trainer.fit(Regression(), torch.utils.data.DataLoader(batches, batch_size=None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    steps = args.steps or (600 if args.quick else 50_000)
+    warmup = args.warmup if args.warmup is not None else max(args.heatmap_every * 3, steps // 10)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # GradGuard's verdicts and Lightning's tips
+    logging.getLogger("lightning_gradguard").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    reading = _Readings(steps, warmup)
+    start = time.perf_counter()
+    (run_trainer if args.mode == "trainer" else run_loop)(args, reading)
+    elapsed = time.perf_counter() - start
+    readings = reading.values
 
     warm = next(r for s, r in readings if s >= warmup)
     end = readings[-1][1]
     heatmaps = (steps - warmup) // args.heatmap_every
     growth = end - warm
     print(f"versions: torch {torch.__version__}, python {platform.python_version()}")
+    front_end = "Trainer + TensorBoardLogger + GradGuard" if args.mode == "trainer" else "plain loop + Guard"
+    print(f"mode: {args.mode} ({front_end})")
     print(f"steps: {steps}, warm-up {warmup}, {elapsed:.1f} s ({1e3 * elapsed / steps:.2f} ms/step)")
     print(f"cadences: log {args.log_every}, histograms {args.histogram_every}, heatmap {args.heatmap_every}, "
           f"snapshots {args.snapshot_every}, update ratios and diagnostics on")  # fmt: skip
@@ -120,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"check: {'ok' if ok else 'FAILED'} (growth {growth:+.1f} MiB, tolerance {args.tolerance_mib} MiB)")
     if args.out is not None:
         result = {
+            "mode": args.mode,
             "quick": args.quick,
             "steps": steps,
             "warmup": warmup,
             "rss_mib": [[s, r] for s, r in readings],
             "growth_mib": growth,
+            "growth_mib_per_10k_steps": per_10k,
             "heatmaps_after_warmup": heatmaps,
             "seconds": elapsed,
         }

@@ -24,6 +24,7 @@ import torch
 from lightning_gradguard._validation import GuardOptions
 from lightning_gradguard.engine import GuardEngine, NonFiniteGradientsError, StepOutcome
 from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.heatmap import HeatmapFigure
 from lightning_gradguard.keys import tag
 from lightning_gradguard.tensorboard import EventLog, layer_norm_extremes, threshold_band, write_histograms
 from lightning_gradguard.updates import update_metrics
@@ -126,6 +127,8 @@ class Reporter:
         self.recovery: Any | None = None  # a Recovery: its counters join the first optimizer's scalars
         self.events = EventLog()  # text events, one TensorBoard entry per step and tag
         self.last_global_step: dict[int, int] = {}  # engine index -> global step of its last optimizer step
+        # engine index -> the figure its heatmaps are drawn into: one pixel buffer however many are written
+        self._heatmap_figures: dict[int, HeatmapFigure] = {}
 
     def notice_once(self, key: str, message: str) -> None:
         """A one-off setup notice (``message`` without the ``"GradGuard: "`` prefix), once per key."""
@@ -239,10 +242,11 @@ class Reporter:
         """The layer x step heatmap image, once there are two columns."""
         if (self.writer is None and not self.rich_writers) or len(engine.heatmap_steps) < 2:
             return
+        figure = self._heatmap_figures.get(engine.index)
+        if figure is None:
+            figure = self._heatmap_figures[engine.index] = HeatmapFigure()
         try:
-            from lightning_gradguard.heatmap import render_heatmap
-
-            image = render_heatmap(engine.stats.layers, engine.heatmap_steps, engine.heatmap_grid())
+            image = figure.render(engine.stats.layers, engine.heatmap_steps, engine.heatmap_grid())
         except ImportError as exc:
             self.notice_once("heatmap", f"heatmap skipped ({exc}).")
             return

@@ -126,17 +126,22 @@ def test_scale_quick_run_prints_one_row_per_workload() -> None:
     assert any(line.endswith("rows scale-free.") for line in proc.stdout.splitlines())
 
 
-def test_memory_benchmark_quick_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["trainer", "loop"])
+def test_memory_benchmark_quick_run(mode: str, tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_memory.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(BENCHMARKS / "bench_memory.py"), "--quick", "--mode", mode, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert any(line.startswith("check: ok") for line in proc.stdout.splitlines()), proc.stdout
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("check: ok") for line in lines), proc.stdout
+    assert any(line.startswith(f"mode: {mode} ") for line in lines), proc.stdout
     result = json.loads(out.read_text(encoding="utf-8"))
-    assert result["quick"] is True and result["steps"] == 600 and result["heatmaps_after_warmup"] > 0
-    assert len(result["rss_mib"]) >= 2 and all(r > 0 for _, r in result["rss_mib"])
+    assert result["mode"] == mode and result["quick"] is True and result["steps"] == 600
+    assert result["heatmaps_after_warmup"] > 0
+    steps = [step for step, _ in result["rss_mib"]]
+    assert result["warmup"] in steps and steps[-1] == 600 and len(steps) >= 5

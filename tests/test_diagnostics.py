@@ -236,7 +236,7 @@ def test_load_state_dict_tolerates_missing_keys() -> None:
         ({"vanishing_floor": "1e-5"}, TypeError, "`vanishing_floor`"),
         ({"vanishing_ratio": 1.0}, ValueError, "`vanishing_ratio` must be > 1, got 1.0"),
         ({"vanishing_ratio": math.nan}, ValueError, "`vanishing_ratio`"),
-        ({"exploding_ceiling": 0}, ValueError, "`exploding_ceiling` must be > 0, got 0.0"),
+        ({"exploding_ceiling": 0}, ValueError, "`exploding_ceiling` must be > 0, got 0"),  # the value as received
         ({"exploding_ratio": 0.5}, ValueError, "`exploding_ratio` must be > 1, got 0.5"),
         ({"exploding_ratio": True}, TypeError, "`exploding_ratio`"),
         ({"window": 0}, ValueError, "`window` must be an int >= 1, got 0"),
