@@ -19,8 +19,10 @@ nor ends a verdict.
 
 Rules (defaults in brackets)
 ----------------------------
-* ``vanishing``: median RMS below ``vanishing_floor`` [1e-8], or more than ``vanishing_ratio``
-  [1e4] times smaller than the largest median RMS of any layer at that log step.
+* ``vanishing``: median RMS more than ``vanishing_ratio`` [1e4] times smaller than the largest median
+  RMS of any layer at that log step, or below ``vanishing_floor`` [0: off]. The default is relative only:
+  multiplying the loss by any k leaves the verdicts unchanged, and a converged model whose every layer
+  has a tiny gradient is not vanishing (its layers keep their proportions).
 * ``exploding``: the current L2 norm above ``exploding_ceiling`` [100], or more than
   ``exploding_ratio`` [1000] times the median of the layer's own previous ``window`` finite
   observations (at least 3 of them; a baseline of zero does not count), or, when the training loss is
@@ -134,10 +136,11 @@ class GradientDiagnostics:
     """Per-layer verdicts from a stream of gradient norms (pure, no torch needed).
 
     Args:
-        vanishing_floor: a layer whose median per-element RMS gradient is below this is vanishing.
-            ``0`` disables the absolute rule. The default, 1e-8, is Adam's default ``eps``: below it
-            the optimizer no longer sees the gradient. (1e-5 per element would flag every layer of a
-            large healthy model: a 7e9-parameter model with global norm 1 has an RMS of about 1.2e-5.)
+        vanishing_floor: a layer whose median per-element RMS gradient is below this is vanishing,
+            ``>= 0``. The default, ``0``, disables this absolute rule: an absolute floor depends on the
+            units of the loss (a loss x 1e-4 moves every gradient 4 decades down) and fires on every layer
+            of a model that has converged. Set it (e.g. 1e-8, Adam's default ``eps``) when the loss has
+            known units and an absolute floor is wanted.
         vanishing_ratio: a layer whose median RMS is more than this many times smaller than the
             largest median RMS of any layer is vanishing. ``math.inf`` disables the relative rule.
         exploding_ceiling: a layer whose L2 norm exceeds this is exploding (same units as a clip
@@ -164,7 +167,7 @@ class GradientDiagnostics:
 
     def __init__(
         self,
-        vanishing_floor: float = 1e-8,
+        vanishing_floor: float = 0.0,
         vanishing_ratio: float = 1e4,
         exploding_ceiling: float = 100.0,
         exploding_ratio: float = 1000.0,
