@@ -302,7 +302,9 @@ class GuardEngine:
         norm, coef = base.global_norm, None
         threshold = policy.threshold()
         if threshold is not None and norm > threshold:
-            coef = threshold / (norm + 1e-6)
+            # torch's clip_grad_norm_ divides by norm + 1e-6; an epsilon relative to the threshold is the same at a
+            # threshold of 1 and keeps the clipped norm at the threshold whatever the units of the loss.
+            coef = threshold / (norm + 1e-6 * threshold)
         center = policy.center()  # the typical level the threshold was computed from, before this norm
         prior = policy.threshold_is_prior()
         policy.observe(norm)
