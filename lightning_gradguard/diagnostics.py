@@ -23,8 +23,8 @@ Rules (defaults in brackets)
   RMS of any layer at that log step, or below ``vanishing_floor`` [0: off]. The default is relative only:
   multiplying the loss by any k leaves the verdicts unchanged, and a converged model whose every layer
   has a tiny gradient is not vanishing (its layers keep their proportions).
-* ``exploding``: the current L2 norm above ``exploding_ceiling`` [100], or more than
-  ``exploding_ratio`` [1000] times the median of the layer's own previous ``window`` finite
+* ``exploding``: the current L2 norm above ``exploding_ceiling`` [100], or above the layer's first norm and
+  more than ``exploding_ratio`` [1000] times the median of the layer's own previous ``window`` finite
   observations (at least 3 of them; a baseline of zero does not count), or, when the training loss is
   passed, the run is blowing up: the loss is more than ``blowup_loss_ratio`` [2] times the first loss
   observed (a positive one) and the layer's norm is more than ``blowup_growth`` [2] times its own first
@@ -146,7 +146,8 @@ class GradientDiagnostics:
         exploding_ceiling: a layer whose L2 norm exceeds this is exploding (same units as a clip
             threshold). ``math.inf`` disables the absolute rule.
         exploding_ratio: a layer whose L2 norm exceeds this many times the median of its own previous
-            ``window`` finite norms is exploding. ``math.inf`` disables the jump rule.
+            ``window`` finite norms, and its own first observed norm, is exploding. ``math.inf`` disables the
+            jump rule.
         window: observations (log steps) per layer behind the medians; also the number of healthy
             observations that end an episode.
         blowup_loss_ratio: the run is blowing up when the loss passed to :meth:`observe` exceeds this
@@ -263,11 +264,11 @@ class GradientDiagnostics:
             self._update(layer, name, "vanishing", vanishing, step, level, verdicts, reference_name, reference)
             baseline = baselines.get(name)
             grown = blowup > 0.0 and layer.first > 0.0 and value > self.blowup_growth * layer.first
-            exploding = (
-                value > self.exploding_ceiling
-                or (baseline is not None and value > self.exploding_ratio * baseline)
-                or grown
-            )
+            # The jump rule also needs a norm above the layer's first one: a converged model's norms fall by
+            # decades, and a batch it still gets wrong lifts one back by more than `exploding_ratio` while it
+            # stays far below where training started.
+            jumped = baseline is not None and value > self.exploding_ratio * baseline and value > layer.first
+            exploding = value > self.exploding_ceiling or jumped or grown
             jump_ref = baseline or 0.0
             other = None
             if grown and value <= self.exploding_ceiling and not (jump_ref and value > self.exploding_ratio * jump_ref):

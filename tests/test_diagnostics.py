@@ -125,6 +125,18 @@ def test_exploding_by_jump_over_own_recent_median() -> None:
     assert "exploding_ratio=1000" in verdicts[0].message
 
 
+def test_a_converged_layer_whose_norm_jumps_far_below_its_first_is_not_exploding() -> None:
+    """A converged model's norms fall by decades; one batch it still gets wrong lifts a layer's norm by more than
+    ``exploding_ratio`` over its recent median while it stays far below where training started."""
+    diag = GradientDiagnostics()
+    numels = {"a": 10}
+    for step, value in enumerate([1.0, 1e-2, 1e-6, 1e-10, 1e-10, 1e-10]):
+        assert diag.observe(step, {"a": value}, numels) == []
+    assert diag.observe(6, {"a": 1e-4}, numels) == []  # 1e6x its recent median, 1e-4x its first norm
+    verdicts = diag.observe(7, {"a": 3.0}, numels)  # above its first norm too: exploding
+    assert kinds(verdicts) == [("a", "exploding")]
+
+
 def test_jump_rule_needs_three_previous_observations_and_a_nonzero_baseline() -> None:
     diag = GradientDiagnostics()
     assert diag.observe(0, {"a": 1e-3}, {"a": 1}) == []
@@ -262,7 +274,7 @@ def test_load_state_dict_tolerates_missing_keys() -> None:
         ({"vanishing_floor": "1e-5"}, TypeError, "`vanishing_floor`"),
         ({"vanishing_ratio": 1.0}, ValueError, "`vanishing_ratio` must be > 1, got 1.0"),
         ({"vanishing_ratio": math.nan}, ValueError, "`vanishing_ratio`"),
-        ({"exploding_ceiling": 0}, ValueError, "`exploding_ceiling` must be > 0, got 0.0"),
+        ({"exploding_ceiling": 0}, ValueError, "`exploding_ceiling` must be > 0, got 0"),
         ({"exploding_ratio": 0.5}, ValueError, "`exploding_ratio` must be > 1, got 0.5"),
         ({"exploding_ratio": True}, TypeError, "`exploding_ratio`"),
         ({"window": 0}, ValueError, "`window` must be an int >= 1, got 0"),
