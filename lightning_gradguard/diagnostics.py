@@ -23,7 +23,8 @@ Rules (defaults in brackets)
   RMS of any layer at that log step, or below ``vanishing_floor`` [0: off]. The default is relative only:
   multiplying the loss by any k leaves the verdicts unchanged, and a converged model whose every layer
   has a tiny gradient is not vanishing (its layers keep their proportions).
-* ``exploding``: the current L2 norm above ``exploding_ceiling`` [100], or above the layer's first norm and
+* ``exploding``: the current L2 norm above ``exploding_ceiling`` [off: an absolute level is in the loss's
+  units, and a healthy raw-target regression has norms of 1e4], or above the layer's first norm and
   more than ``exploding_ratio`` [1000] times the median of the layer's own previous ``window`` finite
   observations (at least 3 of them; a baseline of zero does not count), or, when the training loss is
   passed, the run is blowing up: the loss is more than ``blowup_loss_ratio`` [2] times the first loss
@@ -144,7 +145,8 @@ class GradientDiagnostics:
         vanishing_ratio: a layer whose median RMS is more than this many times smaller than the
             largest median RMS of any layer is vanishing. ``math.inf`` disables the relative rule.
         exploding_ceiling: a layer whose L2 norm exceeds this is exploding (same units as a clip
-            threshold). ``math.inf`` disables the absolute rule.
+            threshold). The default, ``math.inf``, disables this absolute rule: healthy norms depend on the
+            loss's units (a raw-target regression runs at 1e4); set it when the units are known.
         exploding_ratio: a layer whose L2 norm exceeds this many times the median of its own previous
             ``window`` finite norms, and its own first observed norm, is exploding. ``math.inf`` disables the
             jump rule.
@@ -170,7 +172,7 @@ class GradientDiagnostics:
         self,
         vanishing_floor: float = 0.0,
         vanishing_ratio: float = 1e4,
-        exploding_ceiling: float = 100.0,
+        exploding_ceiling: float = math.inf,
         exploding_ratio: float = 1000.0,
         window: int = 10,
         blowup_loss_ratio: float = 2.0,

@@ -101,7 +101,8 @@ def test_one_noisy_observation_neither_raises_nor_ends_a_vanishing_verdict() -> 
 
 # ----------------------------------------------------------------------------------------- exploding
 def test_exploding_by_ceiling_uses_the_l2_norm() -> None:
-    diag = GradientDiagnostics()
+    assert GradientDiagnostics().observe(12, {"a": 1e4}, {"a": 10}) == []  # no absolute rule by default
+    diag = GradientDiagnostics(exploding_ceiling=100.0)
     verdicts = diag.observe(12, {"a": 150.0, "b": 90.0}, {"a": 10**6, "b": 10})
     assert kinds(verdicts) == [("a", "exploding")]
     assert verdicts[0].value == 150.0
