@@ -19,10 +19,13 @@ nor ends a verdict.
 
 Rules (defaults in brackets)
 ----------------------------
-* ``vanishing``: median RMS below ``vanishing_floor`` [1e-8], or more than ``vanishing_ratio``
-  [1e4] times smaller than the largest median RMS of any layer at that log step.
-* ``exploding``: the current L2 norm above ``exploding_ceiling`` [100], or more than
-  ``exploding_ratio`` [1000] times the median of the layer's own previous ``window`` finite
+* ``vanishing``: median RMS more than ``vanishing_ratio`` [1e4] times smaller than the largest median
+  RMS of any layer at that log step, or below ``vanishing_floor`` [0: off]. The default is relative only:
+  multiplying the loss by any k leaves the verdicts unchanged, and a converged model whose every layer
+  has a tiny gradient is not vanishing (its layers keep their proportions).
+* ``exploding``: the current L2 norm above ``exploding_ceiling`` [off: an absolute level is in the loss's
+  units, and a healthy raw-target regression has norms of 1e4], or above the layer's first norm and
+  more than ``exploding_ratio`` [1000] times the median of the layer's own previous ``window`` finite
   observations (at least 3 of them; a baseline of zero does not count), or, when the training loss is
   passed, the run is blowing up: the loss is more than ``blowup_loss_ratio`` [2] times the first loss
   observed (a positive one) and the layer's norm is more than ``blowup_growth`` [2] times its own first
@@ -134,16 +137,19 @@ class GradientDiagnostics:
     """Per-layer verdicts from a stream of gradient norms (pure, no torch needed).
 
     Args:
-        vanishing_floor: a layer whose median per-element RMS gradient is below this is vanishing.
-            ``0`` disables the absolute rule. The default, 1e-8, is Adam's default ``eps``: below it
-            the optimizer no longer sees the gradient. (1e-5 per element would flag every layer of a
-            large healthy model: a 7e9-parameter model with global norm 1 has an RMS of about 1.2e-5.)
+        vanishing_floor: a layer whose median per-element RMS gradient is below this is vanishing,
+            ``>= 0``. The default, ``0``, disables this absolute rule: an absolute floor depends on the
+            units of the loss (a loss x 1e-4 moves every gradient 4 decades down) and fires on every layer
+            of a model that has converged. Set it (e.g. 1e-8, Adam's default ``eps``) when the loss has
+            known units and an absolute floor is wanted.
         vanishing_ratio: a layer whose median RMS is more than this many times smaller than the
             largest median RMS of any layer is vanishing. ``math.inf`` disables the relative rule.
         exploding_ceiling: a layer whose L2 norm exceeds this is exploding (same units as a clip
-            threshold). ``math.inf`` disables the absolute rule.
+            threshold). The default, ``math.inf``, disables this absolute rule: healthy norms depend on the
+            loss's units (a raw-target regression runs at 1e4); set it when the units are known.
         exploding_ratio: a layer whose L2 norm exceeds this many times the median of its own previous
-            ``window`` finite norms is exploding. ``math.inf`` disables the jump rule.
+            ``window`` finite norms, and its own first observed norm, is exploding. ``math.inf`` disables the
+            jump rule.
         window: observations (log steps) per layer behind the medians; also the number of healthy
             observations that end an episode.
         blowup_loss_ratio: the run is blowing up when the loss passed to :meth:`observe` exceeds this
@@ -164,9 +170,9 @@ class GradientDiagnostics:
 
     def __init__(
         self,
-        vanishing_floor: float = 1e-8,
+        vanishing_floor: float = 0.0,
         vanishing_ratio: float = 1e4,
-        exploding_ceiling: float = 100.0,
+        exploding_ceiling: float = math.inf,
         exploding_ratio: float = 1000.0,
         window: int = 10,
         blowup_loss_ratio: float = 2.0,
@@ -260,11 +266,11 @@ class GradientDiagnostics:
             self._update(layer, name, "vanishing", vanishing, step, level, verdicts, reference_name, reference)
             baseline = baselines.get(name)
             grown = blowup > 0.0 and layer.first > 0.0 and value > self.blowup_growth * layer.first
-            exploding = (
-                value > self.exploding_ceiling
-                or (baseline is not None and value > self.exploding_ratio * baseline)
-                or grown
-            )
+            # The jump rule also needs a norm above the layer's first one: a converged model's norms fall by
+            # decades, and a batch it still gets wrong lifts one back by more than `exploding_ratio` while it
+            # stays far below where training started.
+            jumped = baseline is not None and value > self.exploding_ratio * baseline and value > layer.first
+            exploding = value > self.exploding_ceiling or jumped or grown
             jump_ref = baseline or 0.0
             other = None
             if grown and value <= self.exploding_ceiling and not (jump_ref and value > self.exploding_ratio * jump_ref):

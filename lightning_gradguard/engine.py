@@ -67,6 +67,10 @@ UPDATE_WINDOW = 5
 #: ``UPDATE_OWN_SHARE`` of its norm now.
 UPDATE_REFERENCE = 4 * UPDATE_WINDOW
 UPDATE_OWN_SHARE = 0.5
+#: A layer whose param group's effective LR is below this fraction of the largest effective LR the group has had
+#: (an LR schedule annealing it, a warm restart's trough, the LR guard's cuts) moves slowly on purpose: it gets no
+#: "not learning" verdict. A layer whose LR is tiny from the start still gets one.
+UPDATE_LR_DECAYED = 0.1
 
 
 @dataclass
@@ -200,6 +204,8 @@ class GuardEngine:
     update_episodes: dict[tuple[str, str], int] = field(default_factory=dict)
     update_references: dict[str, deque[float]] = field(default_factory=dict)  # layers that started at zero
     update_verdicts: list[UpdateVerdict] = field(default_factory=list)
+    update_lrs: dict[str, float] = field(default_factory=dict)  # each layer's effective LR at the last measured step
+    update_lr_peaks: dict[str, float] = field(default_factory=dict)  # the largest effective LR each layer has had
     signature: tuple[int, ...] | None = None  # parameter_signature() of the optimizer the stats were built for
     state_finite: bool = True  # the last measure()'s state check (module buffers) was finite on every rank
 
@@ -296,7 +302,9 @@ class GuardEngine:
         norm, coef = base.global_norm, None
         threshold = policy.threshold()
         if threshold is not None and norm > threshold:
-            coef = threshold / (norm + 1e-6)
+            # torch's clip_grad_norm_ divides by norm + 1e-6; an epsilon relative to the threshold is the same at a
+            # threshold of 1 and keeps the clipped norm at the threshold whatever the units of the loss.
+            coef = threshold / (norm + 1e-6 * threshold)
         center = policy.center()  # the typical level the threshold was computed from, before this norm
         prior = policy.threshold_is_prior()
         policy.observe(norm)
@@ -437,7 +445,9 @@ class GuardEngine:
         tracker.snapshot()
         return True
 
-    def close_updates(self, step: int, log_step: bool = True) -> tuple[UpdateStats, tuple[GuardEvent, ...]] | None:
+    def close_updates(
+        self, step: int, log_step: bool = True, optimizer: torch.optim.Optimizer | None = None
+    ) -> tuple[UpdateStats, tuple[GuardEvent, ...]] | None:
         """After ``optimizer.step()``: the per-layer update and weight norms since :meth:`snapshot_updates`.
 
         Reduced across ranks only where some layer is sharded (SUM of the shards' squared norms, one
@@ -449,9 +459,14 @@ class GuardEngine:
         (:meth:`LRGuard.stall_check`); a reduction it decides comes back as an ``"lr_reduction"`` event. The
         weights are the same on every rank (replicas) or reduced (shards), so every rank decides alike.
 
+        A layer whose param group's effective LR has been scheduled down to below ``UPDATE_LR_DECAYED`` of the
+        largest it has had gets no "not learning" verdict: its small updates are the schedule's doing.
+
         Args:
             step: this optimizer's step index of the snapshot (for the verdicts).
             log_step: whether the step is a log step: only those record per-layer ratios for the verdicts.
+            optimizer: the optimizer that stepped; its param groups give each layer's effective LR (the LR
+                guard's scale included). Without it no layer counts as scheduled down.
 
         Returns:
             ``(stats, events)``, or ``None`` without a pending snapshot.
@@ -467,6 +482,8 @@ class GuardEngine:
         events = self._stall_check(step, stats)
         if not (log_step and self.log_updates):
             return stats, events
+        if optimizer is not None:
+            self._record_lrs(optimizer)
         for layer, update, weight, start in zip(
             stats.layers, stats.update_norms, stats.weight_norms, stats.start_norms, strict=True
         ):
@@ -485,6 +502,30 @@ class GuardEngine:
         if self.diagnostics is None:
             return stats, events
         return stats, events + self._update_verdicts(step)
+
+    def _record_lrs(self, optimizer: torch.optim.Optimizer) -> None:
+        """Each layer's effective LR now (the largest over the param groups its parameters are in), and its peak."""
+        lrs: list[float] = [float(g["lr"]) for g in optimizer.param_groups]
+        guard = self.lr_guard
+        if guard is not None and guard.optimizer is optimizer:
+            lrs = guard.effective_lrs()
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        layers = self.stats.layers
+        now: dict[str, float] = {}
+        for param, index in zip(self.stats.params, self.stats._param_layer, strict=True):
+            group = group_of.get(id(param))
+            if group is not None:
+                name = layers[index]
+                now[name] = max(now.get(name, 0.0), lrs[group])
+        for name, lr in now.items():
+            if math.isfinite(lr):
+                self.update_lr_peaks[name] = max(self.update_lr_peaks.get(name, 0.0), lr)
+        self.update_lrs = now
+
+    def _scheduled_down(self, layer: str) -> bool:
+        """Whether the layer's effective LR is below ``UPDATE_LR_DECAYED`` of the largest it has had."""
+        lr, peak = self.update_lrs.get(layer), self.update_lr_peaks.get(layer, 0.0)
+        return lr is not None and peak > 0.0 and lr < UPDATE_LR_DECAYED * peak
 
     def _stall_check(self, step: int, stats: UpdateStats) -> tuple[GuardEvent, ...]:
         guard = self.lr_guard
@@ -506,9 +547,8 @@ class GuardEngine:
     def _update_verdicts(self, step: int) -> tuple[GuardEvent, ...]:
         ratios = {layer: list(values) for layer, values in self.update_ratios.items()}
         n = UPDATE_WINDOW  # a verdict needs a full window: early steps move small fresh weights fast
-        found = lr_too_high_verdicts(step, ratios, min_observations=n) + not_learning_verdicts(
-            step, ratios, min_observations=n
-        )
+        slow = [v for v in not_learning_verdicts(step, ratios, min_observations=n) if not self._scheduled_down(v.layer)]
+        found = lr_too_high_verdicts(step, ratios, min_observations=n) + slow
         now = {(v.layer, v.kind) for v in found}
         for key in list(self.update_episodes):
             if key not in now:
@@ -564,6 +604,8 @@ class GuardEngine:
             state["update_ratios"] = {layer: list(values) for layer, values in self.update_ratios.items()}
             state["update_episodes"] = [[layer, kind, n] for (layer, kind), n in self.update_episodes.items()]
             state["update_references"] = {layer: list(values) for layer, values in self.update_references.items()}
+        if self.update_lr_peaks:
+            state["update_lr_peaks"] = dict(self.update_lr_peaks)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
@@ -607,6 +649,9 @@ class GuardEngine:
                 str(k): deque((float(v) for v in vs), maxlen=UPDATE_REFERENCE)
                 for k, vs in state.get("update_references", {}).items()
             }
+        saved_peaks = state.get("update_lr_peaks")  # absent in older states: the peaks start from the next LRs
+        if isinstance(saved_peaks, Mapping) and same_layers:
+            self.update_lr_peaks = {str(k): float(v) for k, v in saved_peaks.items()}
         return differences
 
     def _load_policy(self, saved: Any, same_params: bool) -> list[str]:

@@ -174,8 +174,8 @@ class Reporter:
         if engine.updates is None or id(optimizer) in self._hooks:
             return
 
-        def after(_optimizer: Any, _args: Any, _kwargs: Any) -> None:
-            self.after_optimizer_step(engine)
+        def after(stepped: Any, _args: Any, _kwargs: Any) -> None:
+            self.after_optimizer_step(engine, stepped)
 
         self._hooks[id(optimizer)] = optimizer.register_step_post_hook(after)
 
@@ -185,11 +185,11 @@ class Reporter:
             handle.remove()
         self._hooks.clear()
 
-    def after_optimizer_step(self, engine: GuardEngine) -> None:
+    def after_optimizer_step(self, engine: GuardEngine, optimizer: torch.optim.Optimizer | None = None) -> None:
         """After the optimizer step of a log step: log ``weight_norm/*`` and ``update_ratio/*``, report verdicts."""
         pending = self._update_steps.pop(engine.index, None)
         step = engine.last.step if engine.last is not None else 0
-        closed = engine.close_updates(step, log_step=pending is not None and pending[1])
+        closed = engine.close_updates(step, log_step=pending is not None and pending[1], optimizer=optimizer)
         if closed is None or pending is None:
             return
         stats, events = closed

@@ -6,7 +6,7 @@ caller's protocol, once per optimizer step with a finite norm::
 
     thr = policy.threshold()          # None: do not clip this step
     if thr is not None and norm > thr:
-        scale gradients by thr / (norm + 1e-6)
+        scale gradients by thr / (norm + 1e-6 * thr)
     policy.observe(norm)              # after the clip decision
 
 Non-finite norms are ignored by ``observe`` (they never enter the history). Every policy keeps bounded

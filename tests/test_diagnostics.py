@@ -53,6 +53,32 @@ def test_vanishing_by_floor() -> None:
     assert "below vanishing_floor=1e-08" in verdicts[0].message
 
 
+def test_a_converged_model_with_tiny_gradients_in_every_layer_is_not_vanishing() -> None:
+    # A classifier that fits its training set: every layer's RMS falls to 1e-10..1e-9, the proportions between
+    # the layers stay as they were early in training.
+    numels = {"in": 30 * 64, "mid": 64 * 64, "out": 64 * 2}
+    diag = GradientDiagnostics()
+    for step, scale in enumerate([1.0, 1e-2, 1e-4, 1e-6, 1e-7, 1e-7, 1e-7]):
+        rms = {"in": 4e-3 * scale, "mid": 5e-4 * scale, "out": 3e-3 * scale}
+        norms = {name: r * math.sqrt(numels[name]) for name, r in rms.items()}
+        assert diag.observe(step * 50, norms, numels) == [], f"at RMS {rms}"
+
+
+@pytest.mark.parametrize("k", [1e-8, 1e-2, 1e2, 1e6])
+def test_vanishing_verdicts_do_not_depend_on_the_units_of_the_loss(k: float) -> None:
+    # One vanishing layer (1e6x below the others) and one healthy pair: the loss x k multiplies every norm by k.
+    numels = {"early": 100, "middle": 100, "late": 100}
+    stream = [{"early": 1e-6 * j, "middle": 0.5 * j, "late": 1.0 * j} for j in (1.0, 0.8, 1.2, 0.9)]
+    plain, scaled = GradientDiagnostics(), GradientDiagnostics()
+    found_plain, found_scaled = [], []
+    for step, norms in enumerate(stream):
+        found_plain += [v for v in kinds(plain.observe(step, norms, numels)) if v[1] == "vanishing"]
+        scaled_norms = {n: v * k for n, v in norms.items()}
+        found_scaled += [v for v in kinds(scaled.observe(step, scaled_norms, numels)) if v[1] == "vanishing"]
+    assert found_plain == [("early", "vanishing")]
+    assert found_scaled == found_plain
+
+
 def test_rms_is_not_fooled_by_layer_size() -> None:
     # Same per-element RMS 1e-3, sizes 1 and 1e9: the L2 norms are 1e-3 and 31.6 (31623x apart).
     norms = {"bias": 1e-3, "embedding": 1e-3 * math.sqrt(1e9)}
@@ -75,7 +101,8 @@ def test_one_noisy_observation_neither_raises_nor_ends_a_vanishing_verdict() -> 
 
 # ----------------------------------------------------------------------------------------- exploding
 def test_exploding_by_ceiling_uses_the_l2_norm() -> None:
-    diag = GradientDiagnostics()
+    assert GradientDiagnostics().observe(12, {"a": 1e4}, {"a": 10}) == []  # no absolute rule by default
+    diag = GradientDiagnostics(exploding_ceiling=100.0)
     verdicts = diag.observe(12, {"a": 150.0, "b": 90.0}, {"a": 10**6, "b": 10})
     assert kinds(verdicts) == [("a", "exploding")]
     assert verdicts[0].value == 150.0
@@ -97,6 +124,18 @@ def test_exploding_by_jump_over_own_recent_median() -> None:
     assert kinds(verdicts) == [("a", "exploding")]
     assert "1.33e+03x the median 0.0015" in verdicts[0].message
     assert "exploding_ratio=1000" in verdicts[0].message
+
+
+def test_a_converged_layer_whose_norm_jumps_far_below_its_first_is_not_exploding() -> None:
+    """A converged model's norms fall by decades; one batch it still gets wrong lifts a layer's norm by more than
+    ``exploding_ratio`` over its recent median while it stays far below where training started."""
+    diag = GradientDiagnostics()
+    numels = {"a": 10}
+    for step, value in enumerate([1.0, 1e-2, 1e-6, 1e-10, 1e-10, 1e-10]):
+        assert diag.observe(step, {"a": value}, numels) == []
+    assert diag.observe(6, {"a": 1e-4}, numels) == []  # 1e6x its recent median, 1e-4x its first norm
+    verdicts = diag.observe(7, {"a": 3.0}, numels)  # above its first norm too: exploding
+    assert kinds(verdicts) == [("a", "exploding")]
 
 
 def test_jump_rule_needs_three_previous_observations_and_a_nonzero_baseline() -> None:

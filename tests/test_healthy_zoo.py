@@ -130,3 +130,22 @@ def test_the_check_sees_a_cut_when_the_guard_acts() -> None:
             opt.step()
     assert [e for e in cuts if e.kind == "lr_reduction"] and guard.lr_scale < 1.0
     assert guard.clipped_steps == 60
+
+
+def test_a_cosine_schedule_annealed_to_zero_is_not_called_not_learning() -> None:
+    """The Adam + warmup/cosine regression over its full length: the last steps move every layer by less than
+    1e-5 of its norm because the schedule anneals the LR to 0, not because a layer stopped learning."""
+    c = bench_zoo.CONFIGS["tabreg_adam_cos_long"]
+    assert c.schedule and c.steps >= 3000
+    acted = run_guarded(c.name, steps=c.steps)
+    assert acted.last_loss < acted.first_loss
+    assert [v for v in acted.verdicts if "not_learning" in v] == []
+
+
+def test_a_converged_classifier_is_not_called_vanishing() -> None:
+    """The RMSprop classifier over its full length fits its training set: every layer's gradient falls to 1e-10
+    per element, in the same proportions as before, which is convergence, not vanishing gradients."""
+    c = bench_zoo.CONFIGS["cancer_rmsprop_long"]
+    acted = run_guarded(c.name, steps=c.steps)
+    assert acted.last_loss < 1e-2 * acted.first_loss  # it did converge
+    assert [v for v in acted.verdicts if "vanishing" in v] == []
