@@ -379,24 +379,22 @@ def _huber_consistency(c: float) -> float:
 
 
 class AutoPolicy(ThresholdPolicy):
-    """The default: a ceiling that starts at an absolute prior and opens only as the run earns it, under a
-    robust, trend-following z-score of the log-norm.
+    """The default: a ceiling set from the run's own first norms, under a robust, trend-following z-score of
+    the log-norm. Every number it compares is a ratio of the run's norms, so a loss multiplied by ``k`` gives
+    thresholds multiplied by ``k`` and the same decisions.
 
-    The threshold is ``min(ceiling, adaptive)``; either part may be absent (``None`` from both: no clip).
+    The threshold is ``min(ceiling, adaptive, max_norm)``; any part may be absent (``None`` from all: no clip).
 
-    **Ceiling** (protection from step 0). It starts at ``prior_norm`` (1.0, the common
-    ``clip_grad_norm_(max_norm=1.0)`` recipe) and stays there for ``hold_steps`` observed steps: runs whose
-    learning rate is too high blow up in their first steps (measured on the outcomes benchmark: a tanh RNN at
-    SGD lr 1-3 within 10 steps, a 10-layer tanh MLP at lr 1 within 3, a ReLU IRNN at step 0), before any
-    statistic of their own norms can be trusted. Then it doubles every ``open_steps`` steps while the median
-    of the last 32 norms exceeds ``0.7 x ceiling`` (the norm presses it), and otherwise drifts up slowly
-    (doubling every 1024 steps), so it never follows a norm that jumps, and a healthy run whose norms sit far
-    from the prior reaches them after ``hold_steps + open_steps * log2(norm / prior_norm)`` steps (about
-    190 steps for norms of 10). The ceiling never comes down, so it must not open on noise: with a median of
-    8 norms and a drift of x2 per 256 steps, a ReLU IRNN whose heavy-tailed norms hover around 3 pushed it to
-    3.9x its median norm by step 300 (8 seeds), and its final loss crossed the divergence line on 3 of 48
-    runs; the longer window and slower drift settle at 2.8x and 0 of 48 (``docs/policies.md``).
-    ``prior_norm=None`` removes the ceiling; the policy is then scale-free.
+    **Ceiling** (protection from the second step). Over the first ``anchor_steps`` finite norms it is
+    ``prior_ratio`` times their median so far; then it holds until ``hold_steps`` norms have been observed, so
+    a run whose LR makes its norms grow fast is clipped at its own early level while no statistic of its
+    norms can be trusted yet. From then on it moves with the norm level, by at most x2 per ``open_steps``
+    steps: up while the median of the last 32 norms exceeds 0.7x the ceiling, down while that median is below
+    0.35x it. So it never follows a norm that jumps, follows a decay as it follows a rise, and on a stationary
+    stream stays between 1.43x and 2.86x the median norm however long the run. Step 0 is never clipped by it:
+    nothing says yet what a large norm is for this run. ``prior_norm`` (with ``prior_ratio=None``) starts it at
+    an absolute value instead, for users who know their units; ``prior_ratio=None`` and ``prior_norm=None``
+    remove it (the adaptive part alone, which does not clip during its warmup).
 
     **Adaptive part.** Gradient norms are positive, multiplicative and heavy-tailed, so the statistics live in
     log space, where a 100x decay is a straight line and a lognormal stream is Gaussian. With ``l = log(norm)``:
@@ -419,9 +417,8 @@ class AutoPolicy(ThresholdPolicy):
     Target clip rate of the adaptive part on a stationary lognormal stream of log-sd ``sigma``:
     ``P(Z > h / sigma)`` with ``h = clamp(z_thresh * sigma, log min_ratio, log max_ratio)``: practically 0
     below ``sigma`` 0.35 (the 4x floor), 0.8 % where ``z_thresh`` rules (``sigma`` 0.58-0.81), and
-    ``P(norm > 7 x typical)`` (2.6 % at ``sigma`` 1) for heavy tails. While the ceiling binds, more steps
-    are clipped (it settles near 1.4x the median norm until its slow drift lifts it above the adaptive
-    threshold). See ``docs/policies.md`` for the outcomes behind every constant.
+    ``P(norm > 7 x typical)`` (2.6 % at ``sigma`` 1) for heavy tails. Where the ceiling binds, the steps above
+    1.43-2.86x the median norm are clipped too. See ``docs/policies.md`` for the outcomes behind every constant.
 
     Args:
         z_thresh: threshold in standard deviations of the log-norm, > 0.
@@ -431,10 +428,12 @@ class AutoPolicy(ThresholdPolicy):
         alpha: EMA decay of the level, in (0, 1); variance and slope use ``(1 + alpha) / 2``.
         warmup_steps: observed steps before the adaptive part clips, >= 1.
         max_norm: optional cap; the threshold never exceeds it.
-        prior_norm: starting ceiling, > 0, or ``None`` for no ceiling (the adaptive part alone, with no
-            clipping during its warmup).
-        hold_steps: observed steps the ceiling stays at ``prior_norm``, >= 0.
-        open_steps: steps per doubling of the ceiling while the norms press it, >= 1.
+        prior_norm: an absolute starting ceiling, > 0 (only with ``prior_ratio=None``), or ``None``.
+        hold_steps: observed steps before the ceiling starts to move, >= 0.
+        open_steps: steps per doubling (or halving) of the ceiling while it moves, >= 1.
+        prior_ratio: the starting ceiling as a multiple of the median of the run's first norms, > 0, or
+            ``None`` (then ``prior_norm`` decides).
+        anchor_steps: how many first finite norms set the relative ceiling, >= 1.
 
     Raises:
         TypeError, ValueError: on an invalid argument.
@@ -442,10 +441,13 @@ class AutoPolicy(ThresholdPolicy):
     Example:
 
         >>> p = AutoPolicy()
-        >>> p.threshold()  # protection from the first step
-        1.0
-        >>> AutoPolicy(prior_norm=None).threshold() is None
+        >>> p.threshold() is None  # step 0: nothing is known of this run's norms yet
         True
+        >>> p.observe(3.0)
+        >>> p.threshold()  # from the second step: 2x the first norm
+        6.0
+        >>> AutoPolicy(prior_norm=1.0, prior_ratio=None).threshold()  # an absolute ceiling, opt-in
+        1.0
     """
 
     name: ClassVar[str] = "auto"
@@ -626,10 +628,14 @@ class AutoPolicy(ThresholdPolicy):
         ceiling = state.get("ceiling", self.prior_norm)
         self._ceiling = None if ceiling is None or not self._has_ceiling else float(ceiling)
         self._recent = deque((float(x) for x in state.get("recent", [])), maxlen=self._PRESS_WINDOW)
-        # A state saved before the relative ceiling existed has no anchor: the next norms anchor it.
         self._anchor = [float(x) for x in state.get("anchor", [])] if self.prior_ratio is not None else []
         if self.prior_ratio is not None and "anchor" not in state:
-            self._ceiling = None
+            # A state saved before the relative ceiling existed: a ceiling it holds stands (the anchor is complete);
+            # without one, the next norms anchor it.
+            if self._ceiling is not None and self._steps > 0:
+                self._anchor = [self._ceiling / self.prior_ratio] * self.anchor_steps
+            else:
+                self._ceiling = None
 
 
 # ------------------------------------------------------------------------------------------------ factory

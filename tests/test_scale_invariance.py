@@ -41,6 +41,10 @@ def _mismatches(name: str, k: float, options: dict[str, Any] | None = None) -> l
     found = bench_scale.differences(base, other)
     plain, plain_k = _run(name, 1.0, guard=False), _run(name, k, guard=False)
     floor = max(0.01 * abs(plain.final_loss), 3.0 * abs(plain.final_loss - plain_k.final_loss))
+    if bench_scale.separation(base, other) < min(len(base.losses), len(other.losses)):
+        # float rounding parted the two guarded runs before the end (a chaotic, too-high LR): their decisions
+        # were compared up to that step; the final losses only need to agree to 10 %
+        floor = max(floor, 0.1 * abs(base.final_loss))
     if not abs(other.final_loss - base.final_loss) <= floor:
         found.append(f"final loss {base.final_loss:.4g} vs {other.final_loss:.4g} (floor {floor:.2g})")
     return found

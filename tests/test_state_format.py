@@ -27,9 +27,10 @@ REL, ABS = 1e-5, 1e-9
 
 
 def gradguard_for_fixture() -> GradGuard:
-    """The GradGuard of ``tests/data/v2_gradguard_step6.ckpt`` (every part of the state present)."""
+    """The GradGuard of ``tests/data/v2_gradguard_step6.ckpt`` (every part of the state present), with the clip
+    configuration it was saved with (the absolute 1.0 ceiling of that release's default, now opt-in)."""
     return GradGuard(
-        clip=AutoPolicy(warmup_steps=6),
+        clip=AutoPolicy(warmup_steps=6, prior_norm=1.0, prior_ratio=None),
         log_every_n_steps=3,
         histogram_every_n_steps=0,
         rollback=True,
@@ -37,11 +38,18 @@ def gradguard_for_fixture() -> GradGuard:
     )
 
 
+def _fixture_options() -> dict[str, Any]:
+    """``tests/test_frontends.py``'s options with the clip configuration ``v2_guard_step8.pt`` was saved with
+    (that release's default ``auto``, whose absolute 1.0 ceiling is now opt-in)."""
+    options = {k: v for k, v in _options().items() if k != "max_norm"}
+    return {**options, "clip": AutoPolicy(max_norm=1.0, prior_norm=1.0, prior_ratio=None)}
+
+
 def _plain_loop(steps: int, guard_state: Any = None) -> tuple[Guard, list[Any]]:
     """The plain loop of ``tests/data/v2_guard_step8.pt``: ``steps`` steps, optionally from a saved state."""
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=2.0)
-    guard = Guard(model, optimizer, **_options())
+    guard = Guard(model, optimizer, **_fixture_options())
     return guard, _plain_steps(model, optimizer, guard, range(steps))
 
 
@@ -65,6 +73,21 @@ def _restored(saved: Any, now: Any) -> bool:
     if isinstance(saved, dict):
         return isinstance(now, dict) and all(k in now and _restored(v, now[k]) for k, v in saved.items())
     return _same(saved, now)
+
+
+def _first_difference(saved: Any, now: Any, path: str = "") -> str | None:
+    """Where ``now`` does not hold ``saved`` (for assertion messages)."""
+    if isinstance(saved, dict):
+        if not isinstance(now, dict):
+            return path
+        for k, v in saved.items():
+            if k not in now:
+                return f"{path}/{k} (missing)"
+            found = _first_difference(v, now[k], f"{path}/{k}")
+            if found:
+                return found
+        return None
+    return None if _same(saved, now) else f"{path}: {saved!r} != {now!r}"
 
 
 class TrainingStateAtStart(Callback):
@@ -137,7 +160,8 @@ def test_a_version_2_checkpoint_restores_what_it_holds_and_resumes_with_the_unin
     assert training_at_start.optimizer["state"]  # (momentum buffers: SGD with momentum)
     (start,) = at_start.states.values()
     old_guard = _without(state["guards"]["0"], {"lr_guard_config"})
-    assert _restored(old_guard, start["guards"]["0"]) and _same(start["recovery"], state["recovery"])
+    assert _restored(old_guard, start["guards"]["0"]), _first_difference(old_guard, start["guards"]["0"])
+    assert _same(start["recovery"], state["recovery"])
     assert start["guards"]["0"]["lr_guard_config"] == repr(LRGuard())
 
     # Against the uninterrupted run computed here, whose first six steps may differ from the fixture's in the
@@ -173,11 +197,13 @@ def test_a_version_2_checkpoint_restores_what_it_holds_and_resumes_with_the_unin
     # after version 2: a version-2 checkpoint does not hold them, so the resumed run takes them from its first
     # step after the resume; likewise the LR guard's record of which recent steps were clipped and of their
     # post-clip norms (its stall channel, added later still), which refill within 25 steps, and the
-    # update-ratio references of layers that start at zero.
-    later = {"first_loss", "first", "recent_clipped", "recent_applied_norms", "update_references"}
+    # update-ratio references of layers that start at zero and the peak LR each layer has had.
+    later = {"first_loss", "first", "recent_clipped", "recent_applied_norms", "update_references", "update_lr_peaks"}
     assert not later & set(_keys(state["guards"]["0"]))
     final_a, final_b = (_without(guard.state_dict(), later) for guard in (guard_a, guard_b))
-    assert _close(_without_messages(final_b), _without_messages(final_a))
+    assert _close(_without_messages(final_b), _without_messages(final_a)), _first_difference(
+        _without_messages(final_b), _without_messages(final_a)
+    )
 
 
 def test_a_version_2_plain_guard_state_restores_what_it_holds_and_resumes_with_the_same_decisions() -> None:
@@ -185,7 +211,7 @@ def test_a_version_2_plain_guard_state_restores_what_it_holds_and_resumes_with_t
     assert saved["version"] == 2 and saved["guards"]["0"]["counters"]["steps"] == 8
     _, full = _plain_loop(16)
     first, _ = _plain_loop(8)  # the same model and optimizer state as the fixture's run after 8 steps
-    guard = Guard(first._module, first.optimizer, **_options())
+    guard = Guard(first._module, first.optimizer, **_fixture_options())
     first.close()
     guard.load_state_dict(saved)
     restored = guard.state_dict()

@@ -62,7 +62,7 @@ def run_loop(model: nn.Module, params_of: nn.Module, rank: int, world: int) -> d
     return {"records": records, "weights": weights}
 
 
-NOISE_STEPS, NOISE_BATCH = 80, 16
+NOISE_STEPS, NOISE_BATCH = 160, 128
 
 
 def make_noise_model() -> nn.Module:
