@@ -80,7 +80,7 @@ class ThresholdPolicy(abc.ABC):
         """The policy's notion of the typical norm level now; ``None`` when unknown."""
 
     def threshold_is_prior(self) -> bool:
-        """Whether the threshold in force is an absolute prior rather than learnt from this run's norms.
+        """Whether the threshold in force is a prior (set, not learnt from this run's history of norms).
 
         The LR guard does not read a norm that presses such a threshold as a step size that is too large,
         unless the loss diverges too (see :meth:`lightning_gradguard.LRGuard.update`). ``False`` by default.
