@@ -79,9 +79,8 @@ def test_validation() -> None:
 def test_healthy_digits_run_gets_no_lr_reduction_and_few_clips(tmp_path: Path) -> None:
     """The quickstart's healthy run: its gradient norm grows ~5x while the loss falls. Found in review:
     before the loss gate and the auto policy's 4x floor, GradGuard() halved the LR there and clipped 23 %
-    of the steps, ending with a worse loss than no guard at all. Since the outcomes benchmark (issue 11) the
-    auto ceiling clips to its 1.0 prior during its first 80 steps (the quickstart's norms start above 1):
-    those clips are the price of protection from step 0; after them, few clips."""
+    of the steps, ending with a worse loss than no guard at all. The auto ceiling (2x the run's first norms)
+    holds for its first 80 steps while the norms grow, so most clips fall there; after them, few clips."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     try:
         from quickstart import DigitsClassifier, digits_loader
