@@ -350,18 +350,7 @@ def _build(w: Workload, seed: int) -> tuple[Any, Callable[[Any, Any], Any]]:
                 nn.init.zeros_(mod.bias)
         return mlp, lambda m, b: F.cross_entropy(m(b[0]), b[1])
     if w.name == "cnn":
-        cnn = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(32 * 4 * 4, 10),
-        )
-        return cnn, lambda m, b: F.cross_entropy(m(b[0]), b[1])
+        return digits_cnn(), lambda m, b: F.cross_entropy(m(b[0]), b[1])
     if w.name in ("tabreg", "cancer"):
         n_in = _tabular("diabetes" if w.name == "tabreg" else "breast_cancer")[0].shape[1]
         net = nn.Sequential(nn.Linear(n_in, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
@@ -384,6 +373,23 @@ def _build(w: Workload, seed: int) -> tuple[Any, Callable[[Any, Any], Any]]:
             return self.head(self.rnn(x)[0][:, -1])
 
     return IRNN(), lambda m, b: F.mse_loss(m(b[0]), b[1])
+
+
+def digits_cnn() -> Any:
+    """conv 16 - BatchNorm - conv 32 - BatchNorm - max-pool - linear, for 1x8x8 digits images."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
 
 
 def _optimizer(w: Workload, params: Iterable[Any], lr: float) -> Any:
@@ -741,6 +747,26 @@ def run_all(
                     fp = _fingerprint(m, _steps(w, steps))
                     if runs.get(key, {}).get("fingerprint") != fp:
                         todo.append((key, fp, (wname, w.lrs[i], seed, m, _steps(w, steps))))
+
+    def describe(result: dict[str, Any]) -> str:
+        return f"{' DIVERGED' if result['diverged'] else ''}  clip {result['clip_rate']:.2f}"
+
+    return compute_runs(todo, run_one, data, path, jobs=jobs, describe=describe, key_width=34)
+
+
+def compute_runs(
+    todo: Sequence[tuple[str, str, tuple[Any, ...]]],
+    run: Callable[..., dict[str, Any]],
+    data: dict[str, Any],
+    path: Path,
+    *,
+    jobs: int,
+    describe: Callable[[dict[str, Any]], str],
+    key_width: int,
+) -> dict[str, Any]:
+    """Run every ``(key, fingerprint, args)`` of ``todo`` (``run(*args)``, in ``jobs`` worker processes), store
+    each result with its fingerprint in ``data["runs"]`` and save the cache after each; return ``data``."""
+    runs: dict[str, Any] = data.setdefault("runs", {})
     print(f"{len(todo)} runs to compute ({len(runs)} cached), jobs={jobs}", flush=True)
     t0 = time.perf_counter()
 
@@ -749,20 +775,20 @@ def run_all(
         runs[key] = result
         _save(path, data)
         loss = result["val_loss"]
+        shown = loss if loss is None else round(loss, 4)
         print(
-            f"[{time.perf_counter() - t0:7.1f}s] {key:<34s} val {loss if loss is None else round(loss, 4)!s:>8}"
-            f"{' DIVERGED' if result['diverged'] else ''}  clip {result['clip_rate']:.2f}"
-            f"  {result['s_per_step'] * 1e3:.1f} ms/step",
+            f"[{time.perf_counter() - t0:7.1f}s] {key:<{key_width}s} val {shown!s:>8}"
+            f"{describe(result)}  {result['s_per_step'] * 1e3:.1f} ms/step",
             flush=True,
         )
 
     if jobs <= 1:
         _init_worker()
         for key, fp, args in todo:
-            record(key, fp, run_one(*args))
+            record(key, fp, run(*args))
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-            futures = {pool.submit(run_one, *args): (key, fp) for key, fp, args in todo}
+            futures = {pool.submit(run, *args): (key, fp) for key, fp, args in todo}
             for fut in as_completed(futures):
                 key, fp = futures[fut]
                 record(key, fp, fut.result())
@@ -1044,16 +1070,22 @@ def _markers() -> tuple[str, str]:
     return BEGIN.replace("outcomes-table", tag), END.replace("outcomes-table", tag)
 
 
-def write_docs(text: str, path: Path = DOCS) -> None:
+def write_between_markers(path: Path, begin: str, end: str, text: str, heading: str = "") -> None:
+    """Put ``text`` between the ``begin`` and ``end`` markers of ``path``; append them (under ``heading``, a
+    markdown section title) when the page does not have them yet."""
     doc = path.read_text(encoding="utf-8")
-    begin, end = _markers()
     if begin in doc and end in doc:
         head, rest = doc.split(begin, 1)
         tail = rest.split(end, 1)[1]
         doc = f"{head}{begin}\n{text}\n{end}{tail}"
     else:
-        doc = doc.rstrip("\n") + f"\n\n{begin}\n{text}\n{end}\n"
+        section = f"## {heading}\n\n" if heading else ""
+        doc = doc.rstrip("\n") + f"\n\n{section}{begin}\n{text}\n{end}\n"
     path.write_text(doc, encoding="utf-8")
+
+
+def write_docs(text: str, path: Path = DOCS) -> None:
+    write_between_markers(path, *_markers(), text)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -33,7 +33,7 @@ _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
 sys.path[:0] = [str(_ROOT), str(_HERE)]
 
-from bench_outcomes import _digits  # noqa: E402  (sklearn's bundled digits, the outcomes benchmark's split)
+from bench_outcomes import _digits, write_between_markers  # noqa: E402  (the outcomes benchmark's digits split)
 from bench_zoo import _regression  # noqa: E402  (Friedman #1 with its raw targets)
 
 DOCS = _ROOT / "docs" / "benchmarks.md"
@@ -270,13 +270,7 @@ def table(names: Sequence[str], ks: Sequence[float], steps: int | None = None) -
 
 
 def write_docs(text: str, path: Path = DOCS) -> None:
-    doc = path.read_text(encoding="utf-8")
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}"
-    else:
-        doc = doc.rstrip("\n") + f"\n\n## Scale invariance\n\n{BEGIN}\n{text}\n{END}\n"
-    path.write_text(doc, encoding="utf-8")
+    write_between_markers(path, BEGIN, END, text, heading="Scale invariance")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,16 +30,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import cache
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +44,17 @@ _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
 sys.path[:0] = [str(_ROOT), str(_HERE)]
 
-from bench_outcomes import _char_data, _code, _digits, _tabular  # noqa: E402  (the same bundled data)
+from bench_outcomes import (  # noqa: E402  (the same bundled data and cache machinery)
+    _char_data,
+    _code,
+    _digits,
+    _global_norm,
+    _load,
+    _tabular,
+    compute_runs,
+    digits_cnn,
+    write_between_markers,
+)
 
 RESULTS = _HERE / "results" / "zoo.json"
 DOCS = _ROOT / "docs" / "benchmarks.md"
@@ -323,18 +330,7 @@ def build(c: ZooConfig, seed: int) -> tuple[Any, Callable[[Any, Any], Any]]:
     if c.model == "mlp_cancer":
         return nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)), classify
     if c.model == "cnn_bn":
-        cnn = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(32 * 4 * 4, 10),
-        )
-        return cnn, classify
+        return digits_cnn(), classify
     if c.model == "frozen":
         backbone = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
         backbone.requires_grad_(False)
@@ -434,15 +430,6 @@ def scheduler(c: ZooConfig, opt: Any, steps: int) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ a run
-def _global_norm(module: Any) -> float:
-    import torch
-
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-
 def _make_recorder() -> Any:
     from lightning.pytorch.callbacks import Callback
 
@@ -569,27 +556,6 @@ def _key(name: str, seed: int, method: str) -> str:
     return f"{name}|{seed}|{method}"
 
 
-def _load(path: Path) -> dict[str, Any]:
-    if path.exists():
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        return data
-    return {"runs": {}}
-
-
-def _save(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-
-
 def run_all(names: Sequence[str], seeds: Sequence[int], *, jobs: int, steps: int | None, path: Path) -> dict[str, Any]:
     """Compute every missing or stale run (saving the cache after each); return the cache."""
     data = _load(path)
@@ -603,34 +569,14 @@ def run_all(names: Sequence[str], seeds: Sequence[int], *, jobs: int, steps: int
                     todo.append((key, fp, (name, seed, m, steps)))
     # the long runs first, so that two workers finish together
     todo.sort(key=lambda t: -(t[2][3] or CONFIGS[t[2][0]].steps))
-    print(f"{len(todo)} runs to compute ({len(runs)} cached), jobs={jobs}", flush=True)
-    t0 = time.perf_counter()
 
-    def record(key: str, fp: str, result: dict[str, Any]) -> None:
-        result["fingerprint"] = fp
-        runs[key] = result
-        _save(path, data)
-        loss = result["val_loss"]
-        print(
-            f"[{time.perf_counter() - t0:7.1f}s] {key:<36s} val {loss if loss is None else round(loss, 4)!s:>8}"
+    def describe(result: dict[str, Any]) -> str:
+        return (
             f"  cuts {result['cuts']}  rollbacks {result['rollbacks']}  verdicts {len(result['verdicts'])}"
-            f"  clip {result['clip_share']:.2f}  {result['s_per_step'] * 1e3:.1f} ms/step",
-            flush=True,
+            f"  clip {result['clip_share']:.2f}"
         )
 
-    if jobs <= 1:
-        _init_worker()
-        for key, fp, args in todo:
-            record(key, fp, run_one(*args))
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-            futures = {pool.submit(run_one, *args): (key, fp) for key, fp, args in todo}
-            for fut in as_completed(futures):
-                key, fp = futures[fut]
-                record(key, fp, fut.result())
-    data["wall_s_last_run"] = time.perf_counter() - t0
-    _save(path, data)
-    return data
+    return compute_runs(todo, run_one, data, path, jobs=jobs, describe=describe, key_width=36)
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -723,13 +669,7 @@ def table(data: dict[str, Any], names: Sequence[str], seeds: Sequence[int], step
 
 
 def write_docs(text: str, path: Path = DOCS) -> None:
-    doc = path.read_text(encoding="utf-8")
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}"
-    else:
-        doc = doc.rstrip("\n") + f"\n\n## Healthy-run zoo\n\n{BEGIN}\n{text}\n{END}\n"
-    path.write_text(doc, encoding="utf-8")
+    write_between_markers(path, BEGIN, END, text, heading="Healthy-run zoo")
 
 
 # ------------------------------------------------------------------------------------------------ main
