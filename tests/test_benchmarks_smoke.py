@@ -42,14 +42,7 @@ EXPECTED_RATIOS = {
 @pytest.mark.parametrize("script", sorted(EXPECTED_RATIOS))
 def test_benchmark_quick_run(script: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--rounds", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_script(script, "--quick", "--rounds", "2", "--out", str(out))
     lines = proc.stdout.splitlines()
     assert any(line.startswith("check: ") for line in lines), proc.stdout
     assert any(line.startswith("versions: ") and "torch" in line for line in lines), proc.stdout
@@ -68,6 +61,15 @@ def test_benchmark_quick_run(script: str, tmp_path: Path) -> None:
         assert len(result["samples_ms"][entry["numerator"]]) == 2
 
 
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` with ``args``; it must exit 0 (its output is shown when it does not)."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 def _import_benchmark(name: str) -> Any:
     sys.path.insert(0, str(BENCHMARKS))
     try:
@@ -78,14 +80,7 @@ def _import_benchmark(name: str) -> Any:
 
 def test_zoo_quick_run_writes_its_table_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "zoo.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_zoo.py"), "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_script("bench_zoo.py", "--quick", "--out", str(out))
     zoo = _import_benchmark("bench_zoo")
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| config |"))
@@ -112,14 +107,7 @@ def test_zoo_quick_run_writes_its_table_and_cache(tmp_path: Path, monkeypatch: p
 
 
 def test_scale_quick_run_prints_one_row_per_workload() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_scale.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_script("bench_scale.py", "--quick")
     scale = _import_benchmark("bench_scale")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "| 100 |" in line]
     assert len(rows) == len(scale.QUICK)
@@ -129,14 +117,7 @@ def test_scale_quick_run_prints_one_row_per_workload() -> None:
 @pytest.mark.parametrize("mode", ["trainer", "loop"])
 def test_memory_benchmark_quick_run(mode: str, tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_memory.py"), "--quick", "--mode", mode, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_script("bench_memory.py", "--quick", "--mode", mode, "--out", str(out))
     lines = proc.stdout.splitlines()
     assert any(line.startswith("check: ok") for line in lines), proc.stdout
     assert any(line.startswith(f"mode: {mode} ") for line in lines), proc.stdout
