@@ -29,7 +29,7 @@ sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
 from _common import Report, build_model, parse_args, time_interleaved  # noqa: E402
 
-from lightning_gradguard.stats import GradStats  # noqa: E402
+from lightning_gradguard.measure.stats import GradStats  # noqa: E402
 
 EPS = 1e-6  # clip_grad_norm_'s
 

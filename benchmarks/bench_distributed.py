@@ -40,8 +40,8 @@ sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
 from _common import Report, parse_args, time_interleaved  # noqa: E402
 
-from lightning_gradguard.distributed import reduce_stats  # noqa: E402
-from lightning_gradguard.stats import GradStats  # noqa: E402
+from lightning_gradguard.measure.distributed import reduce_stats  # noqa: E402
+from lightning_gradguard.measure.stats import GradStats  # noqa: E402
 
 WORLD = 2
 WIDTH, DEPTH, BATCH = 256, 4, 64  # 4 hidden layers of 256: 0.22M parameters, 5 layers

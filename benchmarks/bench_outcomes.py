@@ -111,8 +111,10 @@ LABELS = {
 #: ``GradGuard(clip=EXTRA_POLICIES[name]())`` with every other default, ``"policyclip:<name>"``
 #: ``GradClip(clip=EXTRA_POLICIES[name]())`` (no LR guard, no diagnostics).
 EXTRA_POLICIES: dict[str, Callable[[], Any]] = {}
-_ENGINE_FILES = ("callbacks.py", "stats.py", "engine.py", "guard.py", "outputs.py", "updates.py")
-_GRADGUARD_FILES = ("lr_guard.py", "diagnostics.py", "recovery.py")
+# every module of the package: a GradGuard result is recomputed whenever any of them changes
+_PACKAGE_FILES = tuple(
+    sorted(str(p.relative_to(_ROOT / "lightning_gradguard")) for p in (_ROOT / "lightning_gradguard").rglob("*.py"))
+)
 
 
 @dataclass(frozen=True)
@@ -537,7 +539,7 @@ def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None 
     import torch
 
     from lightning_gradguard import GradClip, GradGuard, GradMonitor, NonFiniteGradientsError
-    from lightning_gradguard.recovery import RecoveryError
+    from lightning_gradguard.recovery.rollback import RecoveryError
 
     torch.set_num_threads(1)
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -670,10 +672,10 @@ def _code(source: str) -> bytes:
 
 def _fingerprint(method: str, steps: int | None) -> str:
     """What a cached result depends on: the bench config and, for GradGuard methods, the code they run (the
-    policy class, the engine modules, and the LR guard and diagnostics modules for ``GradGuard()``)."""
+    policy class and every module of the package)."""
     import inspect
 
-    from lightning_gradguard import policies
+    from lightning_gradguard.decide import policies
 
     h = hashlib.sha256(json.dumps([BENCH_VERSION, SEQ, IRNN_T, DIVERGED_MARGIN, steps], sort_keys=True).encode())
     if method in GG_METHODS:
@@ -683,8 +685,7 @@ def _fingerprint(method: str, steps: int | None) -> str:
             "gg_zscore": policies.ZScorePolicy,
         }.get(method, policies.AutoPolicy)
         h.update(_code(inspect.getsource(policy)))
-        files = _ENGINE_FILES + (_GRADGUARD_FILES if method in ("gradguard", "gg_monitor") else ())
-        for name in files:
+        for name in _PACKAGE_FILES:
             h.update(_code((_ROOT / "lightning_gradguard" / name).read_text(encoding="utf-8")))
     return h.hexdigest()[:16]
 

@@ -35,8 +35,8 @@ sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
 from _common import Report, build_model, parse_args, time_interleaved  # noqa: E402
 
-from lightning_gradguard.stats import GradStats  # noqa: E402
-from lightning_gradguard.tensorboard import write_histograms  # noqa: E402
+from lightning_gradguard.measure.stats import GradStats  # noqa: E402
+from lightning_gradguard.outputs.tensorboard import write_histograms  # noqa: E402
 
 HISTOGRAM_BINS = 64
 HISTOGRAM_EVERY_N_STEPS = 100

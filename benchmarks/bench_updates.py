@@ -33,8 +33,8 @@ sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
 from _common import Report, build_model, parse_args, time_interleaved  # noqa: E402
 
-from lightning_gradguard.stats import GradStats  # noqa: E402
-from lightning_gradguard.updates import UpdateTracker, update_metrics  # noqa: E402
+from lightning_gradguard.measure.stats import GradStats  # noqa: E402
+from lightning_gradguard.measure.updates import UpdateTracker, update_metrics  # noqa: E402
 
 LOG_EVERY_N_STEPS = 50
 

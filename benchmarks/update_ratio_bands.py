@@ -10,7 +10,7 @@ CPU, seed 0) for ``--steps`` optimizer steps in five configurations:
 * ``adam_frozen_mid``: healthy Adam, but the middle layer's LR is 1e-7 (a layer that is not learning).
 
 Every ``--every`` steps it records each layer's log10 update-to-weight ratio with
-:class:`~lightning_gradguard.updates.UpdateTracker` and prints, per configuration and layer, the median and
+:class:`~lightning_gradguard.measure.updates.UpdateTracker` and prints, per configuration and layer, the median and
 max over the first 10% of steps, the median, min and max over the rest, and the final accuracy on the
 training set.
 
@@ -32,8 +32,8 @@ from torch import nn
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
-from lightning_gradguard.stats import GradStats  # noqa: E402
-from lightning_gradguard.updates import UpdateTracker  # noqa: E402
+from lightning_gradguard.measure.stats import GradStats  # noqa: E402
+from lightning_gradguard.measure.updates import UpdateTracker  # noqa: E402
 
 CONFIGS = ("adam", "adam_30x", "sgd", "sgd_30x", "adam_frozen_mid")
 

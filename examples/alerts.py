@@ -26,7 +26,7 @@ from _common import capture_gradguard_messages, quiet_lightning
 from lr_too_high import Regressor, regression_data
 
 from lightning_gradguard import GradGuard
-from lightning_gradguard.alerts import EventLike, event_record
+from lightning_gradguard.outputs.alerts import EventLike, event_record
 
 SENT: list[dict[str, Any]] = []
 

@@ -15,35 +15,35 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GradClip": "callbacks",
-    "GradGuard": "callbacks",
-    "GradGuardError": "engine",
-    "GradMonitor": "callbacks",
-    "NonFiniteGradientsError": "engine",
-    "GuardEngine": "engine",
-    "StepOutcome": "engine",
+    "GradClip": "frontends.lightning",
+    "GradGuard": "frontends.lightning",
+    "GradGuardError": "decide.engine",
+    "GradMonitor": "frontends.lightning",
+    "NonFiniteGradientsError": "decide.engine",
+    "GuardEngine": "decide.engine",
+    "StepOutcome": "decide.engine",
     "GuardEvent": "events",
-    "FabricGuard": "guard",
-    "Guard": "guard",
-    "GradientDiagnostics": "diagnostics",
-    "Verdict": "diagnostics",
-    "LRGuard": "lr_guard",
-    "LRReduction": "lr_guard",
-    "AutoPolicy": "policies",
-    "FixedPolicy": "policies",
-    "PercentilePolicy": "policies",
-    "ThresholdPolicy": "policies",
-    "ZScorePolicy": "policies",
-    "make_policy": "policies",
-    "GradStats": "stats",
-    "UpdateStats": "updates",
-    "UpdateTracker": "updates",
-    "UpdateVerdict": "diagnostics",
-    "event_json": "alerts",
-    "event_record": "alerts",
-    "rich_writers": "loggers",
-    "RecoveryError": "recovery",
-    "RollbackTrigger": "recovery",
+    "FabricGuard": "frontends.loop",
+    "Guard": "frontends.loop",
+    "GradientDiagnostics": "decide.diagnostics",
+    "Verdict": "decide.diagnostics",
+    "LRGuard": "decide.lr_guard",
+    "LRReduction": "decide.lr_guard",
+    "AutoPolicy": "decide.policies",
+    "FixedPolicy": "decide.policies",
+    "PercentilePolicy": "decide.policies",
+    "ThresholdPolicy": "decide.policies",
+    "ZScorePolicy": "decide.policies",
+    "make_policy": "decide.policies",
+    "GradStats": "measure.stats",
+    "UpdateStats": "measure.updates",
+    "UpdateTracker": "measure.updates",
+    "UpdateVerdict": "decide.diagnostics",
+    "event_json": "outputs.alerts",
+    "event_record": "outputs.alerts",
+    "rich_writers": "outputs.loggers",
+    "RecoveryError": "recovery.rollback",
+    "RollbackTrigger": "recovery.rollback",
 }
 
 __all__ = [
@@ -80,15 +80,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lightning_gradguard.alerts import event_json, event_record
-    from lightning_gradguard.callbacks import GradClip, GradGuard, GradMonitor
-    from lightning_gradguard.diagnostics import GradientDiagnostics, UpdateVerdict, Verdict
-    from lightning_gradguard.engine import GradGuardError, GuardEngine, NonFiniteGradientsError, StepOutcome
-    from lightning_gradguard.events import GuardEvent
-    from lightning_gradguard.guard import FabricGuard, Guard
-    from lightning_gradguard.loggers import rich_writers
-    from lightning_gradguard.lr_guard import LRGuard, LRReduction
-    from lightning_gradguard.policies import (
+    from lightning_gradguard.decide.diagnostics import GradientDiagnostics, UpdateVerdict, Verdict
+    from lightning_gradguard.decide.engine import GradGuardError, GuardEngine, NonFiniteGradientsError, StepOutcome
+    from lightning_gradguard.decide.lr_guard import LRGuard, LRReduction
+    from lightning_gradguard.decide.policies import (
         AutoPolicy,
         FixedPolicy,
         PercentilePolicy,
@@ -96,9 +91,14 @@ if TYPE_CHECKING:
         ZScorePolicy,
         make_policy,
     )
-    from lightning_gradguard.recovery import RecoveryError, RollbackTrigger
-    from lightning_gradguard.stats import GradStats
-    from lightning_gradguard.updates import UpdateStats, UpdateTracker
+    from lightning_gradguard.events import GuardEvent
+    from lightning_gradguard.frontends.lightning import GradClip, GradGuard, GradMonitor
+    from lightning_gradguard.frontends.loop import FabricGuard, Guard
+    from lightning_gradguard.measure.stats import GradStats
+    from lightning_gradguard.measure.updates import UpdateStats, UpdateTracker
+    from lightning_gradguard.outputs.alerts import event_json, event_record
+    from lightning_gradguard.outputs.loggers import rich_writers
+    from lightning_gradguard.recovery.rollback import RecoveryError, RollbackTrigger
 
 
 def __getattr__(name: str) -> Any:

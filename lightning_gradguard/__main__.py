@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_gradguard.report import main
+from lightning_gradguard.outputs.report import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from lightning_gradguard.diagnostics import GradientDiagnostics
-    from lightning_gradguard.engine import GuardEngine
-    from lightning_gradguard.lr_guard import LRGuard
-    from lightning_gradguard.policies import ThresholdPolicy
-    from lightning_gradguard.recovery import Recovery, RollbackTrigger
-    from lightning_gradguard.stats import GradStats, GroupBy
+    from lightning_gradguard.decide.diagnostics import GradientDiagnostics
+    from lightning_gradguard.decide.engine import GuardEngine
+    from lightning_gradguard.decide.lr_guard import LRGuard
+    from lightning_gradguard.decide.policies import ThresholdPolicy
+    from lightning_gradguard.measure.stats import GradStats, GroupBy
+    from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
 
 ClipName = Literal["auto", "fixed", "percentile", "zscore"]
 OnNonFinite = Literal["skip", "raise", "warn"]
@@ -188,18 +188,18 @@ class GuardOptions:
     snapshot_every_n_steps: int = 100
 
     def recovery(self) -> Recovery | None:
-        """A fresh :class:`~lightning_gradguard.recovery.Recovery` (``None`` when ``rollback`` is off)."""
-        from lightning_gradguard.recovery import Recovery
+        """A fresh :class:`~lightning_gradguard.recovery.rollback.Recovery` (``None`` when ``rollback`` is off)."""
+        from lightning_gradguard.recovery.rollback import Recovery
 
         if self.rollback is None:
             return None
         return Recovery(copy.deepcopy(self.rollback), self.snapshot_every_n_steps)
 
     def engine(self, index: int, named_parameters: Iterable[tuple[str, Tensor]], monitor_only: bool) -> GuardEngine:
-        """A fresh :class:`~lightning_gradguard.engine.GuardEngine` for one optimizer's parameters."""
-        from lightning_gradguard.engine import GuardEngine
-        from lightning_gradguard.policies import make_policy
-        from lightning_gradguard.stats import GradStats
+        """A fresh :class:`~lightning_gradguard.decide.engine.GuardEngine` for one optimizer's parameters."""
+        from lightning_gradguard.decide.engine import GuardEngine
+        from lightning_gradguard.decide.policies import make_policy
+        from lightning_gradguard.measure.stats import GradStats
 
         policy = None if monitor_only else make_policy(copy.deepcopy(self.clip), self.max_norm)
         stats = GradStats(named_parameters, self.group_by)
@@ -220,7 +220,7 @@ class GuardOptions:
 
 
 def update_tracker(stats: GradStats) -> Any:
-    """The :class:`~lightning_gradguard.updates.UpdateTracker` of a guard, its buffer policy chosen by device.
+    """The :class:`~lightning_gradguard.measure.updates.UpdateTracker` of a guard, its buffer policy chosen by device.
 
     On CPU the copy buffers are kept between log steps: a fresh copy per log step costs 2.3-3.8x a plain
     AdamW step there (page faults of the new allocation dominate; ``benchmarks/bench_updates.py``, 90M
@@ -229,7 +229,7 @@ def update_tracker(stats: GradStats) -> Any:
     serves a fresh copy from its pool without faults, and the memory goes back to the pool (activations)
     between log steps, so no copy is kept resident there.
     """
-    from lightning_gradguard.updates import UpdateTracker
+    from lightning_gradguard.measure.updates import UpdateTracker
 
     return UpdateTracker(stats, keep_buffers=stats.device.type == "cpu")
 
@@ -255,8 +255,8 @@ def guard_options(
 
     Numeric options given as numpy scalars or 0-d tensors are stored as Python numbers (:func:`python_scalar`).
     """
-    from lightning_gradguard.diagnostics import GradientDiagnostics
-    from lightning_gradguard.lr_guard import LRGuard
+    from lightning_gradguard.decide.diagnostics import GradientDiagnostics
+    from lightning_gradguard.decide.lr_guard import LRGuard
 
     max_norm, max_consecutive_skips = python_scalar(max_norm), python_scalar(max_consecutive_skips)
     log_every_n_steps, log_layer_norms = python_scalar(log_every_n_steps), python_scalar(log_layer_norms)
@@ -277,7 +277,7 @@ def guard_options(
     if clip is None and isinstance(lr_guard, LRGuard):
         raise ValueError("`lr_guard` needs clipping: pass `clip` (e.g. 'auto') or `lr_guard=False`")
     template = None if clip is None or lr_guard is False else (LRGuard() if lr_guard is True else lr_guard)
-    from lightning_gradguard.recovery import RollbackTrigger
+    from lightning_gradguard.recovery.rollback import RollbackTrigger
 
     if not isinstance(rollback, bool | RollbackTrigger):
         raise ValueError(f"`rollback` must be True, False or a RollbackTrigger instance, got {rollback!r}")
@@ -307,8 +307,8 @@ def guard_options(
 
 def _check_protection(clip: Any, max_norm: Any, on_nonfinite: Any, max_consecutive_skips: Any, lr_guard: Any) -> None:
     """:func:`guard_options`' checks of what changes training: clipping, non-finite steps, the LR guard."""
-    from lightning_gradguard.lr_guard import LRGuard
-    from lightning_gradguard.policies import ThresholdPolicy, make_policy
+    from lightning_gradguard.decide.lr_guard import LRGuard
+    from lightning_gradguard.decide.policies import ThresholdPolicy, make_policy
 
     if clip is not None and not isinstance(clip, ThresholdPolicy):
         check_choice("clip", clip, CLIP_NAMES, ", a ThresholdPolicy or None")
@@ -331,7 +331,7 @@ def _check_outputs(
     diagnostics: Any,
 ) -> None:
     """:func:`guard_options`' checks of what is measured and reported: layers, cadences, diagnostics."""
-    from lightning_gradguard.diagnostics import GradientDiagnostics
+    from lightning_gradguard.decide.diagnostics import GradientDiagnostics
 
     if isinstance(group_by, bool) or not (
         callable(group_by) or group_by in ("module", "param") or isinstance(group_by, int)

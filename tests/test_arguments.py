@@ -12,9 +12,9 @@ from lightning.fabric import Fabric
 from torch import nn
 
 from lightning_gradguard import FabricGuard, GradGuard, Guard, LRGuard, RollbackTrigger
-from lightning_gradguard.diagnostics import GradientDiagnostics
-from lightning_gradguard.policies import PercentilePolicy
-from lightning_gradguard.recovery import Snapshot
+from lightning_gradguard.decide.diagnostics import GradientDiagnostics
+from lightning_gradguard.decide.policies import PercentilePolicy
+from lightning_gradguard.recovery.rollback import Snapshot
 
 
 def _net() -> nn.Module:

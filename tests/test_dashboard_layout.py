@@ -12,7 +12,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gradguard.keys import KEYS, tag
-from lightning_gradguard.tensorboard import dashboard_layout, layer_norm_extremes, threshold_band
+from lightning_gradguard.outputs.tensorboard import dashboard_layout, layer_norm_extremes, threshold_band
 
 
 def _written_layout(tmp_path: Path, indices: list[int]) -> layout_pb2.Layout:

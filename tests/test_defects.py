@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.keys import tag
-from lightning_gradguard.stats import GradStats
+from lightning_gradguard.measure.stats import GradStats
 from tests._models import make_trainer, read_events, scalars
 
 
@@ -117,7 +117,7 @@ def test_compiled_module_has_the_eager_layer_names() -> None:
 
 # ---------------------------------------------------------------------------------- 6: LR reductions in the report
 def _reduction_text(step: int) -> str:
-    from lightning_gradguard.lr_guard import LRReduction
+    from lightning_gradguard.decide.lr_guard import LRReduction
 
     return LRReduction(
         step=step, reason="saturation", lr_scale_before=1.0, lr_scale=0.5, num_reductions=1, norm=3.0,
@@ -151,7 +151,7 @@ def test_report_does_not_invent_lr_reductions(
 ) -> None:
     import json
 
-    from lightning_gradguard.report import main
+    from lightning_gradguard.outputs.report import main
 
     _lr_run(tmp_path, lr_scale, [(100, _REMEDY)] * 3)
     assert main(["report", str(tmp_path)]) == 0
@@ -169,7 +169,7 @@ def test_report_counts_real_lr_reductions_in_text_and_json_alike(
 ) -> None:
     import json
 
-    from lightning_gradguard.report import main
+    from lightning_gradguard.outputs.report import main
 
     _lr_run(tmp_path, lr_scale, [(0, _REMEDY), (100, _reduction_text(100)), (100, _REMEDY)])
     assert main(["report", str(tmp_path)]) == 0
@@ -187,8 +187,8 @@ def test_report_counts_real_lr_reductions_in_text_and_json_alike(
 def test_counts_are_pluralised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_gradguard.diagnostics import GradientDiagnostics
-    from lightning_gradguard.report import main
+    from lightning_gradguard.decide.diagnostics import GradientDiagnostics
+    from lightning_gradguard.outputs.report import main
 
     diag = GradientDiagnostics()
     diag.observe(0, {"fc": 1.0}, {"fc": 4})
@@ -211,8 +211,8 @@ def test_report_heatmap_draws_the_tensorboard_heatmap(tmp_path: Path) -> None:
     import matplotlib.image
     import numpy as np
 
-    from lightning_gradguard.heatmap import render_heatmap
-    from lightning_gradguard.report import _heatmap_grid, build_report
+    from lightning_gradguard.outputs.heatmap import render_heatmap
+    from lightning_gradguard.outputs.report import _heatmap_grid, build_report
     from tests._models import TinyRegressor
 
     guard = GradGuard(histogram_every_n_steps=1, heatmap_every_n_steps=1000, log_every_n_steps=1)
@@ -295,8 +295,8 @@ def test_text_tab_shows_every_event_of_a_step(tmp_path: Path, capsys: pytest.Cap
         pytest.skip(f"{TENSORBOARD} not installed")
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_gradguard.report import build_report
-    from lightning_gradguard.tensorboard import EventLog
+    from lightning_gradguard.outputs.report import build_report
+    from lightning_gradguard.outputs.tensorboard import EventLog
 
     verdicts = [f"Layer 'enc.{i}' has a vanishing gradient at step 0." for i in range(5)]
     with SummaryWriter(str(tmp_path / "per_event")) as writer:  # what GradGuard wrote: one add_text per event

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_gradguard import GradGuard, GradMonitor
-from lightning_gradguard.engine import GradGuardError, NonFiniteGradientsError
+from lightning_gradguard.decide.engine import GradGuardError, NonFiniteGradientsError
 from lightning_gradguard.keys import tag
 from tests._models import TinyRegressor, make_trainer, read_events, scalars
 
@@ -98,7 +98,7 @@ def test_nan_step_is_nan_in_the_heatmap_not_a_dead_layer(tmp_path: Path) -> None
 
 # ---------------------------------------------------------------------------------- 9: off by one
 def test_end_of_fit_flush_is_logged_at_the_last_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_gradguard.report import main
+    from lightning_gradguard.outputs.report import main
 
     guard = GradGuard(log_every_n_steps=4, histogram_every_n_steps=0)
     trainer = make_trainer(tmp_path, [guard], max_steps=6)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_gradguard.diagnostics import KINDS, REMEDIES, GradientDiagnostics, Verdict
+from lightning_gradguard.decide.diagnostics import KINDS, REMEDIES, GradientDiagnostics, Verdict
 
 
 def kinds(verdicts: list[Verdict]) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.keys import tag
-from lightning_gradguard.report import main as report_main
+from lightning_gradguard.outputs.report import main as report_main
 
 from ._models import make_trainer
 from .test_tensorboard_server import TENSORBOARD, served

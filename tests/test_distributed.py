@@ -325,7 +325,7 @@ def test_two_nodes_take_identical_decisions(multinode_run: tuple[Path, list[int]
 
 # ------------------------------------------------------------------------------ pure helpers (no processes)
 def test_replicated_rows_are_divided_back_and_sharded_rows_are_not() -> None:
-    from lightning_gradguard.distributed import _replicated_divisor, reduce_histograms, reduce_stats
+    from lightning_gradguard.measure.distributed import _replicated_divisor, reduce_histograms, reduce_stats
 
     # layers: sharded, replicated, sharded; then one extra entry (treated as replicated)
     divisor = _replicated_divisor(torch.zeros(4, 3, dtype=torch.float64), [True, False, True], 2)

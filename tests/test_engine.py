@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from lightning_gradguard._validation import CLIP_NAMES, guard_options
-from lightning_gradguard.engine import GuardEngine, StepOutcome, apply_outcome
+from lightning_gradguard.decide.engine import GuardEngine, StepOutcome, apply_outcome
+from lightning_gradguard.decide.lr_guard import LRGuard
+from lightning_gradguard.decide.policies import POLICY_NAMES, FixedPolicy
 from lightning_gradguard.events import GuardEvent
-from lightning_gradguard.lr_guard import LRGuard
-from lightning_gradguard.policies import POLICY_NAMES, FixedPolicy
-from lightning_gradguard.stats import GradStats, StepStats
+from lightning_gradguard.measure.stats import GradStats, StepStats
 
 LAYERS = ("a", "b")
 
@@ -248,7 +248,7 @@ def test_the_engine_imports_no_lightning() -> None:
     import sys
 
     code = (
-        "import sys, lightning_gradguard.engine, lightning_gradguard.events\n"
+        "import sys, lightning_gradguard.decide.engine, lightning_gradguard.events\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

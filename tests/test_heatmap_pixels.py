@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lightning_gradguard.heatmap import HeatmapFigure, heatmap_size, render_heatmap
+from lightning_gradguard.outputs.heatmap import HeatmapFigure, heatmap_size, render_heatmap
 
 matplotlib = pytest.importorskip("matplotlib")
 DATA = Path(__file__).parent / "data"

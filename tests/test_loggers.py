@@ -13,8 +13,14 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_gradguard.loggers import MLflowWriter, TensorBoardWriter, WandbWriter, histogram_edges, rich_writers
-from lightning_gradguard.stats import GradStats, HistogramData
+from lightning_gradguard.measure.stats import GradStats, HistogramData
+from lightning_gradguard.outputs.loggers import (
+    MLflowWriter,
+    TensorBoardWriter,
+    WandbWriter,
+    histogram_edges,
+    rich_writers,
+)
 
 from ._models import read_events
 

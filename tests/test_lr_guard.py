@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_gradguard.lr_guard import LRGuard, LRReduction
-from lightning_gradguard.policies import AutoPolicy, make_policy
+from lightning_gradguard.decide.lr_guard import LRGuard, LRReduction
+from lightning_gradguard.decide.policies import AutoPolicy, make_policy
 
 POLICIES = ["auto", "fixed", "percentile", "zscore"]
 SIGMAS = [0.1, 0.5, 1.0]

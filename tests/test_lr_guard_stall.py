@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, Guard, LRGuard
+from lightning_gradguard.decide.lr_guard import STALL_EVERY, STALL_MIN_GAIN, STALL_START
 from lightning_gradguard.events import GuardEvent
-from lightning_gradguard.lr_guard import STALL_EVERY, STALL_MIN_GAIN, STALL_START
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

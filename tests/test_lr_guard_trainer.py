@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard.callbacks import GradGuard
-from lightning_gradguard.lr_guard import LRGuard
+from lightning_gradguard.decide.lr_guard import LRGuard
+from lightning_gradguard.frontends.lightning import GradGuard
 
 STEPS = 40
 BATCHES_PER_EPOCH = 4

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_gradguard.policies import (
+from lightning_gradguard.decide.policies import (
     POLICY_NAMES,
     AutoPolicy,
     FixedPolicy,

@@ -106,7 +106,7 @@ def test_report_shows_rollbacks(tmp_path: Path, capsys: pytest.CaptureFixture[st
     """``gradguard report`` on a run that rolled back names the rollback; it said nothing of it before."""
     import json
 
-    from lightning_gradguard.report import main as report_main
+    from lightning_gradguard.outputs.report import main as report_main
 
     from ._models import TinyRegressor
 

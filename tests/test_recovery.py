@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard.recovery import RecoveryError, RollbackDecision, RollbackTrigger, Snapshot
+from lightning_gradguard.recovery.rollback import RecoveryError, RollbackDecision, RollbackTrigger, Snapshot
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -641,6 +641,8 @@ def test_skipped_steps_are_not_healthy_and_the_module_needs_no_lightning() -> No
     assert trigger.update(0, loss=1.0).snapshot_ok
     assert not trigger.update(1, loss=1.0, skipped=True).snapshot_ok
     assert trigger.update(2, loss=1.0).snapshot_ok
-    code = "import sys, lightning_gradguard.recovery; assert 'lightning' not in sys.modules, 'lightning imported'"
+    code = (
+        "import sys, lightning_gradguard.recovery.rollback; assert 'lightning' not in sys.modules, 'lightning imported'"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -23,7 +23,7 @@ from torch import nn
 
 from lightning_gradguard import AutoPolicy, GradGuard, Guard, RecoveryError, RollbackTrigger
 from lightning_gradguard.keys import tag
-from lightning_gradguard.tensorboard import split_events
+from lightning_gradguard.outputs.tensorboard import split_events
 
 from . import test_frontends as frontends
 from ._models import TinyRegressor, make_trainer, read_events, regression_data, scalars, weights

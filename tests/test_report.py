@@ -15,9 +15,9 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 import lightning_gradguard
-from lightning_gradguard.heatmap import heatmap_size, render_heatmap
 from lightning_gradguard.keys import tag
-from lightning_gradguard.report import main
+from lightning_gradguard.outputs.heatmap import heatmap_size, render_heatmap
+from lightning_gradguard.outputs.report import main
 
 LAYERS = [f"net.{i}" for i in range(0, 20, 2)]
 NUMELS = [78400] + [10000] * 8 + [1000]

@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_gradguard import GradGuard
+from lightning_gradguard.decide.lr_guard import LRGuard
+from lightning_gradguard.decide.policies import AutoPolicy
 from lightning_gradguard.keys import tag
-from lightning_gradguard.lr_guard import LRGuard
-from lightning_gradguard.policies import AutoPolicy
 
 from ._models import retry_on_exit_abort
 

@@ -230,7 +230,7 @@ def test_a_version_2_plain_guard_state_restores_what_it_holds_and_resumes_with_t
 def test_an_option_added_since_the_checkpoint_is_no_configuration_difference_at_its_default() -> None:
     """A version-2 checkpoint's LR-guard configuration predates ``stall_update_ratio``: resuming it with the
     default must not report a difference, resuming it with another value must."""
-    from lightning_gradguard.engine import _configs_differ
+    from lightning_gradguard.decide.engine import _configs_differ
 
     old = (
         "LRGuard(approach_ratio=0.9, patience=10, factor=0.5, cooldown=100, min_lr=0.0, max_reductions=None,"

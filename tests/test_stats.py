@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard.stats import GradStats, layer_name
+from lightning_gradguard.measure.stats import GradStats, layer_name
 
 
 def _set_grads(model: nn.Module, value_fn) -> None:  # type: ignore[no-untyped-def]

@@ -7,13 +7,13 @@ import math
 import torch
 from torch import nn
 
-from lightning_gradguard.diagnostics import (
+from lightning_gradguard.decide.diagnostics import (
     UPDATE_RATIO_HIGH,
     lr_too_high_verdicts,
     not_learning_verdicts,
 )
-from lightning_gradguard.stats import GradStats
-from lightning_gradguard.updates import UpdateTracker
+from lightning_gradguard.measure.stats import GradStats
+from lightning_gradguard.measure.updates import UpdateTracker
 
 
 def test_lr_too_high_uses_the_median_and_names_the_layer() -> None:

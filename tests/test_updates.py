@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard.stats import GradStats
-from lightning_gradguard.updates import UpdateTracker, log10_update_ratio, update_metrics
+from lightning_gradguard.measure.stats import GradStats
+from lightning_gradguard.measure.updates import UpdateTracker, log10_update_ratio, update_metrics
 
 
 def _two_layers() -> nn.Sequential:

@@ -11,7 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from lightning_gradguard.heatmap import render_heatmap  # noqa: E402
+from lightning_gradguard.outputs.heatmap import render_heatmap  # noqa: E402
 from tests.test_heatmap_pixels import HEATMAP_CASES, write_png  # noqa: E402
 
 if __name__ == "__main__":

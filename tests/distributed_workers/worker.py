@@ -319,7 +319,7 @@ def run_ddp(out: Path) -> None:
     common["strategy"] = ddp()
     fit(out, "nan_after_allreduce", Net(), GradGuard(lr_guard=False), 8, before=[PoisonGrad(1, 3)], **common)
     # Control: the same fault with GradGuard's reduction switched off -- the ranks must then disagree.
-    import lightning_gradguard.engine as callbacks_module  # where the engine reads the statistics
+    import lightning_gradguard.decide.engine as callbacks_module  # where the engine reads the statistics
 
     real = callbacks_module.reduce_stats
     callbacks_module.reduce_stats = lambda vector, sharded: vector

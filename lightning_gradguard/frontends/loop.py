@@ -1,7 +1,7 @@
 """GradGuard for a plain PyTorch training loop (and, through :class:`FabricGuard`, for Lightning Fabric).
 
 ``Guard(model, optimizer)`` takes the same options as :class:`~lightning_gradguard.GradGuard` and makes
-the same decisions through the same :class:`~lightning_gradguard.engine.GuardEngine`; call
+the same decisions through the same :class:`~lightning_gradguard.decide.engine.GuardEngine`; call
 :meth:`Guard.before_optimizer_step` between ``loss.backward()`` and ``optimizer.step()``. See
 ``docs/plain-pytorch.md``.
 """
@@ -26,8 +26,8 @@ from lightning_gradguard._compat import (
     warn_at_caller,
 )
 from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
-from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
-from lightning_gradguard.engine import (
+from lightning_gradguard.decide.diagnostics import GradientDiagnostics, Verdict
+from lightning_gradguard.decide.engine import (
     STATE_VERSION,
     GradGuardError,
     GuardEngine,
@@ -36,12 +36,12 @@ from lightning_gradguard.engine import (
     optimizer_parameters,
     parameter_signature,
 )
+from lightning_gradguard.decide.lr_guard import LRGuard
+from lightning_gradguard.decide.policies import ThresholdPolicy
 from lightning_gradguard.events import GuardEvent
-from lightning_gradguard.lr_guard import LRGuard
-from lightning_gradguard.outputs import OnEvent, Reporter
-from lightning_gradguard.policies import ThresholdPolicy
-from lightning_gradguard.recovery import Recovery, RollbackTrigger
-from lightning_gradguard.stats import GroupBy
+from lightning_gradguard.measure.stats import GroupBy
+from lightning_gradguard.outputs.sink import OnEvent, Reporter
+from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
 
 __all__ = ["FabricGuard", "Guard"]
 
@@ -178,7 +178,7 @@ class Guard:
         )
         reporter.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
         if reporter.writer is not None:
-            from lightning_gradguard.tensorboard import dashboard_layout
+            from lightning_gradguard.outputs.tensorboard import dashboard_layout
 
             reporter.writer.add_custom_scalars(dashboard_layout([0]))
         return reporter
@@ -210,7 +210,7 @@ class Guard:
                 by norms alone.
 
         Returns:
-            The :class:`~lightning_gradguard.engine.StepOutcome` (threshold, coefficient, clipped, skipped...).
+            The :class:`~lightning_gradguard.decide.engine.StepOutcome` (threshold, coefficient, clipped, skipped...).
 
         Raises:
             NonFiniteGradientsError: training must stop (on every rank alike).

@@ -1,7 +1,7 @@
 """Histograms and the heatmap image for loggers beyond TensorBoard: W&B and MLflow.
 
 Scalars reach every Lightning logger through ``log_metrics``. The per-layer histograms (built on the
-device, see :meth:`~lightning_gradguard.stats.GradStats.histogram_counts`) and the layer x step heatmap
+device, see :meth:`~lightning_gradguard.measure.stats.GradStats.histogram_counts`) and the layer x step heatmap
 need a logger that understands them; :func:`rich_writers` finds one writer per such logger:
 
 * :class:`~lightning.pytorch.loggers.TensorBoardLogger`: ``add_histogram_raw`` and ``add_image``
@@ -25,8 +25,8 @@ import numpy as np
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from lightning_gradguard.keys import tag
-from lightning_gradguard.stats import HistogramData
-from lightning_gradguard.tensorboard import write_histograms
+from lightning_gradguard.measure.stats import HistogramData
+from lightning_gradguard.outputs.tensorboard import write_histograms
 
 __all__ = [
     "MLflowWriter",

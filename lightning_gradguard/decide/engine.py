@@ -27,20 +27,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard.diagnostics import (
+from lightning_gradguard.decide.diagnostics import (
     GradientDiagnostics,
     UpdateVerdict,
     Verdict,
     lr_too_high_verdicts,
     not_learning_verdicts,
 )
-from lightning_gradguard.distributed import reduce_histograms, reduce_stats
+from lightning_gradguard.decide.lr_guard import LRGuard, LRReduction
+from lightning_gradguard.decide.policies import ThresholdPolicy
 from lightning_gradguard.events import GuardEvent
-from lightning_gradguard.heatmap import log10_norm
-from lightning_gradguard.lr_guard import LRGuard, LRReduction
-from lightning_gradguard.policies import ThresholdPolicy
-from lightning_gradguard.stats import GradStats, HistogramData, StepStats
-from lightning_gradguard.updates import UpdateStats, UpdateTracker, log10_update_ratio
+from lightning_gradguard.measure.distributed import reduce_histograms, reduce_stats
+from lightning_gradguard.measure.stats import GradStats, HistogramData, StepStats
+from lightning_gradguard.measure.updates import UpdateStats, UpdateTracker, log10_update_ratio
+from lightning_gradguard.outputs.heatmap import log10_norm
 
 __all__ = [
     "STATE_VERSION",

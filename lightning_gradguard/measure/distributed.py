@@ -7,7 +7,7 @@ single ``all_reduce`` before it is read, which gives two guarantees at once:
 * sharded layers (FSDP2 ``DTensor`` gradients) hold the sum of their shards' squared norms, i.e. the
   squared norm of the full gradient (a shard that several ranks hold, on the ``Replicate`` dimensions
   of a 2-D mesh, is weighted by one over its number of holders in
-  :meth:`~lightning_gradguard.stats.GradStats.squared_norms`, so it counts once);
+  :meth:`~lightning_gradguard.measure.stats.GradStats.squared_norms`, so it counts once);
 * replicated layers (DDP) are divided back by the world size, so every rank reads the very same bits
   and takes the very same decisions, whatever rounding differences the ranks had. A non-finite value
   on any one rank turns the entry non-finite on all of them, so no rank steps while another skips and

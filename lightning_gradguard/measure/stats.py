@@ -15,7 +15,7 @@ How the pass works:
 * complex gradients count by their magnitude: they are normed as their real view (``view_as_real``,
   whose L2 norm is the complex one), clipped by a real coefficient, and histogrammed by ``abs``;
 * sharded gradients (``DTensor``, as FSDP2's ``fully_shard`` produces) contribute the squared norm of
-  their local shard; :mod:`lightning_gradguard.distributed` sums the vector across ranks. A shard held
+  their local shard; :mod:`lightning_gradguard.measure.distributed` sums the vector across ranks. A shard held
   by several ranks (the ``Replicate`` dimensions of a 2-D mesh: HSDP, or tensor parallelism's
   replicated biases) is weighted by one over its number of holders, so the sum counts it once;
 * a non-finite value anywhere in a layer makes that layer's entry NaN or inf, which is how

@@ -1,8 +1,8 @@
 """Outputs of every front-end: the logged metrics, TensorBoard histograms, heatmap and text events.
 
-A :class:`Reporter` takes each step's :class:`~lightning_gradguard.engine.StepOutcome` and does what the
+A :class:`Reporter` takes each step's :class:`~lightning_gradguard.decide.engine.StepOutcome` and does what the
 log cadence asks: scalars through ``log_metrics`` (every Lightning logger, or a ``SummaryWriter``),
-histograms and the heatmap through the rich writers (:func:`~lightning_gradguard.loggers.rich_writers`:
+histograms and the heatmap through the rich writers (:func:`~lightning_gradguard.outputs.loggers.rich_writers`:
 TensorBoard, W&B, MLflow) or the TensorBoard writer, text events through the TensorBoard writer, messages
 through the front-end's rank-zero ``warn`` / ``info`` and every event to the user's ``on_event`` hook.
 Only rank zero is given a writer, rich writers, a ``log_metrics`` and the hook.
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from lightning_gradguard._validation import GuardOptions
-from lightning_gradguard.engine import GuardEngine, NonFiniteGradientsError, StepOutcome
+from lightning_gradguard.decide.engine import GuardEngine, NonFiniteGradientsError, StepOutcome
 from lightning_gradguard.events import GuardEvent
-from lightning_gradguard.heatmap import HeatmapFigure
 from lightning_gradguard.keys import tag
-from lightning_gradguard.tensorboard import EventLog, layer_norm_extremes, threshold_band, write_histograms
-from lightning_gradguard.updates import update_metrics
+from lightning_gradguard.measure.updates import update_metrics
+from lightning_gradguard.outputs.heatmap import HeatmapFigure
+from lightning_gradguard.outputs.tensorboard import EventLog, layer_norm_extremes, threshold_band, write_histograms
 
 __all__ = ["Reporter", "dashboard_metrics", "step_metrics"]
 
@@ -95,7 +95,7 @@ class Reporter:
         scaler_enabled: whether an active AMP GradScaler is in use (adds ``scaler_skipped``).
         on_event: the user's hook, called with every event (rank zero only), or ``None``. An exception
             it raises is reported once as a warning and training continues.
-        rich_writers: writers for histograms and images (:func:`~lightning_gradguard.loggers.rich_writers`);
+        rich_writers: writers for histograms and images (:func:`~lightning_gradguard.outputs.loggers.rich_writers`);
             ``None`` sends them to ``writer``.
     """
 

@@ -22,7 +22,7 @@ from lightning_gradguard.keys import namespace, tag
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import Logger
 
-    from lightning_gradguard.stats import HistogramData
+    from lightning_gradguard.measure.stats import HistogramData
 
 __all__ = [
     "EVENT_SEPARATOR",

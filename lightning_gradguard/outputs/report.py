@@ -9,7 +9,7 @@ Reads the event files with TensorBoard's own record reader
   step restored and the steps lost, from the ``rollback`` text events and the ``rollbacks_total`` /
   ``steps_lost`` scalars);
 * a per-layer table: median/min/max L2 norm, median per-element RMS, and the verdicts of
-  :class:`~lightning_gradguard.diagnostics.GradientDiagnostics` replayed over the logged layer norms;
+  :class:`~lightning_gradguard.decide.diagnostics.GradientDiagnostics` replayed over the logged layer norms;
 * with ``--png PATH`` the layer x step heatmap of log10 L2 norms (the quantity of the TensorBoard
   heatmap image); with ``--json`` one JSON document instead of text.
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_gradguard.diagnostics import GradientDiagnostics, plural
-from lightning_gradguard.tensorboard import split_events
+from lightning_gradguard.decide.diagnostics import GradientDiagnostics, plural
+from lightning_gradguard.outputs.tensorboard import split_events
 
 __all__ = ["ReportError", "RunData", "build_report", "find_runs", "main", "read_run"]
 
@@ -375,7 +375,7 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 
 def _heatmap_grid(section: dict[str, Any]) -> tuple[list[str], list[int], Any]:
     """Layers, steps and log10 L2-norm grid of a section: the quantity of the TensorBoard heatmap."""
-    from lightning_gradguard.heatmap import norm_grid
+    from lightning_gradguard.outputs.heatmap import norm_grid
 
     run: RunData = section["_run"]
     ns = section["namespace"]
@@ -386,7 +386,7 @@ def _heatmap_grid(section: dict[str, Any]) -> tuple[list[str], list[int], Any]:
 
 
 def _heatmap(section: dict[str, Any], png: Path) -> None:
-    from lightning_gradguard.heatmap import NORM_LABEL, render_heatmap
+    from lightning_gradguard.outputs.heatmap import NORM_LABEL, render_heatmap
 
     layers, steps, grid = _heatmap_grid(section)
     title = f"{section['run']} ({section['namespace']})" if section["namespace"] != "gradguard" else section["run"]

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard._validation import check_bool, check_int, is_number, python_scalar
-from lightning_gradguard.engine import GradGuardError, GuardEngine, StepOutcome
+from lightning_gradguard.decide.engine import GradGuardError, GuardEngine, StepOutcome
 from lightning_gradguard.events import GuardEvent
 
 __all__ = [
@@ -980,10 +980,10 @@ class Recovery:
     """A :class:`RollbackTrigger` and two alternating :class:`Snapshot` slots wired to GradGuard's engines.
 
     The front-end calls :meth:`attach` once the model, optimizers and schedulers exist, passes
-    :meth:`state_check` to :meth:`GuardEngine.measure <lightning_gradguard.engine.GuardEngine.measure>`,
+    :meth:`state_check` to :meth:`GuardEngine.measure <lightning_gradguard.decide.engine.GuardEngine.measure>`,
     then calls :meth:`after_decide` at every optimizer step, right after :meth:`GuardEngine.decide
-    <lightning_gradguard.engine.GuardEngine.decide>` and before
-    :func:`~lightning_gradguard.engine.apply_outcome`. Decisions are taken from reduced values (the loss,
+    <lightning_gradguard.decide.engine.GuardEngine.decide>` and before
+    :func:`~lightning_gradguard.decide.engine.apply_outcome`. Decisions are taken from reduced values (the loss,
     the non-finite flags, the buffer check), so every rank acts at the same step.
 
     * **Every optimizer drives.** Each optimizer's non-finite streak can fire; the loss of optimizer 0

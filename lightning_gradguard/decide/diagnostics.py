@@ -499,7 +499,7 @@ class GradientDiagnostics:
 
 # ---------------------------------------------------------------------- update-to-weight ratio verdicts
 #
-# Pure functions over the log10 update-to-weight ratios of :mod:`lightning_gradguard.updates`
+# Pure functions over the log10 update-to-weight ratios of :mod:`lightning_gradguard.measure.updates`
 # (``log10(||w_after - w_before|| / ||w_after||)`` per layer, at log steps). The caller keeps each
 # layer's last few ratios and reports a verdict once per episode, as for the gradient verdicts.
 #

@@ -429,9 +429,9 @@ class LRGuard:
                 healthy early training, not a step size that is too large.
             prior: the threshold is not learnt from this run's history (``auto``'s ceiling while it binds: a
                 multiple of the run's first norms, see
-                :meth:`~lightning_gradguard.policies.ThresholdPolicy.threshold_is_prior`). Norms that press such a
-                threshold are no evidence of a too-high LR on their own: a healthy run whose norms grow presses it
-                step after step. They count only while the training loss diverges or has risen to more than twice
+                :meth:`~lightning_gradguard.decide.policies.ThresholdPolicy.threshold_is_prior`). Norms that press
+                such a threshold are no evidence of a too-high LR on their own: a healthy run whose norms grow presses
+                it step after step. They count only while the training loss diverges or has risen to more than twice
                 its lowest running level so far (the loss is then the evidence, the norms say where to act).
 
         Returns:

@@ -3,7 +3,7 @@
 The update-to-weight ratio ``||w_after - w_before|| / ||w_after||`` of a layer says how far one
 optimizer step moves its weights relative to their size. Practitioners read its log10: around -3 is
 the usual band for Adam-style training; a layer far above it is moving too fast for its learning rate,
-one far below it is barely learning (see :func:`lightning_gradguard.diagnostics.update_ratio_verdicts`).
+one far below it is barely learning (see :func:`lightning_gradguard.decide.diagnostics.update_ratio_verdicts`).
 
 :class:`UpdateTracker` works at log steps only and in two calls around ``optimizer.step()``:
 
@@ -12,7 +12,7 @@ one far below it is barely learning (see :func:`lightning_gradguard.diagnostics.
 * :meth:`UpdateTracker.squared_norms` (after the step) turns the copies into ``w_before - w_after``
   in place, takes one ``torch._foreach_norm`` of the differences and one of the weights per bucket and
   sums them per layer into a float64 vector on the device, with the same layer grouping (and the same
-  weighting of replicated shards) as :class:`~lightning_gradguard.stats.GradStats`. The copies are
+  weighting of replicated shards) as :class:`~lightning_gradguard.measure.stats.GradStats`. The copies are
   released.
 * :meth:`UpdateTracker.read` brings that vector to the host in one transfer. Under data parallelism
   with sharded weights (FSDP), SUM-reduce the vector across ranks first, exactly like the gradient
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lightning_gradguard._validation import check_bool
 from lightning_gradguard.keys import tag
-from lightning_gradguard.stats import GradStats, _local
+from lightning_gradguard.measure.stats import GradStats, _local
 
 __all__ = ["UpdateStats", "UpdateTracker", "log10_update_ratio", "update_metrics"]
 
@@ -58,7 +58,7 @@ class UpdateStats:
     """Host-side view of one step's per-layer update and weight norms.
 
     Attributes:
-        layers: layer names, in model order (those of the :class:`~lightning_gradguard.stats.GradStats`).
+        layers: layer names, in model order (those of the :class:`~lightning_gradguard.measure.stats.GradStats`).
         update_norms: L2 norm of each layer's weight change over the step (``0.0`` for a layer none
             of whose weights had a gradient).
         weight_norms: L2 norm of each layer's touched weights after the step.
@@ -108,7 +108,7 @@ class UpdateTracker:
     """Weight norms and update-to-weight ratios per layer, from a copy taken before the step.
 
     Args:
-        stats: the :class:`~lightning_gradguard.stats.GradStats` of the optimizer; its parameters,
+        stats: the :class:`~lightning_gradguard.measure.stats.GradStats` of the optimizer; its parameters,
             layer grouping and shard weighting are reused.
         keep_buffers: keep the copy buffers between log steps and refill them in place
             (``torch._foreach_copy_``) instead of allocating fresh copies at every log step. Saves the

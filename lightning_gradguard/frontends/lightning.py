@@ -4,13 +4,13 @@ Everything happens in ``on_before_optimizer_step``, once per optimizer step: the
 complete (all micro-batches of an accumulation window, synchronised across ranks), unscaled by the
 AMP GradScaler (except for fused optimizers, handled below) and not yet clipped by Lightning.
 
-Per step, GradGuard makes one pass over the gradients (:class:`~lightning_gradguard.stats.GradStats`),
-at most one collective (:func:`~lightning_gradguard.distributed.reduce_stats`) and one device-to-host
+Per step, GradGuard makes one pass over the gradients (:class:`~lightning_gradguard.measure.stats.GradStats`),
+at most one collective (:func:`~lightning_gradguard.measure.distributed.reduce_stats`) and one device-to-host
 transfer; every decision is then taken on the host from that one vector, identically on every rank.
 
 This module is the Lightning glue only: argument validation (:mod:`lightning_gradguard._validation`),
-setup checks, and hooks that call the per-optimizer :class:`~lightning_gradguard.engine.GuardEngine`
-(decisions) and the :class:`~lightning_gradguard.outputs.Reporter` (metrics, TensorBoard, messages).
+setup checks, and hooks that call the per-optimizer :class:`~lightning_gradguard.decide.engine.GuardEngine`
+(decisions) and the :class:`~lightning_gradguard.outputs.sink.Reporter` (metrics, TensorBoard, messages).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from lightning_gradguard._compat import (
     warn_at_caller,
 )
 from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
-from lightning_gradguard.diagnostics import GradientDiagnostics, Verdict
-from lightning_gradguard.engine import (
+from lightning_gradguard.decide.diagnostics import GradientDiagnostics, Verdict
+from lightning_gradguard.decide.engine import (
     STATE_VERSION,
     GradGuardError,
     GuardEngine,
@@ -47,15 +47,15 @@ from lightning_gradguard.engine import (
     optimizer_parameters,
     parameter_signature,
 )
+from lightning_gradguard.decide.lr_guard import LRGuard
+from lightning_gradguard.decide.policies import ThresholdPolicy
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.keys import tag
-from lightning_gradguard.loggers import rich_writers
-from lightning_gradguard.lr_guard import LRGuard
-from lightning_gradguard.outputs import OnEvent, Reporter
-from lightning_gradguard.policies import ThresholdPolicy
-from lightning_gradguard.recovery import Recovery, RollbackTrigger
-from lightning_gradguard.stats import GroupBy
-from lightning_gradguard.tensorboard import EventLog, dashboard_layout, find_writer
+from lightning_gradguard.measure.stats import GroupBy
+from lightning_gradguard.outputs.loggers import rich_writers
+from lightning_gradguard.outputs.sink import OnEvent, Reporter
+from lightning_gradguard.outputs.tensorboard import EventLog, dashboard_layout, find_writer
+from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
 
 __all__ = ["GradClip", "GradGuard", "GradGuardError", "GradMonitor", "NonFiniteGradientsError"]
 
@@ -73,13 +73,13 @@ class GradGuard(Callback):
     Args:
         clip: threshold policy: ``"auto"`` (default), ``"fixed"`` (needs ``max_norm``; same as
             ``gradient_clip_val``), ``"percentile"``, ``"zscore"``, a
-            :class:`~lightning_gradguard.policies.ThresholdPolicy` instance, or ``None`` to only monitor.
+            :class:`~lightning_gradguard.decide.policies.ThresholdPolicy` instance, or ``None`` to only monitor.
         max_norm: the threshold for ``clip="fixed"``; a cap on the threshold of adaptive policies.
         on_nonfinite: ``"skip"`` the optimizer step (weights and optimizer state untouched),
             ``"raise"`` an error, or ``"warn"`` and step anyway.
         max_consecutive_skips: with ``"skip"``, stop training with an error after this many
             consecutive skipped steps.
-        lr_guard: ``True`` for the default :class:`~lightning_gradguard.lr_guard.LRGuard`, an instance
+        lr_guard: ``True`` for the default :class:`~lightning_gradguard.decide.lr_guard.LRGuard`, an instance
             to configure it, or ``False`` to disable it. Needs clipping (``clip`` not ``None``).
         group_by: how parameters are grouped into layers: ``"module"`` (owning module, default),
             ``"param"``, an ``int`` module depth, or a callable ``param_name -> layer_name``.
@@ -89,7 +89,7 @@ class GradGuard(Callback):
             ``0`` disables them. The default, 100, keeps the amortised cost of the extra pass over
             the gradients well under 1% of a step while giving a few hundred histograms per run.
         histogram_bins: equal-width bins per histogram.
-        diagnostics: ``True`` for the default :class:`~lightning_gradguard.diagnostics.GradientDiagnostics`
+        diagnostics: ``True`` for the default :class:`~lightning_gradguard.decide.diagnostics.GradientDiagnostics`
             (vanishing, exploding, dead and non-finite layers), an instance, or ``False``.
         heatmap_every_n_steps: write the layer x step heatmap image every this many optimizer steps
             (and at the end of training); ``0`` disables it. Needs matplotlib.
@@ -102,7 +102,7 @@ class GradGuard(Callback):
             step, LR reduction, verdict, notice), right before it is logged; forward it to Slack, W&B alerts
             or a pager (see ``docs/alerts.md``). If it raises, GradGuard warns once and training continues.
         rollback: recovery (``docs/recovery.md``): ``True`` (default) for the default
-            :class:`~lightning_gradguard.recovery.RollbackTrigger`, an instance to configure it, or
+            :class:`~lightning_gradguard.recovery.rollback.RollbackTrigger`, an instance to configure it, or
             ``False`` to turn it off. When it fires (non-finite gradients on 3 consecutive steps, a
             non-finite loss, a loss run away from its running level), every rank restores the last good
             snapshot, the LR guard lowers the LR and the step is skipped. ``True`` needs the LR guard (it

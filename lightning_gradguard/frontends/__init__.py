@@ -1,0 +1,1 @@
+"""Front-ends: the Lightning callback and the plain-PyTorch / Fabric loop, adapters over the step."""

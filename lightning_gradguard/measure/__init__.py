@@ -1,0 +1,1 @@
+"""Measurement: one fused pass over the gradients (and, at log steps, the weights), reduced across ranks."""

@@ -1,0 +1,1 @@
+"""Outputs: everything GradGuard writes (scalars, histograms, heatmaps, events, the report); nothing here decides."""
