@@ -1,0 +1,367 @@
+"""Incident records: what happened at a step GradGuard acted on or a spike, where it started, on which batch.
+
+An :class:`IncidentRecorder` keeps references to the last ``window`` steps' host statistics (the per-layer
+squared norms GradGuard already has on the host, the loss, the effective LRs): no copy, no device work and no
+collective on a step without an incident. At an incident it ranks the layers by how far their own norm jumped
+against their own recent median (the *leading layers*) and writes one :class:`Incident`.
+
+Incidents are:
+
+* every step GradGuard skipped, rolled back, cut the LR at, or stopped at (``RecoveryError``);
+* a **norm spike**: a finite global gradient norm above ``norm_spike`` (10) times the median of the
+  window's finite norms, once the window holds ``min_history`` (16) of them;
+* a **loss spike**: a finite loss above ``loss_spike`` (5) times the median of the window's finite losses
+  (same history rule); both ratios are scale-free.
+
+Nothing here imports Lightning or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "INCIDENT_KINDS",
+    "Incident",
+    "IncidentRecorder",
+    "LeadingLayer",
+    "read_incidents",
+]
+
+#: What an incident can be, by the action or the observation that made it one.
+INCIDENT_KINDS = (
+    "skipped",  # a step skipped for non-finite gradients or module buffers
+    "nonfinite",  # non-finite gradients stepped through (on_nonfinite="warn" or monitor-only)
+    "rollback",  # recovery restored a snapshot (or declined to, and said why)
+    "lr_reduction",  # the LR guard lowered the LR
+    "stopped",  # training stopped (NonFiniteGradientsError or RecoveryError)
+    "norm_spike",  # the global gradient norm jumped against its recent median
+    "loss_spike",  # the training loss jumped against its recent median
+)
+
+#: Replay verdicts: the same batch from the same weights did it again, or did not.
+REPLAY_VERDICTS = ("reproducible", "transient")
+
+
+@dataclass(frozen=True)
+class LeadingLayer:
+    """A layer whose gradient norm jumped against its own recent history.
+
+    Attributes:
+        name: the layer.
+        norm: its gradient norm at the incident (``nan``/``inf`` when non-finite).
+        baseline: the median of its finite norms over the recorder's window (``nan`` without history).
+        factor: ``norm / baseline`` (``inf`` for a non-finite norm or a zero baseline).
+    """
+
+    name: str
+    norm: float
+    baseline: float
+    factor: float
+
+
+@dataclass(frozen=True)
+class Incident:
+    """One incident, as written to ``incidents.jsonl`` and passed to ``on_event``.
+
+    Attributes:
+        kind: one of :data:`INCIDENT_KINDS`.
+        step: the optimizer's own step index (GradGuard's count).
+        global_step: the trainer's global step, or the step count of a plain loop.
+        optimizer: the optimizer's index.
+        epoch: the epoch, when the front-end knows it.
+        batch_idx: the batch index within the epoch, when the front-end knows it.
+        sample_ids: what the user's ``batch_ids`` callable returned for the batch, if given.
+        global_norm: the pre-clip global gradient norm at the incident.
+        norm_baseline: the median of the window's finite global norms (``nan`` without history).
+        loss: the step's loss, if measured.
+        loss_before: the median of the window's finite losses before the step (``nan`` without history).
+        lr: the effective learning rates of the optimizer's param groups at the step.
+        lr_before: the same, ``window`` steps earlier (or at the oldest step in the window).
+        amp_scale: the AMP GradScaler's scale, if one is in use.
+        leading_layers: the layers whose norms jumped most against their own history, largest first.
+        message: GradGuard's message for the action at this step (empty for a spike it did not act on).
+        replay: ``"reproducible"`` or ``"transient"`` after a replay of the batch from the same weights,
+            ``None`` when not replayed.
+        replay_evidence: the replayed norm and loss, and the seconds the replay took.
+    """
+
+    kind: str
+    step: int
+    global_step: int
+    optimizer: int
+    epoch: int | None
+    batch_idx: int | None
+    sample_ids: tuple[Any, ...] | None
+    global_norm: float
+    norm_baseline: float
+    loss: float | None
+    loss_before: float
+    lr: tuple[float, ...]
+    lr_before: tuple[float, ...]
+    amp_scale: float | None
+    leading_layers: tuple[LeadingLayer, ...]
+    message: str = ""
+    replay: str | None = None
+    replay_evidence: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in INCIDENT_KINDS:
+            raise ValueError(f"`kind` must be one of {', '.join(INCIDENT_KINDS)}, got {self.kind!r}")
+        if self.replay is not None and self.replay not in REPLAY_VERDICTS:
+            raise ValueError(f"`replay` must be one of {', '.join(REPLAY_VERDICTS)} or None, got {self.replay!r}")
+
+    @property
+    def leader(self) -> str | None:
+        """The layer that led (largest jump), if any layer jumped."""
+        return self.leading_layers[0].name if self.leading_layers else None
+
+    def summary(self) -> str:
+        """One line: kind, step, batch, leading layers with factors, replay verdict."""
+        where = f"step {self.step}"
+        if self.epoch is not None or self.batch_idx is not None:
+            where += f" (epoch {self.epoch}, batch {self.batch_idx})"
+        lead = ", ".join(f"{layer.name} x{_fmt(layer.factor)}" for layer in self.leading_layers) or "no layer jumped"
+        text = f"{self.kind} at {where}: global norm {_fmt(self.global_norm)} (median {_fmt(self.norm_baseline)}); led by {lead}"
+        if self.sample_ids:
+            text += f"; samples {list(self.sample_ids)[:8]}"
+        if self.replay is not None:
+            text += f"; replay: {self.replay}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types (non-finite floats as the strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> Incident:
+        """The inverse of :meth:`to_json`."""
+        data = {k: _unjson(v) for k, v in record.items() if k in cls.__dataclass_fields__}
+        data["leading_layers"] = tuple(LeadingLayer(**_unjson(x)) for x in record.get("leading_layers", ()))
+        for key in ("lr", "lr_before"):
+            data[key] = tuple(data.get(key) or ())
+        if data.get("sample_ids") is not None:
+            data["sample_ids"] = tuple(data["sample_ids"])
+        return cls(**data)
+
+
+class IncidentRecorder:
+    """Turns steps into :class:`Incident` records, cheaply.
+
+    Args:
+        window: steps of history kept (references to the host statistics, no copies).
+        norm_spike: a finite global norm above this multiple of the window's median is a norm spike.
+        loss_spike: a finite loss above this multiple of the window's median loss is a loss spike.
+        min_history: finite values needed in the window before a spike can be called.
+        top_k: leading layers kept per incident.
+        path: the ``incidents.jsonl`` file each incident is appended to (``None``: none written).
+        batch_ids: ``batch -> sequence`` of sample identifiers, called only at an incident.
+    """
+
+    def __init__(
+        self,
+        window: int = 64,
+        norm_spike: float = 10.0,
+        loss_spike: float = 5.0,
+        min_history: int = 16,
+        top_k: int = 3,
+        path: str | Path | None = None,
+        batch_ids: Callable[[Any], Sequence[Any]] | None = None,
+    ) -> None:
+        for name, value in (("window", window), ("min_history", min_history), ("top_k", top_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if min_history > window:
+            raise ValueError(f"`min_history` ({min_history}) must not exceed `window` ({window})")
+        for name, value in (("norm_spike", norm_spike), ("loss_spike", loss_spike)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not value > 1.0
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"`{name}` must be a finite number above 1 (a multiple of the median), got {value!r}")
+        if batch_ids is not None and not callable(batch_ids):
+            raise TypeError(f"`batch_ids` must be a callable batch -> sequence of ids, got {type(batch_ids).__name__}")
+        self.window, self.norm_spike, self.loss_spike = window, float(norm_spike), float(loss_spike)
+        self.min_history, self.top_k = min_history, top_k
+        self.path = Path(path) if path is not None else None
+        self.batch_ids = batch_ids
+        self.incidents: list[Incident] = []
+        self._sq: deque[Sequence[float]] = deque(maxlen=window)
+        self._norms: deque[float] = deque(maxlen=window)
+        self._losses: deque[float] = deque(maxlen=window)
+        self._lrs: deque[tuple[float, ...]] = deque(maxlen=window)
+        self._layers: Sequence[str] = ()
+
+    # ------------------------------------------------------------------ per step
+    def spike(self, global_norm: float, loss: float | None) -> str | None:
+        """``"norm_spike"``, ``"loss_spike"`` or ``None`` for this step against the window (before :meth:`observe`)."""
+        if math.isfinite(global_norm) and len(self._norms) >= self.min_history:
+            finite = [v for v in self._norms if math.isfinite(v)]
+            if len(finite) >= self.min_history and global_norm > self.norm_spike * statistics.median(finite):
+                return "norm_spike"
+        if loss is not None and math.isfinite(loss) and len(self._losses) >= self.min_history:
+            finite = [v for v in self._losses if math.isfinite(v)]
+            if len(finite) >= self.min_history:
+                median = statistics.median(finite)
+                if median > 0.0 and loss > self.loss_spike * median:
+                    return "loss_spike"
+        return None
+
+    def observe(
+        self,
+        layers: Sequence[str],
+        sq_norms: Sequence[float],
+        global_norm: float,
+        loss: float | None,
+        lrs: Sequence[float],
+    ) -> None:
+        """Keep this step in the window (references only). Call after any :meth:`record` of the step."""
+        if layers is not self._layers and list(layers) != list(self._layers):
+            self._sq.clear()  # regrouped (a layer unfrozen): per-layer history restarts
+            self._layers = layers
+        self._sq.append(sq_norms)
+        self._norms.append(global_norm)
+        if loss is not None:
+            self._losses.append(loss)
+        self._lrs.append(tuple(lrs))
+
+    # ------------------------------------------------------------------ at an incident
+    def leading_layers(self, layers: Sequence[str], sq_norms: Sequence[float]) -> tuple[LeadingLayer, ...]:
+        """The ``top_k`` layers whose norm is furthest above their own window median (factor > 1), largest first.
+
+        A non-finite layer leads any finite one; among non-finite layers the model order is kept.
+        """
+        same = list(layers) == list(self._layers)
+        found: list[tuple[float, int, LeadingLayer]] = []
+        for i, (name, sq) in enumerate(zip(layers, sq_norms, strict=True)):
+            norm = math.sqrt(sq) if sq >= 0.0 else sq
+            history = [math.sqrt(row[i]) for row in self._sq if math.isfinite(row[i])] if same else []
+            baseline = statistics.median(history) if history else math.nan
+            if not math.isfinite(norm):
+                factor = math.inf
+            elif not history:
+                continue
+            elif baseline > 0.0:
+                factor = norm / baseline
+            else:
+                factor = math.inf if norm > 0.0 else 1.0
+            if factor > 1.0:
+                rank = -math.inf if not math.isfinite(norm) else -factor
+                found.append((rank, i, LeadingLayer(name, norm, baseline, factor)))
+        found.sort(key=lambda x: (x[0], x[1]))
+        return tuple(x[2] for x in found[: self.top_k])
+
+    def record(
+        self,
+        kind: str,
+        *,
+        step: int,
+        global_step: int,
+        optimizer: int,
+        layers: Sequence[str],
+        sq_norms: Sequence[float],
+        global_norm: float,
+        loss: float | None,
+        lrs: Sequence[float],
+        amp_scale: float | None = None,
+        epoch: int | None = None,
+        batch_idx: int | None = None,
+        batch: Any = None,
+        message: str = "",
+    ) -> Incident:
+        """Build the incident of this step (before :meth:`observe` of the step), keep it and append it to the file."""
+        finite_norms = [v for v in self._norms if math.isfinite(v)]
+        finite_losses = [v for v in self._losses if math.isfinite(v)]
+        sample_ids = None
+        if self.batch_ids is not None and batch is not None:
+            sample_ids = tuple(_plain(x) for x in self.batch_ids(batch))
+        incident = Incident(
+            kind=kind,
+            step=int(step),
+            global_step=int(global_step),
+            optimizer=int(optimizer),
+            epoch=epoch,
+            batch_idx=batch_idx,
+            sample_ids=sample_ids,
+            global_norm=float(global_norm),
+            norm_baseline=statistics.median(finite_norms) if finite_norms else math.nan,
+            loss=loss,
+            loss_before=statistics.median(finite_losses) if finite_losses else math.nan,
+            lr=tuple(float(x) for x in lrs),
+            lr_before=self._lrs[0] if self._lrs else tuple(float(x) for x in lrs),
+            amp_scale=amp_scale,
+            leading_layers=self.leading_layers(layers, sq_norms),
+            message=message,
+        )
+        self.add(incident)
+        return incident
+
+    def add(self, incident: Incident) -> None:
+        """Keep ``incident`` and append it to :attr:`path` (one JSON object per line)."""
+        self.incidents.append(incident)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(incident.to_json(), sort_keys=True) + "\n")
+
+
+def read_incidents(path: str | Path) -> list[Incident]:
+    """The incidents of an ``incidents.jsonl`` file, in order.
+
+    Raises:
+        ValueError: a line is not an incident record (names the file and line).
+    """
+    path = Path(path)
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(Incident.from_json(json.loads(line)))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}:{number}: not an incident record ({exc}); the file may be truncated") from exc
+    return out
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    """A sample id as a JSON type (tensors and numpy scalars via ``item()``)."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (ValueError, RuntimeError):
+            pass
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _unjson(value: Any) -> Any:
+    if value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: _unjson(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unjson(v) for v in value]
+    return value

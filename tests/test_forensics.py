@@ -1,0 +1,189 @@
+"""Incident records, leading layers, replay verdicts and the skip list, without a Trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradguard.forensics.incidents import Incident, IncidentRecorder, read_incidents
+from lightning_gradguard.forensics.replay import replay
+from lightning_gradguard.forensics.skiplist import SkipEntry, SkipList, SkipSamples
+
+LAYERS = ("a", "b", "c")
+
+
+def _feed(rec: IncidentRecorder, steps: int, sq: tuple[float, ...] = (1.0, 4.0, 0.25)) -> None:
+    for _ in range(steps):
+        rec.observe(LAYERS, list(sq), math.sqrt(sum(sq)), 1.0, [0.1])
+
+
+def test_spikes_are_relative_to_the_window_and_need_history() -> None:
+    rec = IncidentRecorder(min_history=8)
+    _feed(rec, 7)
+    assert rec.spike(1000.0, 1.0) is None  # too little history to call anything a spike
+    _feed(rec, 1)
+    base = math.sqrt(5.25)
+    assert rec.spike(9.0 * base, 1.0) is None
+    assert rec.spike(11.0 * base, 1.0) == "norm_spike"
+    assert rec.spike(base, 6.0) == "loss_spike"
+    assert rec.spike(base, 4.0) is None
+    assert rec.spike(math.nan, math.nan) is None  # non-finite steps are GradGuard's skips, not spikes
+
+
+def test_spike_detection_is_scale_free() -> None:
+    a, b = IncidentRecorder(min_history=8), IncidentRecorder(min_history=8)
+    _feed(a, 20)
+    _feed(b, 20, sq=(1e4, 4e4, 2.5e3))  # the same run with the loss x100
+    base = math.sqrt(5.25)
+    for factor in (5.0, 9.9, 10.1, 50.0):
+        assert a.spike(factor * base, None) == b.spike(factor * base * 100, None)
+
+
+def test_leading_layers_rank_by_jump_against_own_history(tmp_path: Path) -> None:
+    rec = IncidentRecorder(min_history=4, top_k=2, path=tmp_path / "incidents.jsonl")
+    _feed(rec, 10)
+    # layer c jumps x40 (its own baseline 0.5), layer b x3; b is largest in absolute terms
+    incident = rec.record(
+        "norm_spike",
+        step=10,
+        global_step=10,
+        optimizer=0,
+        layers=LAYERS,
+        sq_norms=[1.0, 36.0, 400.0],
+        global_norm=math.sqrt(437.0),
+        loss=1.0,
+        lrs=[0.1],
+        epoch=0,
+        batch_idx=3,
+    )
+    assert [x.name for x in incident.leading_layers] == ["c", "b"]
+    assert incident.leading_layers[0].factor == pytest.approx(40.0)
+    assert incident.leading_layers[1].factor == pytest.approx(3.0)
+    assert incident.norm_baseline == pytest.approx(math.sqrt(5.25))
+    back = read_incidents(tmp_path / "incidents.jsonl")
+    assert back == [incident]
+
+
+def test_nonfinite_layers_lead_and_round_trip_through_json(tmp_path: Path) -> None:
+    rec = IncidentRecorder(min_history=4, path=tmp_path / "i.jsonl", batch_ids=lambda batch: batch["id"])
+    _feed(rec, 5)
+    incident = rec.record(
+        "skipped",
+        step=5,
+        global_step=5,
+        optimizer=0,
+        layers=LAYERS,
+        sq_norms=[100.0, math.nan, 0.25],
+        global_norm=math.nan,
+        loss=math.nan,
+        lrs=[0.1],
+        batch={"id": torch.tensor([7, 11])},
+        message="skipped optimizer step 5",
+    )
+    assert incident.leader == "b" and math.isinf(incident.leading_layers[0].factor)
+    assert [x.name for x in incident.leading_layers] == ["b", "a"]
+    assert incident.sample_ids == (7, 11)
+    line = json.loads((tmp_path / "i.jsonl").read_text())
+    assert line["global_norm"] == "nan" and line["sample_ids"] == [7, 11]
+    back = read_incidents(tmp_path / "i.jsonl")[0]
+    assert math.isnan(back.global_norm) and back.sample_ids == (7, 11) and back.leader == "b"
+    assert "samples [7, 11]" in back.summary()
+
+
+def test_a_corrupt_incident_file_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "incidents.jsonl"
+    path.write_text('{"kind": "skipped"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"incidents.jsonl:1: not an incident record"):
+        read_incidents(path)
+
+
+def test_bad_recorder_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="norm_spike"):
+        IncidentRecorder(norm_spike=1.0)
+    with pytest.raises(ValueError, match="min_history"):
+        IncidentRecorder(window=8, min_history=16)
+    with pytest.raises(TypeError, match="batch_ids"):
+        IncidentRecorder(batch_ids=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kind"):
+        Incident("boom", 0, 0, 0, None, None, None, 1.0, 1.0, None, 1.0, (), (), None, ())
+
+
+def _model_and_measure() -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def measure() -> float:
+        sq = sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None)
+        return math.sqrt(sq)
+
+    return model, measure
+
+
+def test_replay_calls_a_poisoned_batch_reproducible_and_restores_the_gradients() -> None:
+    model, measure = _model_and_measure()
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    x[3, 1] = math.nan  # a poisoned sample
+
+    def closure() -> torch.Tensor:
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    closure()
+    before = [p.grad.clone() for p in model.parameters()]
+    result = replay(list(model.parameters()), closure, measure, norm=math.nan, loss=math.nan, kind="skipped")
+    assert result.verdict == "reproducible" and math.isnan(result.norm)
+    for p, g in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.grad, g) or (torch.isnan(p.grad) == torch.isnan(g)).all()
+
+
+def test_replay_calls_a_one_off_corruption_transient() -> None:
+    model, measure = _model_and_measure()
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    corrupt = {"left": 1}
+
+    def flip(grad: torch.Tensor) -> torch.Tensor:
+        if corrupt["left"]:
+            corrupt["left"] -= 1
+            return grad * 1e6  # a one-off fault in this backward only
+        return grad
+
+    model[0].weight.register_hook(flip)
+
+    def closure() -> torch.Tensor:
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    closure()
+    spiked = measure()
+    corrupted = model[0].weight.grad.clone()
+    result = replay(list(model.parameters()), closure, measure, norm=spiked, loss=None)
+    assert result.verdict == "transient" and result.norm < spiked / 100
+    assert torch.equal(model[0].weight.grad, corrupted)  # the decision applies to what it was taken on
+    assert result.seconds >= 0.0 and set(result.evidence()) >= {"replay_norm", "replay_seconds"}
+
+
+def test_skip_list_persists_and_is_honoured_by_samples_and_by_batch(tmp_path: Path) -> None:
+    path = tmp_path / "skip_list.json"
+    skip = SkipList(path)
+    assert skip.add(SkipEntry(epoch=0, batch_idx=4, sample_ids=(5, 9), reason="skipped, reproducible", step=4))
+    assert not skip.add(SkipEntry(epoch=0, batch_idx=4, sample_ids=(5, 9)))  # listed once
+    resumed = SkipList(path)
+    assert len(resumed) == 1 and resumed.skips(0, 4) and not resumed.skips(1, 4) and not resumed.skips(0, 5)
+    data = list(range(20))
+    kept = SkipSamples(data, resumed)
+    assert len(kept) == 18 and kept.skipped == 2 and 5 not in list(kept) and 9 not in list(kept)
+
+
+def test_a_corrupt_skip_list_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "skip_list.json"
+    path.write_text("[1, 2")
+    with pytest.raises(ValueError, match="not a GradGuard skip list"):
+        SkipList(path)
+    assert path.read_text() == "[1, 2"
