@@ -129,7 +129,8 @@ class Incident:
         if self.epoch is not None or self.batch_idx is not None:
             where += f" (epoch {self.epoch}, batch {self.batch_idx})"
         lead = ", ".join(f"{layer.name} x{_fmt(layer.factor)}" for layer in self.leading_layers) or "no layer jumped"
-        text = f"{self.kind} at {where}: global norm {_fmt(self.global_norm)} (median {_fmt(self.norm_baseline)}); led by {lead}"
+        norm = f"global norm {_fmt(self.global_norm)} (median {_fmt(self.norm_baseline)})"
+        text = f"{self.kind} at {where}: {norm}; led by {lead}"
         if self.sample_ids:
             text += f"; samples {list(self.sample_ids)[:8]}"
         if self.replay is not None:
