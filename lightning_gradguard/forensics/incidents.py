@@ -139,7 +139,8 @@ class Incident:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types (non-finite floats as the strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
-        return _jsonable(asdict(self))
+        out: dict[str, Any] = _jsonable(asdict(self))
+        return out
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> Incident:
@@ -181,14 +182,14 @@ class IncidentRecorder:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
         if min_history > window:
             raise ValueError(f"`min_history` ({min_history}) must not exceed `window` ({window})")
-        for name, value in (("norm_spike", norm_spike), ("loss_spike", loss_spike)):
+        for name, ratio in (("norm_spike", norm_spike), ("loss_spike", loss_spike)):
             if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not value > 1.0
-                or not math.isfinite(value)
+                isinstance(ratio, bool)
+                or not isinstance(ratio, (int, float))
+                or not ratio > 1.0
+                or not math.isfinite(ratio)
             ):
-                raise ValueError(f"`{name}` must be a finite number above 1 (a multiple of the median), got {value!r}")
+                raise ValueError(f"`{name}` must be a finite number above 1 (a multiple of the median), got {ratio!r}")
         if batch_ids is not None and not callable(batch_ids):
             raise TypeError(f"`batch_ids` must be a callable batch -> sequence of ids, got {type(batch_ids).__name__}")
         self.window, self.norm_spike, self.loss_spike = window, float(norm_spike), float(loss_spike)
