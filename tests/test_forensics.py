@@ -17,16 +17,16 @@ from lightning_gradguard.forensics.skiplist import SkipEntry, SkipList, SkipSamp
 LAYERS = ("a", "b", "c")
 
 
-def _feed(rec: IncidentRecorder, steps: int, sq: tuple[float, ...] = (1.0, 4.0, 0.25)) -> None:
-    for _ in range(steps):
-        rec.observe(LAYERS, list(sq), math.sqrt(sum(sq)), 1.0, [0.1])
+def _feed(rec: IncidentRecorder, steps: int, sq: tuple[float, ...] = (1.0, 4.0, 0.25), start: int = 0) -> None:
+    for step in range(start, start + steps):
+        rec.observe(step, LAYERS, list(sq), math.sqrt(sum(sq)), 1.0, [0.1])
 
 
 def test_spikes_are_relative_to_the_window_and_need_history() -> None:
     rec = IncidentRecorder(min_history=8)
     _feed(rec, 7)
     assert rec.spike(1000.0, 1.0) is None  # too little history to call anything a spike
-    _feed(rec, 1)
+    _feed(rec, 1, start=7)
     base = math.sqrt(5.25)
     assert rec.spike(9.0 * base, 1.0) is None
     assert rec.spike(11.0 * base, 1.0) == "norm_spike"
@@ -187,3 +187,38 @@ def test_a_corrupt_skip_list_is_refused_and_left_alone(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a GradGuard skip list"):
         SkipList(path)
     assert path.read_text() == "[1, 2"
+
+
+def test_the_window_travels_with_the_record_and_draws_a_post_mortem(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    from lightning_gradguard.forensics.postmortem import describe, render_postmortem
+
+    rec = IncidentRecorder(window=8, min_history=4, path=tmp_path / "incidents.jsonl")
+    _feed(rec, 12)
+    incident = rec.record(
+        "norm_spike",
+        step=12,
+        global_step=12,
+        optimizer=0,
+        layers=LAYERS,
+        sq_norms=[1.0, 4.0, 400.0],
+        global_norm=math.sqrt(405.0),
+        loss=1.0,
+        lrs=[0.1],
+        epoch=1,
+        batch_idx=2,
+        message="LR guard: step 12: LR scale 1 -> 0.5",
+    )
+    assert incident.window_steps == (4, 5, 6, 7, 8, 9, 10, 11, 12)  # the 8 steps before, then its own
+    assert incident.window_layers == LAYERS
+    assert incident.window_layer_norms[2][-1] == pytest.approx(20.0)
+    assert incident.window_layer_norms[2][0] == pytest.approx(0.5)
+    back = read_incidents(tmp_path / "incidents.jsonl")[0]
+    assert back.window_layer_norms == incident.window_layer_norms
+    lines = describe(back)
+    assert "led by c x40" in lines[0] and "(epoch 1, batch 2)" in lines[0] and "LR scale 1 -> 0.5" in lines[-1]
+    png = render_postmortem(back, tmp_path / "pm.png")
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[1] == 1000 and pixels.shape[0] > 500
+    assert len({tuple(p) for p in pixels[::10, ::10].reshape(-1, pixels.shape[-1]).tolist()}) > 20  # drawn, not blank

@@ -46,6 +46,9 @@ INCIDENT_KINDS = (
     "loss_spike",  # the training loss jumped against its recent median
 )
 
+#: Layers kept in an incident's window (the leading ones always, then evenly spaced ones in model order).
+MAX_WINDOW_LAYERS = 48
+
 #: Replay verdicts: the same batch from the same weights did it again, or did not.
 REPLAY_VERDICTS = ("reproducible", "transient")
 
@@ -91,6 +94,12 @@ class Incident:
         replay: ``"reproducible"`` or ``"transient"`` after a replay of the batch from the same weights,
             ``None`` when not replayed.
         replay_evidence: the replayed norm and loss, and the seconds the replay took.
+        window_steps: the optimizer steps of the window before the incident, then the incident's own step.
+        window_norms: the global gradient norm at each of ``window_steps``.
+        window_losses: the loss at each of ``window_steps`` (``nan`` where not measured).
+        window_layers: the layers of ``window_layer_norms`` (at most ``MAX_WINDOW_LAYERS``, model order, the
+            leading layers always among them).
+        window_layer_norms: per layer of ``window_layers``, its gradient norm at each of ``window_steps``.
     """
 
     kind: str
@@ -111,6 +120,11 @@ class Incident:
     message: str = ""
     replay: str | None = None
     replay_evidence: Mapping[str, float] = field(default_factory=dict)
+    window_steps: tuple[int, ...] = ()
+    window_norms: tuple[float, ...] = ()
+    window_losses: tuple[float, ...] = ()
+    window_layers: tuple[str, ...] = ()
+    window_layer_norms: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in INCIDENT_KINDS:
@@ -147,8 +161,9 @@ class Incident:
         """The inverse of :meth:`to_json`."""
         data = {k: _unjson(v) for k, v in record.items() if k in cls.__dataclass_fields__}
         data["leading_layers"] = tuple(LeadingLayer(**_unjson(x)) for x in record.get("leading_layers", ()))
-        for key in ("lr", "lr_before"):
+        for key in ("lr", "lr_before", "window_steps", "window_norms", "window_losses", "window_layers"):
             data[key] = tuple(data.get(key) or ())
+        data["window_layer_norms"] = tuple(tuple(row) for row in data.get("window_layer_norms") or ())
         if data.get("sample_ids") is not None:
             data["sample_ids"] = tuple(data["sample_ids"])
         return cls(**data)
@@ -201,6 +216,9 @@ class IncidentRecorder:
         self._norms: deque[float] = deque(maxlen=window)
         self._losses: deque[float] = deque(maxlen=window)
         self._lrs: deque[tuple[float, ...]] = deque(maxlen=window)
+        self._steps: deque[int] = deque(maxlen=window)
+        self._sq_steps: deque[int] = deque(maxlen=window)
+        self._window_losses: deque[float] = deque(maxlen=window)
         self._layers: Sequence[str] = ()
 
     # ------------------------------------------------------------------ per step
@@ -220,6 +238,7 @@ class IncidentRecorder:
 
     def observe(
         self,
+        step: int,
         layers: Sequence[str],
         sq_norms: Sequence[float],
         global_norm: float,
@@ -229,9 +248,13 @@ class IncidentRecorder:
         """Keep this step in the window (references only). Call after any :meth:`record` of the step."""
         if layers is not self._layers and list(layers) != list(self._layers):
             self._sq.clear()  # regrouped (a layer unfrozen): per-layer history restarts
+            self._sq_steps.clear()
             self._layers = layers
+        self._steps.append(step)
+        self._sq_steps.append(step)
         self._sq.append(sq_norms)
         self._norms.append(global_norm)
+        self._window_losses.append(math.nan if loss is None else loss)
         if loss is not None:
             self._losses.append(loss)
         self._lrs.append(tuple(lrs))
@@ -283,6 +306,8 @@ class IncidentRecorder:
         """Build the incident of this step (before :meth:`observe` of the step), keep it and append it to the file."""
         finite_norms = [v for v in self._norms if math.isfinite(v)]
         finite_losses = [v for v in self._losses if math.isfinite(v)]
+        leading = self.leading_layers(layers, sq_norms)
+        shown = _shown_layers(list(layers), {x.name for x in leading})
         sample_ids = None
         if self.batch_ids is not None and batch is not None:
             sample_ids = tuple(_plain(x) for x in self.batch_ids(batch))
@@ -301,11 +326,22 @@ class IncidentRecorder:
             lr=tuple(float(x) for x in lrs),
             lr_before=self._lrs[0] if self._lrs else tuple(float(x) for x in lrs),
             amp_scale=amp_scale,
-            leading_layers=self.leading_layers(layers, sq_norms),
+            leading_layers=leading,
             message=message,
+            window_steps=(*self._steps, int(step)),
+            window_norms=(*self._norms, float(global_norm)),
+            window_losses=(*self._window_losses, math.nan if loss is None else float(loss)),
+            window_layers=tuple(layers[i] for i in shown),
+            window_layer_norms=tuple(self._layer_row(i, sq_norms) for i in shown),
         )
         self.add(incident)
         return incident
+
+    def _layer_row(self, i: int, sq_norms: Sequence[float]) -> tuple[float, ...]:
+        """Layer ``i``'s norms over :attr:`window_steps` (``nan`` before a regrouping: no history)."""
+        missing = len(self._steps) - len(self._sq)
+        values = [math.nan] * missing + [_norm(row[i]) for row in self._sq]
+        return (*values, _norm(sq_norms[i]))
 
     def add(self, incident: Incident) -> None:
         """Keep ``incident`` and append it to :attr:`path` (one JSON object per line)."""
@@ -332,6 +368,23 @@ def read_incidents(path: str | Path) -> list[Incident]:
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{path}:{number}: not an incident record ({exc}); the file may be truncated") from exc
     return out
+
+
+def _norm(sq: float) -> float:
+    return math.sqrt(sq) if sq >= 0.0 else sq
+
+
+def _shown_layers(layers: list[str], leading: set[str]) -> list[int]:
+    """Indices of at most ``MAX_WINDOW_LAYERS`` layers: the leading ones, then evenly spaced others, in model order."""
+    if len(layers) <= MAX_WINDOW_LAYERS:
+        return list(range(len(layers)))
+    chosen = {i for i, name in enumerate(layers) if name in leading}
+    others = [i for i in range(len(layers)) if i not in chosen]
+    room = MAX_WINDOW_LAYERS - len(chosen)
+    if room > 0:
+        stride = len(others) / room
+        chosen.update(others[int(k * stride)] for k in range(room))
+    return sorted(chosen)
 
 
 def _fmt(value: float) -> str:
