@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -222,3 +223,44 @@ def test_the_window_travels_with_the_record_and_draws_a_post_mortem(tmp_path: Pa
     pixels = matplotlib.image.imread(png)
     assert pixels.shape[1] == 1000 and pixels.shape[0] > 500
     assert len({tuple(p) for p in pixels[::10, ::10].reshape(-1, pixels.shape[-1]).tolist()}) > 20  # drawn, not blank
+
+
+def test_report_tells_the_story_of_each_incident_and_draws_its_post_mortem(tmp_path: Path, capsys: Any) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_gradguard.outputs.report import main
+
+    run = tmp_path / "run"
+    writer = SummaryWriter(str(run))
+    for step in range(0, 40, 10):
+        writer.add_scalar("gradguard/global_norm", 1.0 + step / 100, step)
+    writer.close()
+    rec = IncidentRecorder(window=16, min_history=4, path=run / "incidents.jsonl")
+    _feed(rec, 20)
+    rec.record(
+        "skipped",
+        step=20,
+        global_step=20,
+        optimizer=0,
+        layers=LAYERS,
+        sq_norms=[1.0, math.inf, 0.25],
+        global_norm=math.inf,
+        loss=math.nan,
+        lrs=[0.1],
+        epoch=0,
+        batch_idx=20,
+        message="skipped optimizer step 20: non-finite gradients",
+    )
+    assert main(["report", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "incidents       1" in text and "skipped at step 20 (epoch 0, batch 20)" in text and "led by b xinf" in text
+    assert main(["report", str(run), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (incident,) = doc["runs"][0]["incidents"]
+    assert incident["batch_idx"] == 20 and incident["leading_layers"][0]["name"] == "b"
+    assert main(["report", str(run), "--postmortem", str(tmp_path / "pm")]) == 0
+    (png,) = sorted((tmp_path / "pm").glob("*.png"))
+    assert png.name.endswith("step20.skipped.png") and png.stat().st_size > 10_000
+    (run / "incidents.jsonl").write_text("garbage\n")
+    assert main(["report", str(run)]) == 2
+    assert "incidents.jsonl:1: not an incident record" in capsys.readouterr().err

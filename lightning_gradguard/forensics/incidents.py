@@ -28,12 +28,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "INCIDENTS_FILE",
     "INCIDENT_KINDS",
     "Incident",
     "IncidentRecorder",
     "LeadingLayer",
     "read_incidents",
 ]
+
+#: The file incidents are appended to, beside the run's event files.
+INCIDENTS_FILE = "incidents.jsonl"
 
 #: What an incident can be, by the action or the observation that made it one.
 INCIDENT_KINDS = (

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics, plural
+from lightning_gradguard.forensics.incidents import INCIDENTS_FILE, Incident, read_incidents
+from lightning_gradguard.forensics.postmortem import describe, render_postmortem
 from lightning_gradguard.outputs.tensorboard import split_events
 
 __all__ = ["ReportError", "RunData", "build_report", "find_runs", "main", "read_run"]
@@ -347,10 +349,15 @@ def build_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             continue
         rel = run_path.relative_to(root) if root.is_dir() else Path(".")
         label = str(root if str(rel) == "." else root / rel)
+        incidents = _incidents(run_path)
         for ns in namespaces:
             section = _section(run, ns, label)
             section["_run"] = run
             section["_rel"] = run_path.name if str(rel) == "." else str(rel)
+            index = _optimizer_index(ns)
+            mine = [i for i in incidents if i.optimizer == index]
+            section["incidents"] = [i.to_json() for i in mine]
+            section["_incidents"] = mine
             sections.append(section)
     if not sections:
         where = runs[0] if len(runs) == 1 else root
@@ -362,6 +369,23 @@ def build_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for run_path in without:
         sections.append({"run": str(run_path), "namespace": None, "skipped": "no GradGuard tags"})
     return sections
+
+
+def _incidents(run_path: Path) -> list[Incident]:
+    """The incidents GradGuard wrote beside the event files of ``run_path`` (``incidents.jsonl``), if any."""
+    path = run_path / INCIDENTS_FILE if run_path.is_dir() else run_path.parent / INCIDENTS_FILE
+    if not path.is_file():
+        return []
+    try:
+        return read_incidents(path)
+    except ValueError as exc:
+        raise ReportError(path, str(exc)) from None
+
+
+def _optimizer_index(namespace: str) -> int:
+    """``gradguard`` -> 0, ``gradguard_opt1`` -> 1 (the namespaces of :func:`~lightning_gradguard.keys.namespace`)."""
+    match = re.search(r"(\d+)$", namespace)
+    return int(match.group(1)) if match and namespace != "gradguard" else 0
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -485,7 +509,34 @@ def _text(section: dict[str, Any]) -> str:
         out.append(f"note: {note}")
     if section["heatmap"]:
         out.append(f"heatmap written to {section['heatmap']}")
+    incidents = section.get("_incidents") or []
+    if incidents:
+        out.append("")
+        out.append(f"incidents       {len(incidents)} (post-mortems: gradguard report RUN_DIR --postmortem DIR)")
+        for number, incident in enumerate(incidents, start=1):
+            lines = describe(incident)
+            out.append(f"  {number}. {lines[0]}")
+            out.extend(f"     {line}" for line in lines[1:])
+    for png in section.get("postmortems", []):
+        out.append(f"post-mortem written to {png}")
     return "\n".join(out) + "\n"
+
+
+def _postmortems(folder: Path, sections: list[dict[str, Any]]) -> None:
+    """One PNG per incident of every section into ``folder``."""
+    found = [(s, i) for s in sections for i in s.get("_incidents") or []]
+    if not found:
+        raise ReportError(folder, "no incidents to draw (no incidents.jsonl beside the event files)")
+    for section, incident in found:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{section['_rel']}-{section['namespace']}").strip("_")
+        png = folder / f"postmortem.{stem}.step{incident.step}.{incident.kind}.png"
+        try:
+            render_postmortem(incident, png)
+        except ImportError as exc:
+            raise ReportError(png, str(exc)) from None
+        except OSError as exc:
+            raise ReportError(png, f"cannot write the post-mortem ({exc.strerror or exc})") from None
+        section.setdefault("postmortems", []).append(str(png))
 
 
 def _jsonable(value: Any) -> Any:
@@ -510,6 +561,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", metavar="RUN_DIR", help="run directory, directory of runs, or event file")
     rep.add_argument("--png", metavar="PATH", type=Path, help="write the layer x step heatmap PNG here")
     rep.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    rep.add_argument(
+        "--postmortem",
+        metavar="DIR",
+        type=Path,
+        help="write one post-mortem PNG per incident (incidents.jsonl beside the event files) into DIR",
+    )
     return parser
 
 
@@ -538,6 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except OSError as exc:
                     raise ReportError(png, f"cannot write the heatmap ({exc.strerror or exc})") from None
                 section["heatmap"] = str(png)
+        if args.postmortem is not None:
+            _postmortems(args.postmortem, sections)
     except ReportError as exc:
         print(f"gradguard report: error: {exc}", file=sys.stderr)
         return 2
