@@ -50,6 +50,9 @@ INCIDENT_KINDS = (
     "loss_spike",  # the training loss jumped against its recent median
 )
 
+#: Steps between two recomputations of the spike limits (the medians of the window).
+MEDIAN_EVERY = 8
+
 #: Layers kept in an incident's window (the leading ones always, then evenly spaced ones in model order).
 MAX_WINDOW_LAYERS = 48
 
@@ -188,7 +191,7 @@ class IncidentRecorder:
 
     def __init__(
         self,
-        window: int = 64,
+        window: int = 128,
         norm_spike: float = 10.0,
         loss_spike: float = 5.0,
         min_history: int = 16,
@@ -221,24 +224,35 @@ class IncidentRecorder:
         self._losses: deque[float] = deque(maxlen=window)
         self._lrs: deque[tuple[float, ...]] = deque(maxlen=window)
         self._steps: deque[int] = deque(maxlen=window)
-        self._sq_steps: deque[int] = deque(maxlen=window)
         self._window_losses: deque[float] = deque(maxlen=window)
         self._layers: Sequence[str] = ()
+        self._limits: tuple[float | None, float | None] | None = None
+        self._since_limits = 0
 
     # ------------------------------------------------------------------ per step
     def spike(self, global_norm: float, loss: float | None) -> str | None:
-        """``"norm_spike"``, ``"loss_spike"`` or ``None`` for this step against the window (before :meth:`observe`)."""
-        if math.isfinite(global_norm) and len(self._norms) >= self.min_history:
-            finite = [v for v in self._norms if math.isfinite(v)]
-            if len(finite) >= self.min_history and global_norm > self.norm_spike * statistics.median(finite):
-                return "norm_spike"
-        if loss is not None and math.isfinite(loss) and len(self._losses) >= self.min_history:
-            finite = [v for v in self._losses if math.isfinite(v)]
-            if len(finite) >= self.min_history:
-                median = statistics.median(finite)
-                if median > 0.0 and loss > self.loss_spike * median:
-                    return "loss_spike"
+        """``"norm_spike"``, ``"loss_spike"`` or ``None`` for this step against the window (before :meth:`observe`).
+
+        The medians are recomputed every ``MEDIAN_EVERY`` steps (a spike is a jump of ``norm_spike`` times, far
+        beyond what the median moves in that many steps): two float comparisons on most steps.
+        """
+        early = len(self._norms) <= self.min_history + MEDIAN_EVERY  # until the history is there, every step
+        if self._limits is None or self._since_limits >= MEDIAN_EVERY or early:
+            self._limits = (self._limit(self._norms, self.norm_spike), self._limit(self._losses, self.loss_spike))
+            self._since_limits = 0
+        norm_limit, loss_limit = self._limits
+        if norm_limit is not None and math.isfinite(global_norm) and global_norm > norm_limit:
+            return "norm_spike"
+        if loss_limit is not None and loss is not None and math.isfinite(loss) and loss > loss_limit:
+            return "loss_spike"
         return None
+
+    def _limit(self, values: deque[float], ratio: float) -> float | None:
+        finite = [v for v in values if math.isfinite(v)]
+        if len(finite) < self.min_history:
+            return None
+        median = statistics.median(finite)
+        return ratio * median if median > 0.0 else None
 
     def observe(
         self,
@@ -252,10 +266,9 @@ class IncidentRecorder:
         """Keep this step in the window (references only). Call after any :meth:`record` of the step."""
         if layers is not self._layers and list(layers) != list(self._layers):
             self._sq.clear()  # regrouped (a layer unfrozen): per-layer history restarts
-            self._sq_steps.clear()
             self._layers = layers
+        self._since_limits += 1
         self._steps.append(step)
-        self._sq_steps.append(step)
         self._sq.append(sq_norms)
         self._norms.append(global_norm)
         self._window_losses.append(math.nan if loss is None else loss)
