@@ -67,9 +67,8 @@ def test_numpy_integers_and_bools_are_accepted_everywhere_as_python_values(make:
         max_consecutive_skips=make(5),
         heatmap_every_n_steps=make(0),
     )
-    assert type(guard.snapshot_every_n_steps) is int and guard.snapshot_every_n_steps == 50
-    assert guard.log_update_ratios is False and guard._options.log_update_ratios is False
-    assert type(guard._options.snapshot_every_n_steps) is int
+    assert type(guard.options.snapshot_every_n_steps) is int and guard.options.snapshot_every_n_steps == 50
+    assert guard.options.log_update_ratios is False
     trigger = RollbackTrigger(max_rollbacks=make(5), runaway_steps=make(4), runaway_mad=np.float32(3.0))
     assert type(trigger.max_rollbacks) is int and trigger.max_rollbacks == 5
     assert type(trigger.runaway_mad) is float and trigger.runaway_mad == 3.0

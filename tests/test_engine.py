@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard._validation import CLIP_NAMES, guard_options
+from lightning_gradguard._checks import CLIP_NAMES
 from lightning_gradguard.decide.engine import GuardEngine, StepOutcome, apply_outcome
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import POLICY_NAMES, FixedPolicy
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.measure.stats import GradStats, StepStats
+from lightning_gradguard.options import GuardOptions
 
 LAYERS = ("a", "b")
 
@@ -172,7 +173,7 @@ def test_lr_reduction_becomes_a_warning_event_with_its_evidence() -> None:
 
 def test_verdicts_at_log_steps_become_events() -> None:
     """Changed: a layer is called dead from its second zero observation on (see test_diagnostics)."""
-    options = guard_options(clip=None)
+    options = GuardOptions(clip=None)
     model = _model()
     engine = options.engine(0, model.named_parameters(), monitor_only=False)
     outcome = engine.decide(_stats(0.0, 1.0))  # layer "0" of the model: gradient exactly zero
@@ -185,7 +186,7 @@ def test_verdicts_at_log_steps_become_events() -> None:
 
 
 def test_state_round_trip_and_the_version_1_format_loads() -> None:
-    options = guard_options(clip="fixed", max_norm=1.0)
+    options = GuardOptions(clip="fixed", max_norm=1.0)
     engine = options.engine(0, _model().named_parameters(), monitor_only=False)
     for sq in (4.0, 0.25, math.inf):
         engine.decide(StepStats(engine.stats.layers, [sq, 0.0]))
@@ -209,7 +210,7 @@ def test_state_round_trip_and_the_version_1_format_loads() -> None:
 
 
 def test_state_of_another_model_is_reported() -> None:
-    options = guard_options(clip="fixed", max_norm=1.0)
+    options = GuardOptions(clip="fixed", max_norm=1.0)
     engine = options.engine(0, _model().named_parameters(), monitor_only=False)
     engine.decide(StepStats(engine.stats.layers, [4.0, 0.0]))
     other = options.engine(0, nn.Linear(3, 1).named_parameters(), monitor_only=False)
@@ -235,12 +236,12 @@ def test_clip_names_are_declared_once() -> None:
 
 def test_options_name_the_argument_and_the_value() -> None:
     with pytest.raises(ValueError, match=r"`clip` must be one of auto, fixed, percentile, zscore, a ThresholdPolicy"):
-        guard_options(clip="median")  # type: ignore[arg-type]
+        GuardOptions(clip="median")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`on_nonfinite` must be one of skip, raise, warn, got 'ignore'"):
-        guard_options(on_nonfinite="ignore")  # type: ignore[arg-type]
+        GuardOptions(on_nonfinite="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`max_norm` must be a finite number > 0 or None, got inf"):
-        guard_options(max_norm=math.inf)
-    assert guard_options(clip=None).lr_guard is None and guard_options().lr_guard is not None
+        GuardOptions(max_norm=math.inf)
+    assert GuardOptions(clip=None).lr_guard_template is None and GuardOptions().lr_guard_template is not None
 
 
 def test_the_engine_imports_no_lightning() -> None:

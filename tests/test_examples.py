@@ -33,7 +33,7 @@ def test_quickstart(tmp_path: Path) -> None:
 
 def test_quickstart_is_healthy_by_its_update_ratios_too(tmp_path: Path) -> None:
     guard = load("quickstart").main(["--max-steps", "120", "--logdir", str(tmp_path)])
-    engine = guard._first_guard()
+    engine = guard._first_engine()
     assert engine is not None and all(len(r) == 5 for r in engine.update_ratios.values())  # full windows judged
     assert engine.update_verdicts == []  # no "LR too high" / "not learning" on the healthy demo
 
@@ -119,10 +119,11 @@ def test_cli_yaml_configures_gradguard(tmp_path: Path) -> None:
     guards = [c for c in cli.trainer.callbacks if isinstance(c, GradGuard)]
     assert len(guards) == 1
     guard = guards[0]
-    assert guard.clip == "auto" and guard.max_norm == 10.0 and guard.histogram_every_n_steps == 50
+    options = guard.options
+    assert options.clip == "auto" and options.max_norm == 10.0 and options.histogram_every_n_steps == 50
     # the recovery and update-ratio options of the YAML reached the callback
     assert guard._recovery is not None and guard._recovery.trigger.max_rollbacks == 5
-    assert guard._recovery.every_n_steps == 50 and guard.log_update_ratios
+    assert guard._recovery.every_n_steps == 50 and options.log_update_ratios
     assert cli.trainer.global_step == 30
     (run,) = (tmp_path / "cli").glob("version_*")
     # The config LightningCLI saved next to the logs: the nested LRGuard came through with its init_args.

@@ -160,5 +160,6 @@ def test_arguments_are_validated_up_front(kwargs: dict[str, object], message: st
 
 def test_defaults_are_useful() -> None:
     guard = GradGuard()
-    assert guard.clip == "auto" and guard.on_nonfinite == "skip" and guard.histogram_every_n_steps == 100
+    assert guard.options.clip == "auto" and guard.options.on_nonfinite == "skip"
+    assert guard.options.histogram_every_n_steps == 100
     assert math.isclose(guard.lr_scale, 1.0) and guard.threshold is None

@@ -172,7 +172,7 @@ def test_a_skip_streak_rolls_back_before_max_consecutive_skips_stops(tmp_path: P
 
 
 def test_options_are_validated() -> None:
-    with pytest.raises(ValueError, match="`rollback` must be True, False or a RollbackTrigger"):
+    with pytest.raises(TypeError, match="`rollback` must be True, False or a RollbackTrigger"):
         GradGuard(rollback="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`snapshot_every_n_steps` must be an int >= 1"):
         GradGuard(snapshot_every_n_steps=0)

@@ -76,7 +76,7 @@ def _fit(tmp_path: Path, lr: float, steps: int) -> GradGuard:
 
 def test_healthy_lora_run_gets_no_update_ratio_verdict(tmp_path: Path) -> None:
     guard = _fit(tmp_path, lr=1e-3, steps=30)
-    engine = guard._first_guard()
+    engine = guard._first_engine()
     assert engine is not None
     assert {"block1.lora_A", "block1.lora_B", "block2.lora_B"} <= set(engine.stats.layers)
     assert [(v.layer, v.kind, v.step) for v in engine.update_verdicts] == []

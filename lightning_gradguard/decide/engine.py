@@ -36,11 +36,12 @@ from lightning_gradguard.decide.diagnostics import (
 )
 from lightning_gradguard.decide.lr_guard import LRGuard, LRReduction
 from lightning_gradguard.decide.policies import ThresholdPolicy
+from lightning_gradguard.errors import GradGuardError, NonFiniteGradientsError
 from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.keys import log10_norm
 from lightning_gradguard.measure.distributed import reduce_histograms, reduce_stats
 from lightning_gradguard.measure.stats import GradStats, HistogramData, StepStats
 from lightning_gradguard.measure.updates import UpdateStats, UpdateTracker, log10_update_ratio
-from lightning_gradguard.outputs.heatmap import log10_norm
 
 __all__ = [
     "STATE_VERSION",
@@ -718,22 +719,6 @@ def _restore_fields(cls: type[Any], saved: Any) -> Any:
     if isinstance(saved, Mapping):
         fields.update({k: type(fields[k])(v) for k, v in saved.items() if k in fields})
     return cls(**fields)
-
-
-class GradGuardError(RuntimeError):
-    """GradGuard cannot go on: the base of its errors that are not about the gradients themselves.
-
-    Raised directly before any step, for a setup GradGuard cannot work with: in the callback's ``setup``
-    (Lightning's FSDP1 strategy, ``Trainer(gradient_clip_val=...)`` together with clipping, two GradGuard
-    callbacks writing to the same loggers) and in ``FabricGuard``'s constructor (Fabric's FSDP1 or
-    DeepSpeed strategy). Its subclass ``RecoveryError`` is raised during training, on every rank at the
-    same step, when a rollback trigger fires after ``max_rollbacks`` rollbacks. Non-finite gradients
-    that stop training raise ``NonFiniteGradientsError`` instead.
-    """
-
-
-class NonFiniteGradientsError(RuntimeError):
-    """Raised on every rank, at the same step, when non-finite gradients stop training."""
 
 
 def parameter_signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:

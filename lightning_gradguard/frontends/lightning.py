@@ -8,7 +8,7 @@ Per step, GradGuard makes one pass over the gradients (:class:`~lightning_gradgu
 at most one collective (:func:`~lightning_gradguard.measure.distributed.reduce_stats`) and one device-to-host
 transfer; every decision is then taken on the host from that one vector, identically on every rank.
 
-This module is the Lightning glue only: argument validation (:mod:`lightning_gradguard._validation`),
+This module is the Lightning glue only: the options (declared and checked in :mod:`lightning_gradguard.options`),
 setup checks, and hooks that call the per-optimizer :class:`~lightning_gradguard.decide.engine.GuardEngine`
 (decisions) and the :class:`~lightning_gradguard.outputs.sink.Reporter` (metrics, TensorBoard, messages).
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gradguard._checks import ClipName, OnNonFinite
 from lightning_gradguard._compat import (
     legacy_state_key,
     scaler_scale,
@@ -35,13 +37,10 @@ from lightning_gradguard._compat import (
     strategy_kind,
     warn_at_caller,
 )
-from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics, Verdict
 from lightning_gradguard.decide.engine import (
     STATE_VERSION,
-    GradGuardError,
     GuardEngine,
-    NonFiniteGradientsError,
     StepOutcome,
     apply_outcome,
     optimizer_parameters,
@@ -49,15 +48,17 @@ from lightning_gradguard.decide.engine import (
 )
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy
-from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.events import GuardEvent, OnEvent
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.stats import GroupBy
+from lightning_gradguard.options import GuardOptions
 from lightning_gradguard.outputs.loggers import rich_writers
-from lightning_gradguard.outputs.sink import OnEvent, Reporter
+from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.outputs.tensorboard import EventLog, dashboard_layout, find_writer
 from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
 
-__all__ = ["GradClip", "GradGuard", "GradGuardError", "GradMonitor", "NonFiniteGradientsError"]
+__all__ = ["GradClip", "GradGuard", "GradMonitor"]
 
 
 class GradGuard(Callback):
@@ -110,8 +111,11 @@ class GradGuard(Callback):
             is always honoured (without an LR guard, rollbacks do not lower the LR).
         snapshot_every_n_steps: keep a snapshot of the last good state (weights, optimizer and
             scheduler state, GradGuard's own state) in host memory every this many optimizer steps.
+        diagnose_every_n_steps: run the diagnostics and the update-ratio verdicts every this many optimizer
+            steps.
 
     Raises:
+        TypeError: an argument of the wrong type (the message names it, the allowed values and what it got).
         ValueError: an argument out of range (the message names it, the allowed values and what it got).
         GradGuardError: at setup, a conflicting Trainer setting, e.g. ``gradient_clip_val`` together
             with GradGuard clipping.
@@ -144,41 +148,10 @@ class GradGuard(Callback):
         on_event: OnEvent | None = None,
         rollback: bool | RollbackTrigger = True,
         snapshot_every_n_steps: int = 100,
+        diagnose_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
-        check_hook("on_event", on_event)
-        self._options = guard_options(
-            clip=clip,
-            max_norm=max_norm,
-            on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips,
-            lr_guard=lr_guard,
-            group_by=group_by,
-            log_every_n_steps=log_every_n_steps,
-            log_layer_norms=log_layer_norms,
-            histogram_every_n_steps=histogram_every_n_steps,
-            histogram_bins=histogram_bins,
-            diagnostics=diagnostics,
-            heatmap_every_n_steps=heatmap_every_n_steps,
-            log_update_ratios=log_update_ratios,
-            rollback=rollback,
-            snapshot_every_n_steps=snapshot_every_n_steps,
-        )
-        options = self._options  # numbers as Python numbers (numpy scalars / 0-d tensors converted)
-        self.clip = clip
-        self.max_norm = options.max_norm
-        self.on_nonfinite: OnNonFinite = on_nonfinite
-        self.max_consecutive_skips = options.max_consecutive_skips
-        self._lr_guard_template: LRGuard | None = self._options.lr_guard
-        self.group_by = options.group_by
-        self.log_every_n_steps = options.log_every_n_steps
-        self.log_layer_norms = options.log_layer_norms
-        self.histogram_every_n_steps = options.histogram_every_n_steps
-        self.histogram_bins = options.histogram_bins
-        self._diagnostics_template = self._options.diagnostics
-        self.heatmap_every_n_steps = options.heatmap_every_n_steps
-        self.log_update_ratios = options.log_update_ratios
-        self.on_event = on_event
+        self._options = GuardOptions.from_arguments(locals())  # checked; numpy scalars as Python numbers
         self._guards: dict[int, GuardEngine] = {}  # id(optimizer) -> engine
         self._pending_state: dict[int, dict[str, Any]] = {}
         self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
@@ -187,35 +160,49 @@ class GradGuard(Callback):
             self._options,
             warn=_rank_zero_warn_at_caller,
             info=rank_zero_info,
-            log_every=options.log_every_n_steps or 50,
+            log_every=self._options.log_every(),
         )
         self._scaler: Any | None = None
         self._monitor_only = False
         self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (loss, LR guard)
         self._loss_count = 0
-        self.snapshot_every_n_steps = options.snapshot_every_n_steps
         self._recovery: Recovery | None = self._options.recovery()
         self._reporter.recovery = self._recovery
         self._last_trainer: weakref.ref[Trainer] | None = None  # the Trainer of the last fit (never kept alive)
 
     # ------------------------------------------------------------------ public read-only views
     @property
+    def options(self) -> GuardOptions:
+        """The checked options this GradGuard was constructed with (read-only)."""
+        return self._options
+
+    @property
+    def on_event(self) -> OnEvent | None:
+        """The ``on_event`` hook; may be replaced before ``fit`` (it is handed to the outputs at setup)."""
+        return self._options.on_event
+
+    @on_event.setter
+    def on_event(self, hook: OnEvent | None) -> None:
+        self._options = replace(self._options, on_event=hook)
+
+    @property
     def state_key(self) -> str:
+        options = self._options
         return self._generate_state_key(
-            clip=_describe_clip(self.clip), max_norm=self.max_norm, group_by=_describe(self.group_by)
+            clip=_describe_clip(options.clip), max_norm=options.max_norm, group_by=_describe(options.group_by)
         )
 
     @property
     def threshold(self) -> float | None:
         """Clip threshold in force at the last step of the first optimizer (``None`` if not clipping)."""
-        guard = self._first_guard()
-        return guard.last.threshold if guard and guard.last else None
+        engine = self._first_engine()
+        return engine.last.threshold if engine and engine.last else None
 
     @property
     def last_outcome(self) -> StepOutcome | None:
         """What was decided at the last step of the first optimizer (``None`` before the first step)."""
-        guard = self._first_guard()
-        return guard.last if guard else None
+        engine = self._first_engine()
+        return engine.last if engine else None
 
     @property
     def clipped_steps(self) -> int:
@@ -237,8 +224,8 @@ class GradGuard(Callback):
     @property
     def lr_scale(self) -> float:
         """Factor the LR guard applies to the first optimizer's learning rates (1.0 when it never acted)."""
-        guard = self._first_guard()
-        return guard.lr_guard.lr_scale if guard and guard.lr_guard else 1.0
+        engine = self._first_engine()
+        return engine.lr_guard.lr_scale if engine and engine.lr_guard else 1.0
 
     @property
     def rollbacks_total(self) -> int:
@@ -250,7 +237,7 @@ class GradGuard(Callback):
         """Optimizer steps whose work the rollbacks discarded so far."""
         return self._recovery.trigger.steps_lost if self._recovery is not None else 0
 
-    def _first_guard(self) -> GuardEngine | None:
+    def _first_engine(self) -> GuardEngine | None:
         return min(self._guards.values(), key=lambda g: g.index, default=None)
 
     # ------------------------------------------------------------------ setup
@@ -267,14 +254,14 @@ class GradGuard(Callback):
         self._monitor_only = kind == "deepspeed"
         if self._monitor_only:
             self._reporter.notice_once("deepspeed", DEEPSPEED_NOTICE)
-        elif trainer.gradient_clip_val and (self.clip is not None):
-            clip_val = trainer.gradient_clip_val
+        elif trainer.gradient_clip_val and (self._options.clip is not None):
+            clip_val, clip = trainer.gradient_clip_val, _describe(self._options.clip)
             raise GradGuardError(
-                f"Trainer(gradient_clip_val={clip_val!r}) and GradGuard(clip={_describe(self.clip)!r}) would both clip "
+                f"Trainer(gradient_clip_val={clip_val!r}) and GradGuard(clip={clip!r}) would both clip "
                 "the gradients. Remove `gradient_clip_val` from the Trainer (GradGuard(clip='fixed', "
                 f"max_norm={clip_val!r}) reproduces it), or pass GradGuard(clip=None) to only monitor."
             )
-        self._reporter.log_every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
+        self._reporter.log_every = self._options.log_every(getattr(trainer, "log_every_n_steps", 0))
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._reporter.scaler_enabled = self._scaler is not None and self._scaler.is_enabled()
 
@@ -307,7 +294,7 @@ class GradGuard(Callback):
         family = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GradGuard)]
         if len(family) < 2 or not trainer.loggers:
             return
-        names = " and ".join(f"{type(cb).__name__}(clip={_describe_clip(cb.clip)!r})" for cb in family)
+        names = " and ".join(f"{type(cb).__name__}(clip={_describe_clip(cb.options.clip)!r})" for cb in family)
         raise GradGuardError(
             f"{names} in one Trainer would write the same tags ({tag('global_norm')}, ...) to the same loggers at "
             "the same steps, each overwriting the other. Use one: GradGuard monitors everything GradMonitor does, "
@@ -523,15 +510,16 @@ class GradGuard(Callback):
 
     def _config_summary(self) -> dict[str, Any]:
         """The configuration, as primitives, saved for messages (never used to restore anything)."""
-        lr_guard = self._lr_guard_template
+        options = self._options
+        lr_guard = options.lr_guard_template
         return {
             "class": type(self).__qualname__,
-            "clip": _describe_clip(self.clip),
-            "max_norm": self.max_norm,
-            "group_by": _describe(self.group_by),
-            "on_nonfinite": self.on_nonfinite,
+            "clip": _describe_clip(options.clip),
+            "max_norm": options.max_norm,
+            "group_by": _describe(options.group_by),
+            "on_nonfinite": options.on_nonfinite,
             "lr_guard": None if lr_guard is None else repr(lr_guard),
-            "diagnostics": self._diagnostics_template is not None,
+            "diagnostics": options.diagnostics_template is not None,
         }
 
     def _say(self, kind: str, message: str) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gradguard._checks import ClipName, OnNonFinite
 from lightning_gradguard._compat import (
     fabric_strategy_kind,
     grads_still_scaled,
@@ -25,11 +26,9 @@ from lightning_gradguard._compat import (
     unwrap_optimizer,
     warn_at_caller,
 )
-from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics, Verdict
 from lightning_gradguard.decide.engine import (
     STATE_VERSION,
-    GradGuardError,
     GuardEngine,
     StepOutcome,
     apply_outcome,
@@ -38,9 +37,11 @@ from lightning_gradguard.decide.engine import (
 )
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy
-from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.events import GuardEvent, OnEvent
 from lightning_gradguard.measure.stats import GroupBy
-from lightning_gradguard.outputs.sink import OnEvent, Reporter
+from lightning_gradguard.options import GuardOptions
+from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
 
 __all__ = ["FabricGuard", "Guard"]
@@ -80,11 +81,13 @@ class Guard:
         clip: the clip policy; this and every other argument (``max_norm``, ``on_nonfinite``,
             ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``, ``histogram_every_n_steps``,
             ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``, ``log_update_ratios``, ``on_event``,
-            ``rollback``, ``snapshot_every_n_steps``) as for :class:`~lightning_gradguard.GradGuard`. Recovery
-            snapshots ``model``, ``optimizer`` (param-group LRs included) and ``scheduler``.
+            ``rollback``, ``snapshot_every_n_steps``, ``diagnose_every_n_steps``) as for
+            :class:`~lightning_gradguard.GradGuard`. Recovery snapshots ``model``, ``optimizer`` (param-group LRs
+            included) and ``scheduler``.
 
     Raises:
-        ValueError: an option out of range, with the same messages as GradGuard.
+        ValueError: an option out of range, with the same messages as GradGuard (the options are declared and
+            checked in :class:`~lightning_gradguard.options.GuardOptions`).
         TypeError: ``model`` is not a ``torch.nn.Module``, ``optimizer`` not a ``torch.optim.Optimizer``,
             ``writer`` not a ``SummaryWriter``, ``scaler`` not a ``GradScaler``, ``scheduler`` not an LR
             scheduler (nor a list of them), or an option has the wrong type.
@@ -126,39 +129,23 @@ class Guard:
         rollback: bool | RollbackTrigger = True,
         snapshot_every_n_steps: int = 100,
         scheduler: Any | None = None,
+        diagnose_every_n_steps: int = 50,
     ) -> None:
         model, optimizer = _checked_model(model), _checked_optimizer(optimizer)
         _check_writer(writer)
         _check_scaler(scaler)
-        check_hook("on_event", on_event)
-        self.options = guard_options(
-            clip=clip,
-            max_norm=max_norm,
-            on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips,
-            lr_guard=lr_guard,
-            group_by=group_by,
-            log_every_n_steps=log_every_n_steps,
-            log_layer_norms=log_layer_norms,
-            histogram_every_n_steps=histogram_every_n_steps,
-            histogram_bins=histogram_bins,
-            diagnostics=diagnostics,
-            heatmap_every_n_steps=heatmap_every_n_steps,
-            log_update_ratios=log_update_ratios,
-            rollback=rollback,
-            snapshot_every_n_steps=snapshot_every_n_steps,
-        )
+        self._options = GuardOptions.from_arguments(locals())  # checked; numpy scalars as Python numbers
         self.optimizer = optimizer
         self.scaler = scaler
         self.schedulers: list[Any] = _schedulers(scheduler)
         self._module = unwrap_model(model)
         named = optimizer_parameters(self._module, self.optimizer)
-        self.engine: GuardEngine = self.options.engine(0, named, monitor_only=False)
+        self.engine: GuardEngine = self._options.engine(0, named, monitor_only=False)
         self.engine.signature = parameter_signature(self.optimizer)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.attach(self.optimizer)
         self.reporter = self._make_reporter(writer, scaler, on_event)
-        self.recovery: Recovery | None = self.options.recovery()
+        self.recovery: Recovery | None = self._options.recovery()
         self.reporter.recovery = self.recovery
         if self.recovery is not None:
             self.recovery.attach(model, self.optimizer, self.schedulers)
@@ -167,12 +154,12 @@ class Guard:
         """The outputs (rank zero writes), attached to the optimizer, the dashboard layout written."""
         zero = _rank_zero()
         reporter = Reporter(
-            self.options,
+            self._options,
             warn=self._warn,
             info=self._info,
             writer=writer if zero else None,
             log_metrics=self._scalar_sink(writer) if zero and writer is not None else None,
-            log_every=self.options.log_every_n_steps or 50,
+            log_every=self._options.log_every(),
             scaler_enabled=scaler is not None and scaler.is_enabled(),
             on_event=on_event if zero else None,
         )
@@ -247,6 +234,11 @@ class Guard:
         self.reporter.detach()
 
     # ------------------------------------------------------------------ views and state
+    @property
+    def options(self) -> GuardOptions:
+        """The checked options this guard was constructed with (read-only)."""
+        return self._options
+
     @property
     def threshold(self) -> float | None:
         """Clip threshold in force at the last step (``None`` if not clipping)."""

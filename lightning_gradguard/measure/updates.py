@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_gradguard._validation import check_bool
+from lightning_gradguard._checks import check_bool
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.stats import GradStats, _local
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from lightning_gradguard._validation import GuardOptions
 from lightning_gradguard.decide.engine import GuardEngine, NonFiniteGradientsError, StepOutcome
-from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.events import GuardEvent, OnEvent
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.updates import update_metrics
+from lightning_gradguard.options import GuardOptions
 from lightning_gradguard.outputs.heatmap import HeatmapFigure
 from lightning_gradguard.outputs.tensorboard import EventLog, layer_norm_extremes, threshold_band, write_histograms
 
@@ -33,7 +33,6 @@ __all__ = ["Reporter", "dashboard_metrics", "step_metrics"]
 
 LogMetrics = Callable[[dict[str, float], int], None]
 Say = Callable[[str], None]
-OnEvent = Callable[[GuardEvent], None]
 
 
 def step_metrics(

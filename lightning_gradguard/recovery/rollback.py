@@ -48,8 +48,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard._validation import check_bool, check_int, is_number, python_scalar
-from lightning_gradguard.decide.engine import GradGuardError, GuardEngine, StepOutcome
+from lightning_gradguard._checks import check_bool, check_int, is_number, python_scalar
+from lightning_gradguard.decide.engine import GuardEngine, StepOutcome
+from lightning_gradguard.errors import RecoveryError
 from lightning_gradguard.events import GuardEvent
 
 __all__ = [
@@ -70,10 +71,6 @@ Trigger = Literal["nonfinite_grad", "nonfinite_loss", "loss_runaway", "nonfinite
 SNAPSHOT_EVERY_N_STEPS = 100
 #: The names a rollback's trigger can take.
 TRIGGERS: tuple[str, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_runaway", "nonfinite_state")
-
-
-class RecoveryError(GradGuardError):
-    """Raised on every rank, at the same step, when a trigger fires after ``max_rollbacks`` rollbacks."""
 
 
 # --------------------------------------------------------------------------------------------- snapshot
