@@ -1,9 +1,10 @@
-"""The errors GradGuard raises while training: one family, rooted at :class:`GradGuardError`.
+"""The errors GradGuard raises: one family, rooted at :class:`GradGuardError`.
 
 Arguments are checked when a guard is constructed, with the built-in errors: ``TypeError`` for a value of
 the wrong type, ``ValueError`` for a value of the right type outside what is allowed (each message names the
-argument, the allowed values and what it got). Everything raised later, once training runs, is a
-:class:`GradGuardError`, and a ``RuntimeError`` too, so ``except RuntimeError`` keeps catching it.
+argument, the allowed values and what it got). Everything else GradGuard raises (at setup, during training,
+and ``gradguard report``'s ``ReportError``) is a :class:`GradGuardError`, and a ``RuntimeError`` too, so
+``except RuntimeError`` keeps catching it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ __all__ = ["GradGuardError", "NonFiniteGradientsError", "RecoveryError"]
 
 
 class GradGuardError(RuntimeError):
-    """GradGuard cannot go on: the base of every error it raises after construction.
+    """GradGuard cannot go on: the base of every error it raises besides argument errors.
 
     Raised directly for a setup GradGuard cannot work with: in the callback's ``setup`` (Lightning's FSDP1
     strategy, ``Trainer(gradient_clip_val=...)`` together with clipping, two GradGuard callbacks writing to

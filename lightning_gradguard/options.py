@@ -15,9 +15,11 @@ per optimizer (:meth:`GuardOptions.engine`) and the :class:`~lightning_gradguard
 from __future__ import annotations
 
 import copy
+import functools
+import typing
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Annotated, Any
 
 from lightning_gradguard._checks import (
     CLIP_NAMES,
@@ -44,7 +46,7 @@ from lightning_gradguard.recovery.rollback import SNAPSHOT_EVERY_N_STEPS, Recove
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "GuardOptions", "option_names", "update_tracker"]
+__all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "Checked", "GuardOptions", "option_names", "update_tracker"]
 
 #: Log cadence, in optimizer steps, when neither the option nor the Trainer gives one.
 DEFAULT_LOG_EVERY_N_STEPS = 50
@@ -53,9 +55,16 @@ Check = Callable[[str, Any], Any]
 """An option's check: ``check(name, value)`` returns the value to keep (numpy scalars as Python ones) or raises."""
 
 
-def _checked_by(check: Check) -> dict[str, Check]:
-    """The metadata of a declared option: its check."""
-    return {"check": check}
+@dataclass(frozen=True)
+class Checked:
+    """What the annotation of a declared option carries besides its type: its check.
+
+    ``changes_training`` marks the options that change training (clipping, skipping, the LR guard, recovery),
+    which :class:`~lightning_gradguard.GradMonitor` refuses.
+    """
+
+    check: Check
+    changes_training: bool = False
 
 
 def _int_at_least(minimum: int, optional: bool = False) -> Check:
@@ -117,10 +126,10 @@ def _hook(name: str, value: Any) -> Any:
 class GuardOptions:
     """The options of a guard, checked (see :class:`~lightning_gradguard.GradGuard` for their meaning).
 
-    Each field declares an option once: its type, its default and its check (``metadata["check"]``), run by
-    ``__post_init__``. A value of the wrong type raises ``TypeError``, a value out of range ``ValueError``;
-    each message names the option, what it takes and what it got. Numpy scalars and 0-d tensors are kept as
-    the Python numbers they hold.
+    Each field declares an option once: its type and its check (``Annotated[type, Checked(check)]``), and its
+    default. ``__post_init__`` runs the checks: a value of the wrong type raises ``TypeError``, a value out of
+    range ``ValueError``, each message naming the option, what it takes and what it got. Numpy scalars and 0-d
+    tensors are kept as the Python numbers they hold.
 
     Example:
 
@@ -132,32 +141,31 @@ class GuardOptions:
         ValueError: `histogram_bins` must be an int >= 1, got 0
     """
 
-    clip: ClipName | ThresholdPolicy | None = field(default="auto", metadata=_checked_by(_clip))
-    max_norm: float | None = field(default=None, metadata=_checked_by(_max_norm))
-    on_nonfinite: OnNonFinite = field(default="skip", metadata=_checked_by(_choice(ON_NONFINITE)))
-    max_consecutive_skips: int = field(default=25, metadata=_checked_by(_int_at_least(1)))
-    lr_guard: bool | LRGuard = field(default=True, metadata=_checked_by(_flag_or(LRGuard, "an LRGuard")))
-    group_by: GroupBy = field(default="module", metadata=_checked_by(_group_by))
-    log_every_n_steps: int | None = field(default=None, metadata=_checked_by(_int_at_least(1, optional=True)))
-    log_layer_norms: bool = field(default=True, metadata=_checked_by(_flag))
-    histogram_every_n_steps: int = field(default=100, metadata=_checked_by(_int_at_least(0)))
-    histogram_bins: int = field(default=64, metadata=_checked_by(_int_at_least(1)))
-    diagnostics: bool | GradientDiagnostics = field(
-        default=True, metadata=_checked_by(_flag_or(GradientDiagnostics, "a GradientDiagnostics"))
-    )
-    heatmap_every_n_steps: int = field(default=1000, metadata=_checked_by(_int_at_least(0)))
-    log_update_ratios: bool = field(default=True, metadata=_checked_by(_flag))
-    on_event: OnEvent | None = field(default=None, metadata=_checked_by(_hook))
-    rollback: bool | RollbackTrigger = field(
-        default=True, metadata=_checked_by(_flag_or(RollbackTrigger, "a RollbackTrigger"))
-    )
-    snapshot_every_n_steps: int = field(default=SNAPSHOT_EVERY_N_STEPS, metadata=_checked_by(_int_at_least(1)))
-    diagnose_every_n_steps: int = field(default=50, metadata=_checked_by(_int_at_least(1)))
+    clip: Annotated[ClipName | ThresholdPolicy | None, Checked(_clip, changes_training=True)] = "auto"
+    max_norm: Annotated[float | None, Checked(_max_norm, changes_training=True)] = None
+    on_nonfinite: Annotated[OnNonFinite, Checked(_choice(ON_NONFINITE), changes_training=True)] = "skip"
+    max_consecutive_skips: Annotated[int, Checked(_int_at_least(1), changes_training=True)] = 25
+    lr_guard: Annotated[bool | LRGuard, Checked(_flag_or(LRGuard, "an LRGuard"), changes_training=True)] = True
+    group_by: Annotated[GroupBy, Checked(_group_by)] = "module"
+    log_every_n_steps: Annotated[int | None, Checked(_int_at_least(1, optional=True))] = None
+    log_layer_norms: Annotated[bool, Checked(_flag)] = True
+    histogram_every_n_steps: Annotated[int, Checked(_int_at_least(0))] = 100
+    histogram_bins: Annotated[int, Checked(_int_at_least(1))] = 64
+    diagnostics: Annotated[
+        bool | GradientDiagnostics, Checked(_flag_or(GradientDiagnostics, "a GradientDiagnostics"))
+    ] = True
+    heatmap_every_n_steps: Annotated[int, Checked(_int_at_least(0))] = 1000
+    log_update_ratios: Annotated[bool, Checked(_flag)] = True
+    on_event: Annotated[OnEvent | None, Checked(_hook)] = None
+    rollback: Annotated[
+        bool | RollbackTrigger, Checked(_flag_or(RollbackTrigger, "a RollbackTrigger"), changes_training=True)
+    ] = True
+    snapshot_every_n_steps: Annotated[int, Checked(_int_at_least(1))] = SNAPSHOT_EVERY_N_STEPS
+    diagnose_every_n_steps: Annotated[int, Checked(_int_at_least(1))] = 50
 
     def __post_init__(self) -> None:
-        for option in fields(self):
-            value = option.metadata["check"](option.name, getattr(self, option.name))
-            object.__setattr__(self, option.name, value)
+        for name, checked in _declared().items():
+            object.__setattr__(self, name, checked.check(name, getattr(self, name)))
         make_policy(self.clip, self.max_norm)  # a throwaway, so that policy-level errors ("fixed" needs max_norm) show
         if self.clip is None and isinstance(self.lr_guard, LRGuard):
             raise ValueError("`lr_guard` needs clipping: pass `clip` (e.g. 'auto') or `lr_guard=False`")
@@ -225,9 +233,23 @@ class GuardOptions:
         )
 
 
-def option_names() -> tuple[str, ...]:
-    """The names of the options, in the order of the front-ends' signatures."""
-    return tuple(option.name for option in fields(GuardOptions))
+@functools.cache
+def _declared() -> dict[str, Checked]:
+    """Each option's :class:`Checked`, from the annotations of :class:`GuardOptions`, in declaration order."""
+    hints = typing.get_type_hints(GuardOptions, include_extras=True)
+    return {
+        option.name: next(extra for extra in hints[option.name].__metadata__ if isinstance(extra, Checked))
+        for option in fields(GuardOptions)
+    }
+
+
+def option_names(changes_training: bool | None = None) -> tuple[str, ...]:
+    """The names of the options, in the order of the front-ends' signatures.
+
+    With ``changes_training``, only the options that change training (``True``) or only the others (``False``).
+    """
+    declared = _declared()
+    return tuple(n for n, c in declared.items() if changes_training is None or c.changes_training == changes_training)
 
 
 def update_tracker(stats: GradStats) -> UpdateTracker:

@@ -67,9 +67,13 @@ def test_every_front_end_takes_every_option_by_name() -> None:
     assert FabricGuard(fabric, net, optimizer, **defaults).options == GuardOptions()
     clip_options = {**defaults, "histogram_every_n_steps": 7}
     assert GradClip(**clip_options).options.histogram_every_n_steps == 7
-    changes_training = {"clip", "max_norm", "on_nonfinite", "max_consecutive_skips", "lr_guard", "rollback"}
+    changes_training = option_names(changes_training=True)
+    assert changes_training == ("clip", "max_norm", "on_nonfinite", "max_consecutive_skips", "lr_guard", "rollback")
     monitor = GradMonitor(**{k: v for k, v in defaults.items() if k not in changes_training})
     assert monitor.options.clip is None and monitor.options.lr_guard is False
+    for name in changes_training:
+        with pytest.raises(TypeError, match=f"GradMonitor only monitors; `{name}` is not accepted"):
+            GradMonitor(**{name: defaults[name]})
 
 
 @pytest.mark.parametrize("front_end", ["GradGuard", "Guard"])

@@ -52,7 +52,7 @@ from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.events import GuardEvent, OnEvent
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.stats import GroupBy
-from lightning_gradguard.options import GuardOptions
+from lightning_gradguard.options import GuardOptions, option_names
 from lightning_gradguard.outputs.loggers import rich_writers
 from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.outputs.tensorboard import EventLog, dashboard_layout, find_writer
@@ -631,9 +631,9 @@ class GradMonitor(GradGuard):
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        for name in ("clip", "max_norm", "lr_guard", "on_nonfinite", "max_consecutive_skips", "rollback"):
+        for name in option_names(changes_training=True):
             if name in kwargs:
-                raise ValueError(f"GradMonitor only monitors; `{name}` is not accepted (use GradGuard for it)")
+                raise TypeError(f"GradMonitor only monitors; `{name}` is not accepted (use GradGuard for it)")
         super().__init__(clip=None, lr_guard=False, on_nonfinite="warn", rollback=False, **kwargs)
 
 

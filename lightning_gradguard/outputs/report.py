@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics, plural
+from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.outputs.tensorboard import split_events
 
 __all__ = ["ReportError", "RunData", "build_report", "find_runs", "main", "read_run"]
@@ -45,7 +46,7 @@ _LR_EVENT = re.compile(r"^LR guard: step (\d+): LR scale (\S+) -> (\S+) \(reduct
 _ROLLBACK_EVENT = re.compile(r"^rollback \d+/\d+: step (\d+): .*; restored step (\d+) \((\d+) step\(s\) lost\)")
 
 
-class ReportError(Exception):
+class ReportError(GradGuardError):
     """Bad input for the report: ``path`` and a one-line ``problem``."""
 
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
