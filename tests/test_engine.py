@@ -75,68 +75,6 @@ def test_measure_carries_loss_and_amp_scale_in_the_one_vector_and_decide_unscale
     assert outcome.global_norm == 5.0 and outcome.loss == 2.5 and not outcome.clipped
 
 
-def test_skip_drops_gradients_counts_and_reports_the_layers() -> None:
-    engine = _engine(FixedPolicy(max_norm=1.0))
-    _set_grads(engine, [math.nan, 0.0], [1.0])
-    outcome = engine.decide(engine.measure()[0])
-    assert outcome.skipped and not outcome.clipped and outcome.error is None and outcome.threshold is None
-    (event,) = outcome.events
-    assert event.kind == "skipped" and not event.is_warning and event.layers == ("0",) and event.step == 0
-    assert event.message == "skipped optimizer step 0: non-finite gradients in 0"
-    assert event.evidence["consecutive_skips"] == 1
-    apply_outcome(engine, outcome)
-    assert all(p.grad is None for p in engine.stats.params)
-    assert engine.counters.skipped_total == 1 and engine.counters.consecutive_skips == 1
-    assert engine.policy is not None and engine.policy.state_dict()["config"] == {"max_norm": 1.0}
-
-
-def test_streak_of_skips_raises_at_the_limit_and_a_finite_step_resets_it() -> None:
-    engine = _engine(FixedPolicy(max_norm=1.0), max_consecutive_skips=3)
-    bad = _stats(math.inf, 1.0)
-    assert [engine.decide(bad).error for _ in range(2)] == [None, None]
-    assert engine.decide(_stats(0.5, 0.0)).error is None and engine.counters.consecutive_skips == 0
-    outcomes = [engine.decide(bad) for _ in range(3)]
-    assert [o.error is None for o in outcomes] == [True, True, False]
-    assert outcomes[-1].error is not None and outcomes[-1].error.startswith("GradGuard: 3 consecutive optimizer steps")
-    assert "max_consecutive_skips" in outcomes[-1].error and outcomes[-1].skipped
-    assert engine.counters.skipped_total == 5 and engine.counters.steps == 6
-
-
-def test_raise_sets_the_error_and_keeps_the_gradients() -> None:
-    engine = _engine(FixedPolicy(max_norm=1.0), on_nonfinite="raise")
-    _set_grads(engine, [math.inf, 0.0], [1.0])
-    outcome = engine.decide(engine.measure()[0])
-    assert not outcome.skipped and outcome.events == ()
-    assert outcome.error is not None and "non-finite gradients at optimizer step 0 in layer(s) 0" in outcome.error
-    apply_outcome(engine, outcome)
-    assert all(p.grad is not None for p in engine.stats.params) and engine.counters.skipped_total == 0
-
-
-@pytest.mark.parametrize(("on_nonfinite", "monitor_only"), [("warn", False), ("skip", True), ("raise", True)])
-def test_warn_and_monitor_only_step_through_with_a_warning(on_nonfinite: str, monitor_only: bool) -> None:
-    engine = _engine(None, on_nonfinite=on_nonfinite, monitor_only=monitor_only)
-    outcome = engine.decide(_stats(math.nan, 1.0))
-    assert not outcome.skipped and outcome.error is None
-    (event,) = outcome.events
-    assert event.kind == "nonfinite" and event.is_warning and event.layers == ("a",)
-    assert event.text == "GradGuard: non-finite gradients at step 0 in a; stepping anyway"
-    assert engine.counters.consecutive_skips == 0
-
-
-def test_scaler_skipped_steps_are_neither_skips_nor_events_but_a_streak_stops() -> None:
-    engine = _engine(FixedPolicy(max_norm=1.0), max_consecutive_skips=2)
-    outcome = engine.decide(_stats(math.inf, 1.0), scaler_enabled=True)
-    assert outcome.scaler_skipped and not outcome.skipped and outcome.events == () and outcome.error is None
-    assert engine.counters.scaler_skipped_total == 1 and engine.counters.skipped_total == 0
-    assert engine.interval.scaler_skipped == 1
-    outcome = engine.decide(_stats(math.inf, 1.0), scaler_enabled=True)  # the run cannot progress: stop
-    assert outcome.scaler_skipped and outcome.error is not None and "GradScaler skipped 2 consecutive" in outcome.error
-    engine.counters.consecutive_skips = 0
-    assert engine.decide(_stats(math.inf, 1.0), scaler_enabled=True).error is None
-    assert engine.decide(_stats(1.0, 1.0), scaler_enabled=True).error is None  # a finite step ends the streak
-    assert engine.decide(_stats(math.inf, 1.0), scaler_enabled=True).error is None
-
-
 def test_interval_aggregates_and_close_interval() -> None:
     engine = _engine(FixedPolicy(max_norm=2.0))
     for sq in (1.0, 9.0, 4.0):  # norms 1, 3 (clipped), 2 (not: equal to the threshold)
@@ -244,12 +182,13 @@ def test_options_name_the_argument_and_the_value() -> None:
     assert GuardOptions(clip=None).lr_guard_template is None and GuardOptions().lr_guard_template is not None
 
 
-def test_the_engine_imports_no_lightning() -> None:
+def test_the_engine_and_recovery_import_no_lightning() -> None:
     import subprocess
     import sys
 
     code = (
         "import sys, lightning_gradguard.decide.engine, lightning_gradguard.events\n"
+        "import lightning_gradguard.recovery.rollback\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
