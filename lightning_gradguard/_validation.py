@@ -186,6 +186,7 @@ class GuardOptions:
     log_update_ratios: bool = True
     rollback: RollbackTrigger | None = None  # template, copied per front-end; None when recovery is off
     snapshot_every_n_steps: int = 100
+    diagnose_every_n_steps: int = 50
 
     def recovery(self) -> Recovery | None:
         """A fresh :class:`~lightning_gradguard.recovery.rollback.Recovery` (``None`` when ``rollback`` is off)."""
@@ -250,6 +251,7 @@ def guard_options(
     log_update_ratios: bool = True,
     rollback: bool | RollbackTrigger = True,
     snapshot_every_n_steps: int = 100,
+    diagnose_every_n_steps: int = 50,
 ) -> GuardOptions:
     """Check every option (messages name the argument, the allowed values and the value) and bundle them.
 
@@ -282,6 +284,8 @@ def guard_options(
     if not isinstance(rollback, bool | RollbackTrigger):
         raise ValueError(f"`rollback` must be True, False or a RollbackTrigger instance, got {rollback!r}")
     check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1)
+    diagnose_every_n_steps = python_scalar(diagnose_every_n_steps)
+    check_int("diagnose_every_n_steps", diagnose_every_n_steps, 1)
     return GuardOptions(
         clip=clip,
         max_norm=max_norm,
@@ -302,6 +306,7 @@ def guard_options(
         if isinstance(rollback, RollbackTrigger)
         else (RollbackTrigger() if rollback and template else None),
         snapshot_every_n_steps=snapshot_every_n_steps,
+        diagnose_every_n_steps=diagnose_every_n_steps,
     )
 
 
