@@ -407,10 +407,10 @@ class GradGuard(Callback):
     ) -> None:
         if self._monitor_only and should_accumulate(trainer):
             return  # DeepSpeed calls this hook on every micro-batch: read complete gradients only
-        loss = None
-        if self._loss_sum is not None:
-            loss = self._loss_sum / self._loss_count
-            self._loss_sum, self._loss_count = None, 0
+        loss, count = self._loss_sum, self._loss_count
+        if loss is not None and count > 1:
+            loss = loss / count  # the mean of the micro-batches' losses
+        self._loss_sum, self._loss_count = None, 0
         self._step.run(
             self._guard_for(trainer, pl_module, optimizer),
             optimizer,
