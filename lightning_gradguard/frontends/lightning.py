@@ -94,8 +94,8 @@ class GradGuard(Callback):
         heatmap_every_n_steps: write the layer x step heatmap image every this many optimizer steps
             (and at the end of training); ``0`` disables it. Needs matplotlib.
         log_update_ratios: at log steps, log each layer's weight norm and log10 update-to-weight ratio
-            (``weight_norm/{layer}``, ``update_ratio/{layer}``) and let the diagnostics judge them ("LR too
-            high for <layer>", "<layer> is not learning"). Costs a copy of the weights at log steps only,
+            (``weight_norm/{layer}``, ``update_ratio/{layer}``), and at diagnose steps let the diagnostics judge
+            them ("LR too high for <layer>", "<layer> is not learning"). Costs a copy of the weights at those steps,
             plus every 25 steps from step 50 for the LR guard's stall channel (which measures the global
             update ratio whether or not this is on; ``LRGuard(stall_update_ratio=None)`` turns it off).
         on_event: called on rank zero with every :class:`~lightning_gradguard.events.GuardEvent` (skipped

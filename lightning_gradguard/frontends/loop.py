@@ -162,7 +162,7 @@ class Guard:
             self.engine.lr_guard.attach(self.optimizer)
         self.reporter = self._make_reporter(writer, scaler, on_event)
         self.recovery: Recovery | None = self.options.recovery()
-        self.step = GuardStep(
+        self._step = GuardStep(
             self.reporter,
             log_every=self.options.log_every_n_steps or 50,
             diagnose_every=self.options.diagnose_every_n_steps,
@@ -171,7 +171,7 @@ class Guard:
             recovery=self.recovery,
             scaler_enabled=self.reporter.scaler_enabled,
         )
-        self.step.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
+        self._step.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
         if self.recovery is not None:
             self.recovery.attach(model, self.optimizer, self.schedulers)
 
@@ -231,7 +231,7 @@ class Guard:
             if outcome.skipped and still_scaled:
                 _record_inf_checks(self.scaler, self.optimizer, nonfinite=not outcome.stats.finite)
 
-        record = self.step.run(
+        record = self._step.run(
             self.engine,
             self.optimizer,
             lambda: optimizer_parameters(self._module, self.optimizer),
@@ -245,10 +245,10 @@ class Guard:
 
     def close(self) -> None:
         """End of training: log the last interval, write the heatmap, remove the LR guard's hooks."""
-        self.step.end(self.engine, self.engine.counters.steps)
+        self._step.end(self.engine, self.engine.counters.steps)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.detach()
-        self.step.detach()
+        self._step.detach()
 
     # ------------------------------------------------------------------ views and state
     @property
