@@ -139,7 +139,12 @@ def test_update_verdicts_once_per_episode_and_logged_ratios(tmp_path: Path) -> N
     model, optimizer = _plain_model()
     events: list[GuardEvent] = []
     writer = SummaryWriter(str(tmp_path))
-    options: dict[str, Any] = {"histogram_every_n_steps": 0, "heatmap_every_n_steps": 0, "log_every_n_steps": 1}
+    options: dict[str, Any] = {
+        "histogram_every_n_steps": 0,
+        "heatmap_every_n_steps": 0,
+        "log_every_n_steps": 1,
+        "diagnose_every_n_steps": 1,
+    }
     guard = Guard(model, optimizer, clip=None, lr_guard=False, writer=writer, on_event=events.append, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -174,7 +179,9 @@ def test_an_on_event_hook_that_raises_is_reported_once_and_training_goes_on() ->
         calls.append(event.kind)
         raise ConnectionError("webhook down")
 
-    guard = Guard(model, optimizer, clip=None, lr_guard=False, on_event=broken, log_every_n_steps=1)
+    guard = Guard(
+        model, optimizer, clip=None, lr_guard=False, on_event=broken, log_every_n_steps=1, diagnose_every_n_steps=1
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _steps(guard, model, optimizer, 0, 8)

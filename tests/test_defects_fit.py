@@ -115,7 +115,7 @@ def test_end_of_fit_flush_is_logged_at_the_last_step(tmp_path: Path, capsys: pyt
 
 # ---------------------------------------------------------------------------------- 11: events in one entry
 def test_events_of_one_step_are_one_text_entry(tmp_path: Path) -> None:
-    guard = GradGuard(on_nonfinite="skip", histogram_every_n_steps=0, log_every_n_steps=1)
+    guard = GradGuard(on_nonfinite="skip", histogram_every_n_steps=0, log_every_n_steps=1, diagnose_every_n_steps=1)
     trainer = make_trainer(tmp_path, [guard], max_steps=4)
     trainer.fit(TinyRegressor(nan_at_steps=(1, 3)))
     texts = read_events(trainer.logger.log_dir).Tensors(f"{tag('events')}/text_summary")  # type: ignore[union-attr]
@@ -331,7 +331,7 @@ def test_gradguard_and_gradmonitor_in_one_trainer_are_refused(tmp_path: Path) ->
 def test_warnings_point_at_the_users_line_not_at_gradguard_source(tmp_path: Path) -> None:
     from lightning_gradguard import Guard
 
-    trainer = make_trainer(tmp_path, [GradGuard(histogram_every_n_steps=0)], max_steps=3)
+    trainer = make_trainer(tmp_path, [GradGuard(histogram_every_n_steps=0, diagnose_every_n_steps=1)], max_steps=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(TinyRegressor(nan_at_steps=(1,)))
