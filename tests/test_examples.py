@@ -32,7 +32,7 @@ def test_quickstart(tmp_path: Path) -> None:
 
 
 def test_quickstart_is_healthy_by_its_update_ratios_too(tmp_path: Path) -> None:
-    guard = load("quickstart").main(["--max-steps", "120", "--logdir", str(tmp_path)])
+    guard = load("quickstart").main(["--max-steps", "210", "--logdir", str(tmp_path)])
     engine = guard._first_guard()
     assert engine is not None and all(len(r) == 5 for r in engine.update_ratios.values())  # full windows judged
     assert engine.update_verdicts == []  # no "LR too high" / "not learning" on the healthy demo
