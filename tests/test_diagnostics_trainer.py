@@ -89,7 +89,7 @@ def test_injected_exploding_layer_is_named(tmp_path: Path) -> None:
                 target.weight.grad.mul_(1e5)  # type: ignore[union-attr]
 
     L.seed_everything(0, verbose=False)
-    guard = GradGuard(log_every_n_steps=1, histogram_every_n_steps=0, clip=None)
+    guard = GradGuard(log_every_n_steps=1, diagnose_every_n_steps=1, histogram_every_n_steps=0, clip=None)
     make_trainer(tmp_path, [Blowup(), guard], max_steps=10).fit(model)
     exploding = [v for v in guard.verdicts if v.kind == "exploding"]
     assert [v.layer for v in exploding] == ["net.3"] and exploding[0].step == 8

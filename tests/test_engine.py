@@ -87,7 +87,7 @@ def test_interval_aggregates_and_close_interval() -> None:
     assert engine.decide(_stats(math.inf, 0.0)).skipped and engine.interval.norm_max == math.inf
     assert engine.interval.skipped == 2 and engine.counters.clipped_total == 1
     last = engine.decide(_stats(100.0, 0.0))  # norm 10: log10 1.0; a zero norm: -inf
-    assert engine.close_interval(last, global_step=7, heatmap=True) == ()
+    engine.close_interval(last, global_step=7, heatmap=True)
     assert engine.interval.steps == 0 and engine.heatmap_steps == [7]
     assert engine.heatmap_columns == [[1.0, -math.inf]]
     for step in range(600):
@@ -109,15 +109,15 @@ def test_lr_reduction_becomes_a_warning_event_with_its_evidence() -> None:
     assert event.evidence["lr_scale"] == 0.5 and event.evidence["threshold"] == 1.0
 
 
-def test_verdicts_at_log_steps_become_events() -> None:
+def test_verdicts_at_diagnose_steps_become_events() -> None:
     """Changed: a layer is called dead from its second zero observation on (see test_diagnostics)."""
     options = GuardOptions(clip=None)
     model = _model()
     engine = options.engine(0, model.named_parameters(), monitor_only=False)
     outcome = engine.decide(_stats(0.0, 1.0))  # layer "0" of the model: gradient exactly zero
-    assert engine.close_interval(outcome, global_step=0, heatmap=False) == ()  # once could be a zero-init head
+    assert engine.diagnose(outcome) == ()  # once could be a zero-init head
     outcome = engine.decide(_stats(0.0, 1.0))  # still exactly zero -> dead
-    events = engine.close_interval(outcome, global_step=1, heatmap=False)
+    events = engine.diagnose(outcome)
     assert events and all(e.kind == "verdict" and e.is_warning for e in events)
     assert [v.layer for v in engine.verdicts] == [layer for e in events for layer in e.layers]
     assert "Remedy:" in events[0].message

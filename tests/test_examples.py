@@ -26,7 +26,7 @@ def load(name: str) -> ModuleType:
 
 
 def test_quickstart_is_healthy_by_its_skips_and_update_ratios(tmp_path: Path) -> None:
-    guard = load("quickstart").main(["--max-steps", "120", "--logdir", str(tmp_path)])
+    guard = load("quickstart").main(["--max-steps", "210", "--logdir", str(tmp_path)])  # five diagnose steps
     assert guard.threshold is not None  # past the 25-step warmup: the adaptive threshold is in force
     assert guard.skipped_steps == 0
     assert list((tmp_path / "quickstart").glob("version_*/events.out.tfevents.*"))

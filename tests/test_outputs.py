@@ -142,7 +142,12 @@ def test_update_verdicts_once_per_episode_and_logged_ratios(tmp_path: Path) -> N
     model, optimizer = _plain_model()
     events: list[GuardEvent] = []
     writer = SummaryWriter(str(tmp_path))
-    options: dict[str, Any] = {"histogram_every_n_steps": 0, "heatmap_every_n_steps": 0, "log_every_n_steps": 1}
+    options: dict[str, Any] = {
+        "histogram_every_n_steps": 0,
+        "heatmap_every_n_steps": 0,
+        "log_every_n_steps": 1,
+        "diagnose_every_n_steps": 1,
+    }
     guard = Guard(model, optimizer, clip=None, lr_guard=False, writer=writer, on_event=events.append, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -177,7 +182,9 @@ def test_an_on_event_hook_that_raises_is_reported_once_and_training_goes_on() ->
         calls.append(event.kind)
         raise ConnectionError("webhook down")
 
-    guard = Guard(model, optimizer, clip=None, lr_guard=False, on_event=broken, log_every_n_steps=1)
+    guard = Guard(
+        model, optimizer, clip=None, lr_guard=False, on_event=broken, log_every_n_steps=1, diagnose_every_n_steps=1
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _steps(guard, model, optimizer, 0, 8)
@@ -226,7 +233,7 @@ def test_notices_for_loggers_without_histograms_reach_the_hook_once(tmp_path: Pa
 
 
 def test_events_of_one_step_are_one_text_entry(tmp_path: Path) -> None:
-    guard = GradGuard(on_nonfinite="skip", histogram_every_n_steps=0, log_every_n_steps=1)
+    guard = GradGuard(on_nonfinite="skip", histogram_every_n_steps=0, log_every_n_steps=1, diagnose_every_n_steps=1)
     trainer = make_trainer(tmp_path, [guard], max_steps=4)
     trainer.fit(TinyRegressor(nan_at_steps=(1, 3)))
     texts = read_events(trainer.logger.log_dir).Tensors(f"{tag('events')}/text_summary")  # type: ignore[union-attr]
@@ -248,7 +255,7 @@ def test_gradguard_and_gradmonitor_in_one_trainer_are_refused(tmp_path: Path) ->
 def test_warnings_point_at_the_users_line_not_at_gradguard_source(tmp_path: Path) -> None:
     from lightning_gradguard import Guard
 
-    trainer = make_trainer(tmp_path, [GradGuard(histogram_every_n_steps=0)], max_steps=3)
+    trainer = make_trainer(tmp_path, [GradGuard(histogram_every_n_steps=0, diagnose_every_n_steps=1)], max_steps=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(TinyRegressor(nan_at_steps=(1,)))

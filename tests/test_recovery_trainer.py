@@ -288,7 +288,7 @@ def test_rollback_keeps_the_diagnostics_account_of_the_run(tmp_path: Path) -> No
     from ._models import TinyRegressor
 
     events: list[GuardEvent] = []
-    guard = GradGuard(on_event=events.append)
+    guard = GradGuard(on_event=events.append, diagnose_every_n_steps=1)
     trainer = make_trainer(tmp_path, [guard], logger=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -32,6 +32,7 @@ def gradguard_for_fixture() -> GradGuard:
     return GradGuard(
         clip=AutoPolicy(warmup_steps=6, prior_norm=1.0, prior_ratio=None),
         log_every_n_steps=3,
+        diagnose_every_n_steps=3,
         histogram_every_n_steps=0,
         rollback=True,
         snapshot_every_n_steps=2,

@@ -42,7 +42,6 @@ from lightning_gradguard.decide.engine import (
     STATE_VERSION,
     GuardEngine,
     StepOutcome,
-    apply_outcome,
     optimizer_parameters,
     parameter_signature,
 )
@@ -57,6 +56,7 @@ from lightning_gradguard.outputs.loggers import rich_writers
 from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.outputs.tensorboard import EventLog, dashboard_layout, find_writer
 from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
+from lightning_gradguard.step import GuardStep
 
 __all__ = ["GradClip", "GradGuard", "GradMonitor"]
 
@@ -95,8 +95,8 @@ class GradGuard(Callback):
         heatmap_every_n_steps: write the layer x step heatmap image every this many optimizer steps
             (and at the end of training); ``0`` disables it. Needs matplotlib.
         log_update_ratios: at log steps, log each layer's weight norm and log10 update-to-weight ratio
-            (``weight_norm/{layer}``, ``update_ratio/{layer}``) and let the diagnostics judge them ("LR too
-            high for <layer>", "<layer> is not learning"). Costs a copy of the weights at log steps only,
+            (``weight_norm/{layer}``, ``update_ratio/{layer}``), and at diagnose steps let the diagnostics judge
+            them ("LR too high for <layer>", "<layer> is not learning"). Costs a copy of the weights at those steps,
             plus every 25 steps from step 50 for the LR guard's stall channel (which measures the global
             update ratio whether or not this is on; ``LRGuard(stall_update_ratio=None)`` turns it off).
         on_event: called on rank zero with every :class:`~lightning_gradguard.events.GuardEvent` (skipped
@@ -111,8 +111,8 @@ class GradGuard(Callback):
             is always honoured (without an LR guard, rollbacks do not lower the LR).
         snapshot_every_n_steps: keep a snapshot of the last good state (weights, optimizer and
             scheduler state, GradGuard's own state) in host memory every this many optimizer steps.
-        diagnose_every_n_steps: run the diagnostics and the update-ratio verdicts every this many optimizer
-            steps.
+        diagnose_every_n_steps: run the per-layer diagnostics and judge the update-to-weight ratios every this
+            many optimizer steps (a cadence of its own: the log cadence only decides what is written).
 
     Raises:
         TypeError: an argument of the wrong type (the message names it, the allowed values and what it got).
@@ -156,18 +156,20 @@ class GradGuard(Callback):
         self._pending_state: dict[int, dict[str, Any]] = {}
         self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
         self._saved_config: dict[str, Any] = {}
-        self._reporter = Reporter(
-            self._options,
-            warn=_rank_zero_warn_at_caller,
-            info=rank_zero_info,
-            log_every=self._options.log_every(),
-        )
+        self._reporter = Reporter(self._options, warn=_rank_zero_warn_at_caller, info=rank_zero_info)
         self._scaler: Any | None = None
         self._monitor_only = False
         self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (loss, LR guard)
         self._loss_count = 0
         self._recovery: Recovery | None = self._options.recovery()
-        self._reporter.recovery = self._recovery
+        self._step = GuardStep(
+            self._reporter,
+            log_every=self._options.log_every(),
+            diagnose_every=self._options.diagnose_every_n_steps,
+            histogram_every=self._options.histogram_every_n_steps,
+            heatmap_every=self._options.heatmap_every_n_steps,
+            recovery=self._recovery,
+        )
         self._last_trainer: weakref.ref[Trainer] | None = None  # the Trainer of the last fit (never kept alive)
 
     # ------------------------------------------------------------------ public read-only views
@@ -261,9 +263,10 @@ class GradGuard(Callback):
                 "the gradients. Remove `gradient_clip_val` from the Trainer (GradGuard(clip='fixed', "
                 f"max_norm={clip_val!r}) reproduces it), or pass GradGuard(clip=None) to only monitor."
             )
-        self._reporter.log_every = self._options.log_every(getattr(trainer, "log_every_n_steps", 0))
+        self._step.log_every = self._options.log_every(getattr(trainer, "log_every_n_steps", 0))
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._reporter.scaler_enabled = self._scaler is not None and self._scaler.is_enabled()
+        scaler_enabled = self._scaler is not None and self._scaler.is_enabled()
+        self._reporter.scaler_enabled = self._step.scaler_enabled = scaler_enabled
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -280,7 +283,7 @@ class GradGuard(Callback):
         if trainer.is_global_zero and reporter.writer is None and trainer.loggers:
             reporter.notice_once("no-tensorboard", NO_TENSORBOARD_NOTICE)
         for optimizer in trainer.optimizers:
-            reporter.attach(self._guard_for(trainer, pl_module, optimizer), optimizer)  # again after a teardown
+            self._step.attach(self._guard_for(trainer, pl_module, optimizer), optimizer)  # again after a teardown
         self._report_unused_state()
         if self._recovery is not None and not self._monitor_only:
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -321,8 +324,7 @@ class GradGuard(Callback):
         self._reporter.events = EventLog()
         self._reporter.last_global_step = {}
         if not carried:  # rollback counters belong to one run, like the engines
-            self._recovery = self._options.recovery()
-            self._reporter.recovery = self._recovery
+            self._recovery = self._step.recovery = self._options.recovery()
         try:
             self._last_trainer = weakref.ref(trainer)
         except TypeError:  # a stand-in without weak references (tests)
@@ -340,7 +342,7 @@ class GradGuard(Callback):
             self._report_differences(guard, guard.load_state_dict(pending))
         if guard.lr_guard is not None:
             guard.lr_guard.attach(optimizer)
-        self._reporter.attach(guard, optimizer)
+        self._step.attach(guard, optimizer)
         self._guards[id(optimizer)] = guard
         return guard
 
@@ -352,7 +354,7 @@ class GradGuard(Callback):
             if guard.lr_guard is not None:
                 guard.lr_guard.detach()
             guard.stats.release()  # the counters, history and views stay; the parameters may go
-        self._reporter.detach()
+        self._step.detach()
         # Nothing of this fit may keep the Trainer or the model alive (k folds with one GradGuard).
         self._reporter.writer, self._reporter.log_metrics, self._scaler = None, None, None
         self._reporter.rich_writers = None
@@ -388,34 +390,26 @@ class GradGuard(Callback):
     ) -> None:
         if self._monitor_only and should_accumulate(trainer):
             return  # DeepSpeed calls this hook on every micro-batch: read complete gradients only
-        guard = self._guard_for(trainer, pl_module, optimizer)
-        guard.sync_parameters(optimizer, lambda: optimizer_parameters(pl_module, optimizer))
-        # The loss and the scale ride in the statistics vector: one collective, one device-to-host transfer.
-        scale = scaler_scale(self._scaler) if steps_scaled_gradients(optimizer) else None
-        loss = None
-        if self._loss_sum is not None:
-            loss = self._loss_sum / self._loss_count
-            self._loss_sum, self._loss_count = None, 0
-        check = self._recovery.state_check() if self._recovery is not None else None
-        stats, loss_value, scale_value = guard.measure(loss=loss, amp_scale=scale, state_check=check)
-        outcome = guard.decide(
-            stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self._reporter.scaler_enabled
+        loss, count = self._loss_sum, self._loss_count
+        if loss is not None and count > 1:
+            loss = loss / count  # the mean of the micro-batches' losses
+        self._loss_sum, self._loss_count = None, 0
+        self._step.run(
+            self._guard_for(trainer, pl_module, optimizer),
+            optimizer,
+            lambda: optimizer_parameters(pl_module, optimizer),
+            list(self._guards.values()),
+            global_step=trainer.global_step,
+            loss=loss,
+            amp_scale=scaler_scale(self._scaler) if steps_scaled_gradients(optimizer) else None,
         )
-        failure = None
-        if self._recovery is not None:
-            outcome, failure = self._recovery.after_decide(guard, outcome, list(self._guards.values()))
-            guard.last = outcome
-        apply_outcome(guard, outcome)
-        self._reporter.after_step(guard, outcome, trainer.global_step)
-        if failure is not None:
-            raise failure  # decided from the reduced vector: every rank raises at the same step
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A checkpoint saved after fit resumes as if training had not ended here (no end-of-fit flush).
         self._final_state = {str(g.index): g.state_dict() for g in self._guards.values()}
         for guard in self._guards.values():
-            self._reporter.end(guard, trainer.global_step)
+            self._step.end(guard, trainer.global_step)
 
     # ------------------------------------------------------------------ state
     @override

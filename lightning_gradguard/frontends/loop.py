@@ -31,7 +31,6 @@ from lightning_gradguard.decide.engine import (
     STATE_VERSION,
     GuardEngine,
     StepOutcome,
-    apply_outcome,
     optimizer_parameters,
     parameter_signature,
 )
@@ -43,6 +42,7 @@ from lightning_gradguard.measure.stats import GroupBy
 from lightning_gradguard.options import GuardOptions
 from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
+from lightning_gradguard.step import GuardStep
 
 __all__ = ["FabricGuard", "Guard"]
 
@@ -146,12 +146,21 @@ class Guard:
             self.engine.lr_guard.attach(self.optimizer)
         self.reporter = self._make_reporter(writer, scaler, on_event)
         self.recovery: Recovery | None = self._options.recovery()
-        self.reporter.recovery = self.recovery
+        self._step = GuardStep(
+            self.reporter,
+            log_every=self._options.log_every(),
+            diagnose_every=self._options.diagnose_every_n_steps,
+            histogram_every=self._options.histogram_every_n_steps,
+            heatmap_every=self._options.heatmap_every_n_steps,
+            recovery=self.recovery,
+            scaler_enabled=self.reporter.scaler_enabled,
+        )
+        self._step.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
         if self.recovery is not None:
             self.recovery.attach(model, self.optimizer, self.schedulers)
 
     def _make_reporter(self, writer: Any | None, scaler: Any | None, on_event: OnEvent | None) -> Reporter:
-        """The outputs (rank zero writes), attached to the optimizer, the dashboard layout written."""
+        """The outputs (rank zero writes), the dashboard layout written."""
         zero = _rank_zero()
         reporter = Reporter(
             self._options,
@@ -159,11 +168,9 @@ class Guard:
             info=self._info,
             writer=writer if zero else None,
             log_metrics=self._scalar_sink(writer) if zero and writer is not None else None,
-            log_every=self._options.log_every(),
             scaler_enabled=scaler is not None and scaler.is_enabled(),
             on_event=on_event if zero else None,
         )
-        reporter.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
         if reporter.writer is not None:
             from lightning_gradguard.outputs.tensorboard import dashboard_layout
 
@@ -202,36 +209,30 @@ class Guard:
         Raises:
             NonFiniteGradientsError: training must stop (on every rank alike).
         """
-        engine = self.engine
-        engine.sync_parameters(self.optimizer, lambda: optimizer_parameters(self._module, self.optimizer))
         still_scaled = grads_still_scaled(self.scaler, self.optimizer)
-        scale = scaler_scale(self.scaler) if still_scaled else None
-        value = None
-        if loss is not None:
-            value = loss.detach().float().reshape(())
-        check = self.recovery.state_check() if self.recovery is not None else None
-        stats, loss_value, scale_value = engine.measure(loss=value, amp_scale=scale, state_check=check)
-        outcome = engine.decide(
-            stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self.reporter.scaler_enabled
+
+        def record_inf_checks(outcome: StepOutcome) -> None:
+            if outcome.skipped and still_scaled:
+                _record_inf_checks(self.scaler, self.optimizer, nonfinite=not outcome.stats.finite)
+
+        record = self._step.run(
+            self.engine,
+            self.optimizer,
+            lambda: optimizer_parameters(self._module, self.optimizer),
+            [self.engine],
+            global_step=self.engine.counters.steps,
+            loss=None if loss is None else loss.detach().float().reshape(()),
+            amp_scale=scaler_scale(self.scaler) if still_scaled else None,
+            on_applied=record_inf_checks,
         )
-        failure = None
-        if self.recovery is not None:
-            outcome, failure = self.recovery.after_decide(engine, outcome, [engine])
-            engine.last = outcome
-        apply_outcome(engine, outcome)
-        if outcome.skipped and still_scaled:
-            _record_inf_checks(self.scaler, self.optimizer, nonfinite=not outcome.stats.finite)
-        self.reporter.after_step(engine, outcome, outcome.step)
-        if failure is not None:
-            raise failure  # decided from the reduced vector: every rank raises at the same step
-        return outcome
+        return record.outcome
 
     def close(self) -> None:
         """End of training: log the last interval, write the heatmap, remove the LR guard's hooks."""
-        self.reporter.end(self.engine, self.engine.counters.steps)
+        self._step.end(self.engine, self.engine.counters.steps)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.detach()
-        self.reporter.detach()
+        self._step.detach()
 
     # ------------------------------------------------------------------ views and state
     @property
