@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "decide": 2,
     "recovery": 3,
     "options": 4,
+    "records": 4,
     "outputs": 5,
     "step": 6,
     "frontends": 7,

@@ -28,7 +28,7 @@ from lightning_gradguard.outputs.heatmap import HeatmapFigure
 from lightning_gradguard.outputs.tensorboard import EventLog, layer_norm_extremes, threshold_band, write_histograms
 
 if TYPE_CHECKING:  # the records are the step's (a higher layer); only their type is needed here
-    from lightning_gradguard.step import StepRecord, UpdateRecord
+    from lightning_gradguard.records import StepRecord, UpdateRecord
 
 __all__ = ["Reporter", "dashboard_metrics", "step_metrics"]
 
