@@ -48,8 +48,8 @@ __all__ = ["ReportError", "RunData", "build_report", "find_runs", "main", "read_
 _NAMESPACE = re.compile(r"^(gradguard(?:_opt\d+)?)/(.+)$")
 # Event files without `event_records` (older GradGuard versions): the text of an LR reduction
 # (`LRReduction.message()`) and of a rollback (`Recovery`), the only events the report reads more than the text of.
-_LR_TEXT = re.compile(r"^LR guard: step (\d+): LR scale (\S+) -> (\S+) \(reduction \d+\)")
-_ROLLBACK_TEXT = re.compile(r"^rollback \d+/\d+: step (\d+): .*; restored step (\d+) \((\d+) step\(s\) lost\)")
+_LR_EVENT = re.compile(r"^LR guard: step (\d+): LR scale (\S+) -> (\S+) \(reduction \d+\)")
+_ROLLBACK_EVENT = re.compile(r"^rollback \d+/\d+: step (\d+): .*; restored step (\d+) \((\d+) step\(s\) lost\)")
 
 
 class ReportError(GradGuardError):
@@ -199,9 +199,9 @@ def _text_record(step: int, text: str) -> dict[str, Any]:
     lost of a rollback; every other event keeps its text and no kind.
     """
     record: dict[str, Any] = {"kind": None, "step": step, "message": text, "layers": [], "evidence": {}}
-    if (m := _LR_TEXT.match(text)) is not None:
+    if (m := _LR_EVENT.match(text)) is not None:
         record.update(kind="lr_reduction", evidence={"lr_scale_before": m.group(2), "lr_scale": m.group(3)})
-    elif (m := _ROLLBACK_TEXT.match(text)) is not None:
+    elif (m := _ROLLBACK_EVENT.match(text)) is not None:
         record.update(kind="rollback", evidence={"restored_to": int(m.group(2)), "steps_lost": int(m.group(3))})
     return record
 
