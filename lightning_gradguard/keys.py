@@ -139,5 +139,11 @@ KEYS: tuple[Key, ...] = (
         "one entry per notable event: skipped step, LR reduction, diagnostic verdict, rollback",
         "on event",
     ),
+    Key(
+        "event_records",
+        "text",
+        "each event of `events` as one JSON record (kind, step, message, layers, evidence), read by `gradguard report`",
+        "on event",
+    ),
     Key("heatmap", "image", "layer x step image of log10 gradient L2 norm", "every `heatmap_every_n_steps` steps"),
 )

@@ -318,7 +318,12 @@ class GuardEngine:
                 step=base.step, norm=norm, threshold=threshold, center=center, loss=base.loss, prior=prior
             )
             if reduction is not None:
-                evidence = {"norm": norm, "lr_scale": reduction.lr_scale, "reason": reduction.reason}
+                evidence = {
+                    "norm": norm,
+                    "lr_scale_before": reduction.lr_scale_before,
+                    "lr_scale": reduction.lr_scale,
+                    "reason": reduction.reason,
+                }
                 if threshold is not None:
                     evidence["threshold"] = threshold
                 events = (GuardEvent("lr_reduction", base.step, str(reduction), evidence=evidence),)
@@ -542,7 +547,12 @@ class GuardEngine:
         reduction = guard.stall_check(step=step, update_ratio=ratio, update_norm=update)
         if reduction is None:
             return ()
-        evidence = {"update_ratio": ratio, "lr_scale": reduction.lr_scale, "reason": reduction.reason}
+        evidence = {
+            "update_ratio": ratio,
+            "lr_scale_before": reduction.lr_scale_before,
+            "lr_scale": reduction.lr_scale,
+            "reason": reduction.reason,
+        }
         if reduction.update_gain is not None:
             evidence["update_gain"] = reduction.update_gain
         return (GuardEvent("lr_reduction", step, str(reduction), evidence=evidence),)

@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from lightning_gradguard._checks import ClipName, OnNonFinite
 from lightning_gradguard._compat import (
+    drop_bound_log_methods,
     legacy_state_key,
     scaler_scale,
     should_accumulate,
@@ -360,8 +361,7 @@ class GradGuard(Callback):
         self._reporter.rich_writers = None
         if self._recovery is not None:
             self._recovery.snapshot = None  # host copies and references of this fit's model and optimizers
-        for name in ("log", "log_dict"):  # bound methods of the model Lightning sets on every callback
-            self.__dict__.pop(name, None)
+        drop_bound_log_methods(self)  # the model's `log` / `log_dict`, which Lightning sets on every callback
         self._loss_sum, self._loss_count = None, 0
 
     # ------------------------------------------------------------------ the step
@@ -469,11 +469,11 @@ class GradGuard(Callback):
         with an info message (GradGuard added to an existing run) or a warning naming the other states.
         """
         states = checkpoint.get("callbacks") or {}
-        if self.state_key in states or self._legacy_state_key in states:
+        if self.state_key in states or legacy_state_key(self) in states:
             return
         ours = {str(k): v for k, v in states.items() if _is_gradguard_state(v)}
         callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
-        claimed = {cb.state_key for cb in callbacks} | {legacy_state_key(cb) for cb in callbacks}
+        claimed = {cb.state_key for cb in callbacks} | {str(legacy_state_key(cb)) for cb in callbacks}
         unclaimed = {k: v for k, v in ours.items() if k not in claimed}
         homeless = [cb for cb in callbacks if isinstance(cb, GradGuard) and cb.state_key not in states]
         if len(unclaimed) == 1 and len(homeless) == 1:

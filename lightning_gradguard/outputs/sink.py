@@ -24,6 +24,7 @@ from lightning_gradguard.events import GuardEvent, OnEvent
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.updates import update_metrics
 from lightning_gradguard.options import GuardOptions
+from lightning_gradguard.outputs.alerts import event_json
 from lightning_gradguard.outputs.heatmap import HeatmapFigure
 from lightning_gradguard.outputs.tensorboard import EventLog, layer_norm_extremes, threshold_band, write_histograms
 
@@ -131,7 +132,8 @@ class Reporter:
 
     def emit(self, event: GuardEvent, index: int | None) -> None:
         """Hand ``event`` to the ``on_event`` hook, print it (warning or information) and, for a
-        step event, queue it as TensorBoard text.
+        step event, queue it as TensorBoard text: its message under ``events``, its JSON record
+        (:func:`~lightning_gradguard.outputs.alerts.event_json`) under ``event_records``.
 
         The events of one step are written together, as one entry (TensorBoard's Text tab shows one entry
         per step and tag), once a later step has an event or at :meth:`flush_events`.
@@ -140,6 +142,7 @@ class Reporter:
         (self.warn if event.is_warning else self.info)(event.text)
         if self.writer is not None and index is not None:
             self.events.add(tag("events", index), event.step, event.message, self.writer)
+            self.events.add(tag("event_records", index), event.step, event_json(event), self.writer)
 
     def flush_events(self) -> None:
         """Write the queued text events, then flush the writer (end of training, before raising)."""
