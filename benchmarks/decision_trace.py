@@ -192,7 +192,7 @@ def _lightning(
         ckpt: str | None = None
         for max_steps in phases:
             torch.manual_seed(0)
-            guard = gg.GradGuard(on_event=on_event, **guard_kwargs)
+            guard = gg.GradGuard(on_event=on_event, diagnose_every_n_steps=10, **guard_kwargs)
             recorder = Recorder(guard)
             trainer = L.Trainer(
                 max_steps=max_steps,
@@ -236,9 +236,9 @@ def _plain(fabric: bool, steps: int = 120) -> Trace:
 
         f = Fabric(accelerator="cpu", devices=1)
         model, opt = f.setup(model, opt)
-        guard: Any = gg.FabricGuard(f, model, opt, on_event=on_event, log_every_n_steps=10)
+        guard: Any = gg.FabricGuard(f, model, opt, on_event=on_event, log_every_n_steps=10, diagnose_every_n_steps=10)
     else:
-        guard = gg.Guard(model, opt, on_event=on_event, log_every_n_steps=10)
+        guard = gg.Guard(model, opt, on_event=on_event, log_every_n_steps=10, diagnose_every_n_steps=10)
     loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1))
     recorded: list[list[Any]] = []
     step = 0

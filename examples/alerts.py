@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         accelerator="cpu",
         max_steps=args.max_steps,
         logger=False,
-        callbacks=[GradGuard(on_event=to_slack)],
+        callbacks=[GradGuard(on_event=to_slack, diagnose_every_n_steps=10)],
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_model_summary=False,

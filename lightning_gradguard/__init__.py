@@ -3,6 +3,10 @@
 ``Trainer(callbacks=[GradGuard()])`` gives per-layer gradient norms and histograms in TensorBoard,
 adaptive clipping, skipping of non-finite steps, an LR guard and plain-language diagnostics.
 
+The names here are what users construct (the callbacks, the plain-loop and Fabric guards, the policies, the
+LR guard, the rollback trigger, the diagnostics), read (events, step outcomes, verdicts) or catch (the
+errors). Everything else lives in its module (``measure``, ``decide``, ``recovery``, ``outputs``).
+
 Names are imported lazily, so ``gradguard report`` (which needs only tensorboard) starts without
 importing Lightning.
 """
@@ -15,35 +19,26 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GradClip": "frontends.lightning",
     "GradGuard": "frontends.lightning",
-    "GradGuardError": "decide.engine",
     "GradMonitor": "frontends.lightning",
-    "NonFiniteGradientsError": "decide.engine",
-    "GuardEngine": "decide.engine",
-    "StepOutcome": "decide.engine",
-    "GuardEvent": "events",
-    "FabricGuard": "frontends.loop",
+    "GradClip": "frontends.lightning",
     "Guard": "frontends.loop",
-    "GradientDiagnostics": "decide.diagnostics",
-    "Verdict": "decide.diagnostics",
-    "LRGuard": "decide.lr_guard",
-    "LRReduction": "decide.lr_guard",
+    "FabricGuard": "frontends.loop",
+    "ThresholdPolicy": "decide.policies",
     "AutoPolicy": "decide.policies",
     "FixedPolicy": "decide.policies",
     "PercentilePolicy": "decide.policies",
-    "ThresholdPolicy": "decide.policies",
     "ZScorePolicy": "decide.policies",
     "make_policy": "decide.policies",
-    "GradStats": "measure.stats",
-    "UpdateStats": "measure.updates",
-    "UpdateTracker": "measure.updates",
-    "UpdateVerdict": "decide.diagnostics",
-    "event_json": "outputs.alerts",
-    "event_record": "outputs.alerts",
-    "rich_writers": "outputs.loggers",
-    "RecoveryError": "recovery.rollback",
+    "LRGuard": "decide.lr_guard",
     "RollbackTrigger": "recovery.rollback",
+    "GradientDiagnostics": "decide.diagnostics",
+    "GuardEvent": "events",
+    "StepOutcome": "decide.engine",
+    "Verdict": "decide.diagnostics",
+    "GradGuardError": "errors",
+    "NonFiniteGradientsError": "errors",
+    "RecoveryError": "errors",
 }
 
 __all__ = [
@@ -54,35 +49,26 @@ __all__ = [
     "GradGuard",
     "GradGuardError",
     "GradMonitor",
-    "GradStats",
     "GradientDiagnostics",
     "Guard",
-    "GuardEngine",
     "GuardEvent",
     "LRGuard",
-    "LRReduction",
     "NonFiniteGradientsError",
     "PercentilePolicy",
     "RecoveryError",
     "RollbackTrigger",
     "StepOutcome",
     "ThresholdPolicy",
-    "UpdateStats",
-    "UpdateTracker",
-    "UpdateVerdict",
     "Verdict",
     "ZScorePolicy",
     "__version__",
-    "event_json",
-    "event_record",
     "make_policy",
-    "rich_writers",
 ]
 
 if TYPE_CHECKING:
-    from lightning_gradguard.decide.diagnostics import GradientDiagnostics, UpdateVerdict, Verdict
-    from lightning_gradguard.decide.engine import GradGuardError, GuardEngine, NonFiniteGradientsError, StepOutcome
-    from lightning_gradguard.decide.lr_guard import LRGuard, LRReduction
+    from lightning_gradguard.decide.diagnostics import GradientDiagnostics, Verdict
+    from lightning_gradguard.decide.engine import StepOutcome
+    from lightning_gradguard.decide.lr_guard import LRGuard
     from lightning_gradguard.decide.policies import (
         AutoPolicy,
         FixedPolicy,
@@ -91,14 +77,11 @@ if TYPE_CHECKING:
         ZScorePolicy,
         make_policy,
     )
+    from lightning_gradguard.errors import GradGuardError, NonFiniteGradientsError, RecoveryError
     from lightning_gradguard.events import GuardEvent
     from lightning_gradguard.frontends.lightning import GradClip, GradGuard, GradMonitor
     from lightning_gradguard.frontends.loop import FabricGuard, Guard
-    from lightning_gradguard.measure.stats import GradStats
-    from lightning_gradguard.measure.updates import UpdateStats, UpdateTracker
-    from lightning_gradguard.outputs.alerts import event_json, event_record
-    from lightning_gradguard.outputs.loggers import rich_writers
-    from lightning_gradguard.recovery.rollback import RecoveryError, RollbackTrigger
+    from lightning_gradguard.recovery.rollback import RollbackTrigger
 
 
 def __getattr__(name: str) -> Any:

@@ -1,13 +1,20 @@
 """The one place where GradGuard touches private internals of Lightning and torch.
 
-Each helper names the internal it reads and falls back to the safe answer when it is missing, so an
-upgrade that renames one breaks one function here, not the decisions.
+Every use of an underscore name of torch or Lightning (a function, an attribute, a class) goes through a
+helper here that names the internal it uses, so an upgrade that renames one breaks one function here. The
+helpers assume what the supported versions (``pyproject.toml``: torch 2.13+, Lightning 2.6+) provide; the
+defaults they keep are answers of those versions, not fallbacks for older ones: a GradScaler's ``_scale`` is
+``None`` before its first step, an optimizer without a fused step has no ``_step_supports_amp_scaling``, and a
+scaler handed to ``Guard`` need only have GradScaler's public methods.
+
+The ``torch._foreach_*`` helpers call the fused kernels directly: every backend has them (torch registers a
+per-tensor implementation for the devices without a fused one), so there is no second path.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -17,10 +24,8 @@ StrategyKind = Literal["fsdp1", "deepspeed", "other"]
 
 
 def should_accumulate(trainer: Any) -> bool:
-    """Whether the current batch is inside a gradient-accumulation window (Lightning's private check)."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    check = getattr(epoch_loop, "_should_accumulate", None)
-    return bool(check()) if callable(check) else False
+    """Whether the current batch is inside a gradient-accumulation window (``epoch_loop._should_accumulate()``)."""
+    return bool(trainer.fit_loop.epoch_loop._should_accumulate())
 
 
 def scaler_scale(scaler: Any) -> Tensor | None:
@@ -62,15 +67,39 @@ def fabric_strategy_kind(strategy: Any) -> StrategyKind:
     return "other"
 
 
-def foreach_norm(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
-    """L2 norm of each tensor: fused ``torch._foreach_norm`` where supported, else one norm per tensor."""
-    foreach = getattr(torch, "_foreach_norm", None)
-    if foreach is not None:
-        try:
-            return list(foreach(list(tensors), 2.0) if dtype is None else foreach(list(tensors), 2.0, dtype=dtype))
-        except (RuntimeError, NotImplementedError, TypeError):
-            pass  # e.g. a device or dtype without a fused kernel
-    return [torch.linalg.vector_norm(t, 2.0, dtype=dtype) for t in tensors]
+def foreach_norm(tensors: list[Tensor], dtype: torch.dtype | None = None) -> list[Tensor]:
+    """L2 norm of each tensor, computed in ``dtype`` when given (``torch._foreach_norm``: one fused kernel)."""
+    return list(torch._foreach_norm(tensors, 2.0, dtype=dtype))
+
+
+def foreach_mul(tensors: list[Tensor], factor: float) -> list[Tensor]:
+    """A new tensor per input, ``t * factor`` (``torch._foreach_mul``; with ``1.0``: fresh copies in one kernel)."""
+    return list(torch._foreach_mul(tensors, factor))
+
+
+def foreach_mul_(tensors: list[Tensor], factor: float) -> None:
+    """Multiply each tensor in place by ``factor`` (``torch._foreach_mul_``)."""
+    torch._foreach_mul_(tensors, factor)
+
+
+def foreach_copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """Copy each source into the target at the same position, in place (``torch._foreach_copy_``)."""
+    torch._foreach_copy_(targets, sources)
+
+
+def foreach_sub_(tensors: list[Tensor], others: list[Tensor]) -> None:
+    """Subtract each of ``others`` from the tensor at the same position, in place (``torch._foreach_sub_``)."""
+    torch._foreach_sub_(tensors, others)
+
+
+def persistent_buffers(module: torch.nn.Module) -> list[Tensor]:
+    """The buffers ``module`` itself registered (not its children's) that its ``state_dict`` saves, in order.
+
+    Reads ``module._buffers`` minus ``module._non_persistent_buffers_set``: torch has no public way to tell a
+    persistent buffer from a non-persistent one.
+    """
+    skip = module._non_persistent_buffers_set
+    return [buf for name, buf in module._buffers.items() if buf is not None and name not in skip]
 
 
 def grads_still_scaled(scaler: Any, optimizer: Any) -> bool:
@@ -107,22 +136,22 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer.optimizer if isinstance(optimizer, _FabricOptimizer) else optimizer
 
 
-def foreach_mul_(tensors: Sequence[Tensor], factor: float) -> None:
-    """Multiply each tensor in place: fused ``torch._foreach_mul_`` where supported, else one by one."""
-    foreach = getattr(torch, "_foreach_mul_", None)
-    if foreach is not None:
-        try:
-            foreach(list(tensors), factor)
-            return
-        except (RuntimeError, NotImplementedError, TypeError):
-            pass
-    for t in tensors:
-        t.mul_(factor)
+def legacy_state_key(callback: Any) -> Any:
+    """The key of a Lightning callback's state in checkpoints from before ``state_key`` (``_legacy_state_key``).
+
+    Lightning uses the callback's class itself as that key; compare it with a checkpoint's keys as it is.
+    """
+    return callback._legacy_state_key
 
 
-def legacy_state_key(callback: Any) -> str:
-    """A Lightning callback's ``_legacy_state_key`` (the key of checkpoints from before ``state_key``)."""
-    return str(getattr(callback, "_legacy_state_key", type(callback).__qualname__))
+def drop_bound_log_methods(callback: Any) -> None:
+    """Forget the model's ``log`` / ``log_dict`` that Lightning binds onto every callback at fit start.
+
+    Lightning's callback connector sets them as instance attributes (``_attach_model_logging_functions``),
+    so a callback kept after the fit would keep the model alive through them.
+    """
+    for name in ("log", "log_dict"):
+        callback.__dict__.pop(name, None)
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,11 +8,11 @@ front-ends route them to ``rank_zero_warn`` / ``rank_zero_info``, TensorBoard te
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["EVENT_KINDS", "GuardEvent"]
+__all__ = ["EVENT_KINDS", "GuardEvent", "OnEvent"]
 
 #: Kinds of event and whether each is a warning (``True``) or information (``False``).
 EVENT_KINDS: Mapping[str, bool] = MappingProxyType(
@@ -60,3 +60,7 @@ class GuardEvent:
     def text(self) -> str:
         """The message as printed: ``"GradGuard: "`` + :attr:`message` (a summary: ``"GradGuard "`` + it)."""
         return f"GradGuard {self.message}" if self.kind == "summary" else f"GradGuard: {self.message}"
+
+
+#: The ``on_event`` hook of every front-end: called with each :class:`GuardEvent`.
+OnEvent = Callable[[GuardEvent], None]

@@ -10,10 +10,11 @@ optimization with several optimizers) under ``gradguard_opt{i}/``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["KEYS", "Key", "namespace", "tag"]
+__all__ = ["KEYS", "Key", "log10_norm", "namespace", "tag"]
 
 Kind = Literal["scalar", "histogram", "text", "image", "layout"]
 
@@ -38,6 +39,23 @@ def tag(name: str, optimizer_idx: int = 0, layer: str | None = None) -> str:
     if layer is not None:
         name = name.replace("{layer}", layer)
     return f"{namespace(optimizer_idx)}/{name}"
+
+
+def log10_norm(norm: float) -> float:
+    """The heatmap cell of one layer norm: ``log10(norm)``; ``-inf`` for zero (drawn black), NaN otherwise.
+
+    NaN (drawn grey) covers non-finite and missing norms, so a NaN gradient is never drawn as a dead layer.
+
+    Example:
+
+        >>> log10_norm(100.0), log10_norm(0.0), log10_norm(float("nan"))
+        (2.0, -inf, nan)
+    """
+    if norm == 0.0:
+        return -math.inf
+    if math.isfinite(norm) and norm > 0:
+        return math.log10(norm)
+    return math.nan
 
 
 LOG = "every log step (`log_every_n_steps`)"
@@ -119,6 +137,12 @@ KEYS: tuple[Key, ...] = (
         "events",
         "text",
         "one entry per notable event: skipped step, LR reduction, diagnostic verdict, rollback",
+        "on event",
+    ),
+    Key(
+        "event_records",
+        "text",
+        "each event of `events` as one JSON record (kind, step, message, layers, evidence), read by `gradguard report`",
         "on event",
     ),
     Key("heatmap", "image", "layer x step image of log10 gradient L2 norm", "every `heatmap_every_n_steps` steps"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -140,3 +141,26 @@ def retry_on_exit_abort(run: Callable[[], Any]) -> Any:
         if exc.exit_code != -signal.SIGABRT and getattr(exc, "signal_name", "") != "SIGABRT":
             raise
         return run()
+
+
+class RankZeroMessages(logging.Handler):
+    """The messages of Lightning's rank-zero logger (where GradGuard's information goes), read at the source."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> RankZeroMessages:
+        logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)

@@ -3,6 +3,7 @@ numpy integers and bools are accepted wherever Python ones are, and stored as Py
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ from lightning_gradguard import FabricGuard, GradGuard, Guard, LRGuard, Rollback
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics
 from lightning_gradguard.decide.policies import PercentilePolicy
 from lightning_gradguard.recovery.rollback import Snapshot
+
+from ._models import TinyRegressor, make_trainer
 
 
 def _net() -> nn.Module:
@@ -67,9 +70,8 @@ def test_numpy_integers_and_bools_are_accepted_everywhere_as_python_values(make:
         max_consecutive_skips=make(5),
         heatmap_every_n_steps=make(0),
     )
-    assert type(guard.snapshot_every_n_steps) is int and guard.snapshot_every_n_steps == 50
-    assert guard.log_update_ratios is False and guard._options.log_update_ratios is False
-    assert type(guard._options.snapshot_every_n_steps) is int
+    assert type(guard.options.snapshot_every_n_steps) is int and guard.options.snapshot_every_n_steps == 50
+    assert guard.options.log_update_ratios is False
     trigger = RollbackTrigger(max_rollbacks=make(5), runaway_steps=make(4), runaway_mad=np.float32(3.0))
     assert type(trigger.max_rollbacks) is int and trigger.max_rollbacks == 5
     assert type(trigger.runaway_mad) is float and trigger.runaway_mad == 3.0
@@ -101,3 +103,42 @@ def test_numpy_integers_and_bools_are_accepted_everywhere_as_python_values(make:
 def test_bools_are_not_ints_and_ints_are_not_bools(build: Any, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         build()
+
+
+@pytest.mark.parametrize("make", [np.float64, np.float32, torch.tensor], ids=["np.float64", "np.float32", "tensor"])
+def test_numpy_and_tensor_numbers_are_stored_as_python_numbers(make: Any, tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    guard = GradGuard(
+        clip="fixed", max_norm=make(5.0), max_consecutive_skips=np.int64(3), histogram_every_n_steps=np.int32(2)
+    )
+    options = guard.options
+    assert type(options.max_norm) is float and options.max_norm == 5.0
+    assert type(options.max_consecutive_skips) is int and type(options.histogram_every_n_steps) is int
+    ckpt = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path, [guard, ckpt], max_steps=3, enable_checkpointing=True)
+    trainer.fit(TinyRegressor())
+    last = tmp_path / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["callbacks"][guard.state_key]
+    assert saved["config"]["max_norm"] == 5.0 and saved["guards"]["0"]["counters"]["steps"] == 3
+    resumed = GradGuard(clip="fixed", max_norm=make(5.0))
+    ckpt = ModelCheckpoint(tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path / "b", [resumed, ckpt], max_steps=5, enable_checkpointing=True)
+    trainer.fit(TinyRegressor(), ckpt_path=str(last), weights_only=True)
+    assert resumed.last_outcome is not None and resumed.last_outcome.step == 4  # continued from step 3
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_group_by_bool_is_refused(value: bool) -> None:
+    with pytest.raises(TypeError, match=rf"`group_by` must be 'module', 'param', an int .* got {value}"):
+        GradGuard(group_by=value)
+
+
+@pytest.mark.parametrize("value", ["no", 0, None, 1])
+def test_log_layer_norms_must_be_a_bool(value: Any) -> None:
+    with pytest.raises(TypeError, match=rf"`log_layer_norms` must be True or False, got {value!r}"):
+        GradGuard(log_layer_norms=value)
+
+
+def test_numpy_bool_log_layer_norms_is_a_bool() -> None:
+    assert GradGuard(log_layer_norms=np.bool_(False)).options.log_layer_norms is False

@@ -1,4 +1,5 @@
-"""Clipping and non-finite skipping inside a real Trainer: parity, skips, AMP, manual optimization, conflicts."""
+"""Clipping inside a real Trainer: parity with ``clip_grad_norm_``, AMP, bf16, manual optimization, complex
+parameters, parameters unfrozen during training (also in a plain loop), conflicts."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradGuard, GradGuardError, NonFiniteGradientsError
+from lightning_gradguard import GradGuard, GradGuardError
 from lightning_gradguard.keys import tag
 
 from ._models import GradRecorder, TinyRegressor, make_trainer, read_events, regression_data, scalars, weights
@@ -70,56 +72,6 @@ def test_clipping_scales_only_when_above_threshold_and_logs_it(tmp_path: Path) -
     assert 0 < guard.clipped_steps < 6
 
 
-class _Snapshots(Callback):
-    """Weights and optimizer state after every optimizer step."""
-
-    def __init__(self) -> None:
-        self.after: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        opt_state = copy.deepcopy(trainer.optimizers[0].state_dict()["state"])
-        self.after[trainer.global_step] = (weights(pl_module), opt_state)
-
-
-def test_nan_step_is_skipped_without_touching_weights_or_optimizer_state(tmp_path: Path) -> None:
-    snaps = _Snapshots()
-    guard = GradGuard(log_every_n_steps=1, histogram_every_n_steps=0)
-    model = TinyRegressor(optimizer="adamw", nan_at_steps=(3,))
-    trainer = _fit(tmp_path, [guard, snaps], model, max_steps=6)
-    assert guard.skipped_steps == 1
-    w_before, s_before = snaps.after[3]  # after optimizer step index 2
-    w_after, s_after = snaps.after[4]  # after the skipped step index 3
-    for key in w_before:
-        assert torch.equal(w_before[key], w_after[key]), key
-    for pid in s_before:
-        for name in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(s_before[pid][name], s_after[pid][name]), (pid, name)
-    # training continued afterwards
-    assert not torch.equal(snaps.after[5][0]["net.0.weight"], w_after["net.0.weight"])
-    acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
-    assert scalars(acc, tag("skipped"))[3] == 1.0 and scalars(acc, tag("skipped_total"))[5] == 1.0
-    texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag("events") + "/text_summary")]
-    assert any("step 3" in t and "net.0" in t for t in texts)
-
-
-def test_raise_and_max_consecutive_skips_stop_with_an_actionable_error(tmp_path: Path) -> None:
-    with pytest.raises(NonFiniteGradientsError, match="non-finite gradients at optimizer step 1"):
-        _fit(tmp_path / "r", [GradGuard(on_nonfinite="raise")], TinyRegressor(nan_at_steps=(1,)), max_steps=4)
-    guard = GradGuard(max_consecutive_skips=3, rollback=False)  # with recovery on, the streak rolls back instead
-    with pytest.raises(NonFiniteGradientsError, match="3 consecutive optimizer steps had non-finite gradients"):
-        _fit(tmp_path / "s", [guard], TinyRegressor(nan_at_steps=(2, 3, 4, 5)), max_steps=8)
-    assert guard.skipped_steps == 3
-
-
-def test_warn_steps_anyway(tmp_path: Path) -> None:
-    guard = GradGuard(on_nonfinite="warn")
-    model = TinyRegressor(nan_at_steps=(1,))
-    with pytest.warns(UserWarning, match="non-finite gradients at step 1"):
-        _fit(tmp_path, [guard], model, max_steps=3)
-    assert guard.skipped_steps == 0
-    assert torch.isnan(model.net[0].weight).all()  # the user asked for it
-
-
 def test_gradient_clip_val_together_with_clipping_is_refused(tmp_path: Path) -> None:
     with pytest.raises(GradGuardError, match=r"Trainer\(gradient_clip_val=1.0\) and GradGuard\(clip='auto'\)"):
         _fit(tmp_path, [GradGuard()], TinyRegressor(), max_steps=1, gradient_clip_val=1.0)
@@ -164,14 +116,6 @@ def test_fused_amp_clipping_clips_the_true_norm(tmp_path: Path) -> None:
     assert finite and guard.clipped_steps == len(finite)
     for i in finite:  # still scaled in the hook, but clipped to 0.01 in true (unscaled) units
         assert after.global_norms[i] == pytest.approx(0.01 * after.scales[i], rel=1e-3)
-
-
-def test_scaler_skipped_steps_are_not_counted_as_explosions(tmp_path: Path) -> None:
-    guard = GradGuard(log_every_n_steps=1, histogram_every_n_steps=0)
-    trainer = _fit(tmp_path, [guard], TinyRegressor(nan_at_steps=(1,)), max_steps=3, plugins=[_scaler_plugin()])
-    assert guard.skipped_steps == 0
-    acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
-    assert scalars(acc, tag("scaler_skipped"))[1] == 1.0
 
 
 class TinyGAN(L.LightningModule):
@@ -255,3 +199,170 @@ def test_gradclip_preset_clips_without_monitoring_extras(tmp_path: Path) -> None
     tags = read_events(trainer.logger.log_dir).Tags()  # type: ignore[union-attr]
     assert tag("clip_rate") in tags["scalars"] and tag("lr_scale") not in tags["scalars"]
     assert tags["histograms"] == [] and tags["images"] == []
+
+
+class Finetuned(L.LightningModule):
+    """A backbone (frozen first, unfrozen by BackboneFinetuning or by hand) and a head."""
+
+    def __init__(self, nan_at_step: int | None = None, all_params_in_optimizer: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+        self.head = nn.Linear(32, 1)
+        self.nan_at_step = nan_at_step
+        self.all_params_in_optimizer = all_params_in_optimizer
+        self.backbone[0].weight.register_hook(self._poison)
+
+    def _poison(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * math.nan if self.trainer.global_step == self.nan_at_step else grad
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.backbone(x)), y * 100)  # large gradients: clipping is active
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = (
+            self.parameters() if self.all_params_in_optimizer else filter(lambda p: p.requires_grad, self.parameters())
+        )
+        return torch.optim.SGD(params, lr=1e-3)
+
+    def train_dataloader(self) -> Any:
+        return TinyRegressor().train_dataloader()  # 8 steps per epoch
+
+
+class AfterGuard(Callback):
+    """After GradGuard: the global norm over every gradient the optimizer will apply, and the backbone weight."""
+
+    def __init__(self) -> None:
+        self.norms: dict[int, float] = {}
+        self.backbone: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.norms[trainer.global_step] = torch.linalg.vector_norm(torch.cat(grads)).item() if grads else 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._before = pl_module.backbone[0].weight.detach().clone()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.backbone[trainer.global_step - 1] = (self._before, pl_module.backbone[0].weight.detach().clone())
+
+
+class UnfreezeByHand(Callback):
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        pl_module.backbone.requires_grad_(False)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.backbone.requires_grad_(True)
+
+
+@pytest.mark.parametrize("how", ["BackboneFinetuning", "by hand"])
+def test_parameters_unfrozen_during_training_are_clipped_and_skipped(how: str, tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    guard = GradGuard(clip="fixed", max_norm=0.5, lr_guard=False, histogram_every_n_steps=0, diagnostics=False)
+    after = AfterGuard()
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1) if how == "BackboneFinetuning" else UnfreezeByHand()
+    trainer = make_trainer(tmp_path, [unfreeze, guard, after], max_epochs=2, log_every_n_steps=1)
+    trainer.fit(Finetuned(nan_at_step=11, all_params_in_optimizer=how == "by hand"))
+    assert len(after.norms) == 16
+    assert all(norm <= 0.5 * (1 + 1e-5) for norm in after.norms.values()), after.norms  # backbone included
+    assert guard.skipped_steps == 1
+    before, now = after.backbone[11]
+    assert torch.isfinite(now).all() and torch.equal(before, now)  # the NaN step left the backbone untouched
+    before, now = after.backbone[12]
+    assert not torch.equal(before, now)  # and it trains after it
+    layers = guard.state_dict()["guards"]["0"]["layers"]
+    assert layers == ["backbone.0", "head"]
+    acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
+    assert 12 in scalars(acc, tag("layer_norm/{layer}", 0, "backbone.0"))
+    # the update-to-weight ratios (weight copies rebuilt at the regroup) cover the unfrozen backbone too
+    ratios = scalars(acc, tag("update_ratio/{layer}", 0, "backbone.0"))
+    assert 12 in ratios and math.isfinite(ratios[12]) and -8.0 < ratios[12] < 0.0
+
+
+def test_plain_guard_regroups_after_an_unfreeze() -> None:
+    from lightning_gradguard import Guard
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(model, optimizer, clip="fixed", max_norm=0.1, lr_guard=False, diagnostics=False)
+    x = torch.randn(8, 4)
+    for step in range(3):
+        if step == 2:
+            model[0].requires_grad_(True)
+        optimizer.zero_grad()
+        (model(x).sum() * 100).backward()
+        outcome = guard.before_optimizer_step()
+        total = torch.linalg.vector_norm(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
+        assert total.item() <= 0.1 * (1 + 1e-5)
+        assert list(outcome.stats.layers) == (["0", "1"] if step == 2 else ["1"])
+        optimizer.step()
+
+
+class ComplexNet(L.LightningModule):
+    """A complex linear map followed by a real head; a NaN loss at ``nan_at_steps``."""
+
+    def __init__(self, nan_at_steps: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.cplx = nn.Linear(4, 4, dtype=torch.complex64)
+        with torch.no_grad():
+            self.cplx.weight.copy_(torch.randn(4, 4, generator=g, dtype=torch.complex64) * 10)
+        self.head = nn.Linear(4, 1)
+        self.nan_at_steps = nan_at_steps
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.head(self.cplx(x.to(torch.complex64)).abs()), y)
+        if self.trainer.global_step in self.nan_at_steps:
+            loss = loss * float("nan")
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 4, generator=g)
+        return DataLoader(TensorDataset(x, x.sum(1, keepdim=True) * 100), batch_size=8)
+
+
+class PostClip(Callback):
+    """Placed after GradGuard: records what the optimizer will apply (norm of the gradients, weights)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self.weights: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(math.sqrt(sum(float(g.abs().square().sum()) for g in grads)) if grads else math.nan)
+        self.weights.append(pl_module.cplx.weight.detach().clone())  # type: ignore[union-attr]
+
+
+def test_complex_parameters_clip_skip_and_histograms(tmp_path: Path) -> None:
+    max_norm = 0.5
+    post = PostClip()
+    guard = GradGuard(clip="fixed", max_norm=max_norm, lr_guard=False, histogram_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [guard, post], max_steps=4)
+    trainer.fit(ComplexNet(nan_at_steps=(2,)))
+    # step 2 is skipped (gradients set to None); the others are clipped to max_norm
+    assert guard.skipped_steps == 1
+    assert len(post.norms) == 4 and math.isnan(post.norms[2])
+    finite = [n for i, n in enumerate(post.norms) if i != 2]
+    assert all(n == pytest.approx(max_norm, rel=1e-4) for n in finite)
+    assert torch.equal(post.weights[3], post.weights[2])  # the NaN step left the weights untouched
+    assert torch.isfinite(torch.view_as_real(post.weights[3])).all()
+    acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
+    pre = scalars(acc, tag("global_norm"))
+    assert math.isnan(pre[2]) and all(pre[s] > max_norm for s in (0, 1, 3))
+    assert scalars(acc, tag("skipped_total"))[3] == 1.0
+    hist = acc.Histograms(tag("hist/{layer}", layer="cplx"))
+    assert {h.step for h in hist} == {0, 1, 3}  # the non-finite step has no histogram
+    for h in hist:  # magnitudes: 16 weights + 4 biases, all >= 0
+        assert h.histogram_value.num == 20 and h.histogram_value.min >= 0.0

@@ -1,23 +1,46 @@
-"""The private internals GradGuard reads, and the fallbacks when they are missing."""
+"""The private internals of torch and Lightning GradGuard uses, each behind one helper."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from lightning_gradguard import _compat
 
 
-def test_foreach_norm_and_mul_fall_back_without_the_fused_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_foreach_helpers_match_the_per_tensor_operations() -> None:
     tensors = [torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.bfloat16)]
-    fused = [t.item() for t in _compat.foreach_norm(tensors, torch.float32)]
-    monkeypatch.delattr(torch, "_foreach_norm")
-    monkeypatch.delattr(torch, "_foreach_mul_")
-    assert [t.item() for t in _compat.foreach_norm(tensors, torch.float32)] == fused == [5.0, 1.0]
+    assert [t.item() for t in _compat.foreach_norm(tensors, torch.float32)] == [5.0, 1.0]
+    copies = _compat.foreach_mul(tensors, 1.0)
+    assert all(c is not t and torch.equal(c, t) for c, t in zip(copies, tensors, strict=True))
     _compat.foreach_mul_(tensors, 0.5)
     assert tensors[0].tolist() == [1.5, 2.0] and tensors[1][0, 0].item() == 0.5
+    _compat.foreach_sub_(copies, tensors)
+    assert copies[0].tolist() == [1.5, 2.0]
+    _compat.foreach_copy_(copies, tensors)
+    assert all(torch.equal(c, t) for c, t in zip(copies, tensors, strict=True))
+
+
+def test_persistent_buffers_leave_out_non_persistent_and_children() -> None:
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2))
+    model.register_buffer("kept", torch.ones(1))
+    model.register_buffer("scratch", torch.zeros(1), persistent=False)
+    model.register_buffer("unset", None)
+    assert _compat.persistent_buffers(model) == [model.kept]
+    bn = model[0]
+    assert _compat.persistent_buffers(bn) == [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+
+
+def test_legacy_state_key_and_bound_log_methods() -> None:
+    from lightning.pytorch.callbacks import Callback
+
+    callback = Callback()
+    assert _compat.legacy_state_key(callback) is Callback
+    callback.log = print  # type: ignore[attr-defined]
+    _compat.drop_bound_log_methods(callback)
+    _compat.drop_bound_log_methods(callback)  # nothing bound: nothing to drop
+    assert "log" not in callback.__dict__ and "log_dict" not in callback.__dict__
 
 
 def test_strategy_kind_by_isinstance_not_by_name() -> None:
@@ -31,10 +54,10 @@ def test_strategy_kind_by_isinstance_not_by_name() -> None:
     assert _compat.strategy_kind(SimpleNamespace()) == "other"
 
 
-def test_should_accumulate_reads_lightning_and_defaults_to_false() -> None:
-    loop = SimpleNamespace(_should_accumulate=lambda: True)
-    assert _compat.should_accumulate(SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop)))
-    assert not _compat.should_accumulate(SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=object())))
+def test_should_accumulate_reads_the_epoch_loop() -> None:
+    for answer in (True, False):
+        loop = SimpleNamespace(_should_accumulate=lambda answer=answer: answer)
+        assert _compat.should_accumulate(SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop))) is answer
 
 
 def test_scaler_scale_and_stage() -> None:

@@ -150,8 +150,8 @@ def test_jump_rule_needs_three_previous_observations_and_a_nonzero_baseline() ->
 
 # ----------------------------------------------------------------------------------------- dead, nonfinite
 def test_dead_layer_is_named_and_not_called_vanishing() -> None:
-    """Changed: ``dead`` now needs two observations (one used to suffice), because at step 0 the layers below a
-    zero-initialised output layer have exactly-zero gradients too (see the next test)."""
+    """``dead`` needs two observations, because at step 0 the layers below a zero-initialised output layer have
+    exactly-zero gradients too (see the next test)."""
     diag = GradientDiagnostics()
     norms, numels = {"head": 0.5, "frozen_by_mistake": 0.0}, {"head": 10, "frozen_by_mistake": 10}
     assert diag.observe(4, norms, numels) == []
@@ -221,7 +221,7 @@ def test_summary_names_layers_counts_and_remedies() -> None:
     text = diag.summary()
     assert "3 layers over 2 log steps (steps 0-1): 2 with verdicts" in text
     assert "a: vanishing (1 episode, steps 0-1)" in text
-    assert "c: dead (1 episode, step 1)" in text  # changed: dead needs two observations (see above)
+    assert "c: dead (1 episode, step 1)" in text  # dead needs two observations (see above)
     assert REMEDIES["vanishing"] in text and REMEDIES["dead"] in text
     assert REMEDIES["exploding"] not in text
 

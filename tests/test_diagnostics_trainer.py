@@ -1,23 +1,20 @@
-"""Diagnostics in real training runs, the report on a real run directory, and TensorBoard serving it."""
+"""Diagnostics in real training runs: textbook nets, an injected exploding layer, layers frozen by mistake or
+during training."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard
-from lightning_gradguard.keys import tag
-from lightning_gradguard.outputs.report import main as report_main
 
-from ._models import make_trainer
-from .test_tensorboard_server import TENSORBOARD, served
+from ._models import TinyRegressor, make_trainer
 
 
 def _mlp(depth: int, width: int, kind: str) -> nn.Sequential:
@@ -68,13 +65,6 @@ def _layers(guard: GradGuard, kind: str) -> set[str]:
     return {v.layer for v in guard.verdicts if v.kind == kind}
 
 
-@pytest.fixture(scope="module")
-def sigmoid_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[GradGuard, L.Trainer]:
-    tmp = tmp_path_factory.mktemp("sigmoid")
-    with pytest.warns(UserWarning, match="vanishing"):
-        return _train(tmp, Classifier(_mlp(10, 64, "sigmoid")))
-
-
 def test_deep_sigmoid_net_gets_its_early_layers_named_vanishing(sigmoid_run: tuple[GradGuard, L.Trainer]) -> None:
     guard, _ = sigmoid_run
     vanishing = _layers(guard, "vanishing")
@@ -99,7 +89,7 @@ def test_injected_exploding_layer_is_named(tmp_path: Path) -> None:
                 target.weight.grad.mul_(1e5)  # type: ignore[union-attr]
 
     L.seed_everything(0, verbose=False)
-    guard = GradGuard(log_every_n_steps=1, histogram_every_n_steps=0, clip=None)
+    guard = GradGuard(log_every_n_steps=1, diagnose_every_n_steps=1, histogram_every_n_steps=0, clip=None)
     make_trainer(tmp_path, [Blowup(), guard], max_steps=10).fit(model)
     exploding = [v for v in guard.verdicts if v.kind == "exploding"]
     assert [v.layer for v in exploding] == ["net.3"] and exploding[0].step == 8
@@ -117,34 +107,14 @@ def test_layer_frozen_by_mistake_is_named_dead(tmp_path: Path) -> None:
     assert _layers(guard, "dead") == {"net.0"}
 
 
-def test_report_on_a_real_run(sigmoid_run: tuple[GradGuard, L.Trainer], tmp_path: Path, capsys: Any) -> None:
-    _, trainer = sigmoid_run
-    run_dir = Path(trainer.logger.log_dir)  # type: ignore[union-attr]
-    png = tmp_path / "heat.png"
-    assert report_main(["report", str(run_dir), "--json", "--png", str(png)]) == 0
-    sections = json.loads(capsys.readouterr().out)
-    section = sections[0] if isinstance(sections, list) else sections["runs"][0]
-    text = json.dumps(section)
-    assert "net.0" in text and "vanishing" in text
-    assert png.exists() and png.stat().st_size > 10_000
-    from PIL import Image
-
-    with Image.open(png) as image:
-        width, height = image.size
-    assert width == 1000 and height >= 360
+class FreezeAt(Callback):
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 4:
+            pl_module.net[0].requires_grad_(False)
 
 
-@pytest.mark.skipif(not TENSORBOARD.exists(), reason="tensorboard not installed")
-def test_tensorboard_serves_a_real_gradguard_run(sigmoid_run: tuple[GradGuard, L.Trainer]) -> None:
-    _, trainer = sigmoid_run
-    logdir = Path(trainer.logger.log_dir)  # type: ignore[union-attr]
-    data = served(logdir)
-    assert tag("global_norm") in data["scalar_tags"] and tag("clip_rate") in data["scalar_tags"]
-    assert tag("layer_norm/{layer}", layer="net.0") in data["scalar_tags"]
-    assert tag("hist/{layer}", layer="net.0") in data["histogram_tags"]
-    assert [c["title"] for c in data["layout"]["category"]] == [
-        "GradGuard",
-        "GradGuard: layers",
-        "GradGuard: LR, clipping, skipped steps",
-    ]
-    assert len(data["global_norm"]) >= 6
+def test_a_layer_frozen_during_training_is_not_called_dead(tmp_path: Path) -> None:
+    guard = GradGuard(histogram_every_n_steps=0, log_every_n_steps=1)
+    make_trainer(tmp_path, [FreezeAt(), guard], max_steps=12, logger=False).fit(TinyRegressor(n=256))
+    assert [(v.kind, v.layer) for v in guard.verdicts if v.kind == "dead"] == []
+    assert guard.last_outcome is not None and guard.last_outcome.stats.layer_norms()["net.0"] == 0.0

@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard._validation import CLIP_NAMES, guard_options
+from lightning_gradguard._checks import CLIP_NAMES
 from lightning_gradguard.decide.engine import GuardEngine, StepOutcome, apply_outcome
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import POLICY_NAMES, FixedPolicy
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.measure.stats import GradStats, StepStats
+from lightning_gradguard.options import GuardOptions
 
 LAYERS = ("a", "b")
 
@@ -74,68 +75,6 @@ def test_measure_carries_loss_and_amp_scale_in_the_one_vector_and_decide_unscale
     assert outcome.global_norm == 5.0 and outcome.loss == 2.5 and not outcome.clipped
 
 
-def test_skip_drops_gradients_counts_and_reports_the_layers() -> None:
-    engine = _engine(FixedPolicy(max_norm=1.0))
-    _set_grads(engine, [math.nan, 0.0], [1.0])
-    outcome = engine.decide(engine.measure()[0])
-    assert outcome.skipped and not outcome.clipped and outcome.error is None and outcome.threshold is None
-    (event,) = outcome.events
-    assert event.kind == "skipped" and not event.is_warning and event.layers == ("0",) and event.step == 0
-    assert event.message == "skipped optimizer step 0: non-finite gradients in 0"
-    assert event.evidence["consecutive_skips"] == 1
-    apply_outcome(engine, outcome)
-    assert all(p.grad is None for p in engine.stats.params)
-    assert engine.counters.skipped_total == 1 and engine.counters.consecutive_skips == 1
-    assert engine.policy is not None and engine.policy.state_dict()["config"] == {"max_norm": 1.0}
-
-
-def test_streak_of_skips_raises_at_the_limit_and_a_finite_step_resets_it() -> None:
-    engine = _engine(FixedPolicy(max_norm=1.0), max_consecutive_skips=3)
-    bad = _stats(math.inf, 1.0)
-    assert [engine.decide(bad).error for _ in range(2)] == [None, None]
-    assert engine.decide(_stats(0.5, 0.0)).error is None and engine.counters.consecutive_skips == 0
-    outcomes = [engine.decide(bad) for _ in range(3)]
-    assert [o.error is None for o in outcomes] == [True, True, False]
-    assert outcomes[-1].error is not None and outcomes[-1].error.startswith("GradGuard: 3 consecutive optimizer steps")
-    assert "max_consecutive_skips" in outcomes[-1].error and outcomes[-1].skipped
-    assert engine.counters.skipped_total == 5 and engine.counters.steps == 6
-
-
-def test_raise_sets_the_error_and_keeps_the_gradients() -> None:
-    engine = _engine(FixedPolicy(max_norm=1.0), on_nonfinite="raise")
-    _set_grads(engine, [math.inf, 0.0], [1.0])
-    outcome = engine.decide(engine.measure()[0])
-    assert not outcome.skipped and outcome.events == ()
-    assert outcome.error is not None and "non-finite gradients at optimizer step 0 in layer(s) 0" in outcome.error
-    apply_outcome(engine, outcome)
-    assert all(p.grad is not None for p in engine.stats.params) and engine.counters.skipped_total == 0
-
-
-@pytest.mark.parametrize(("on_nonfinite", "monitor_only"), [("warn", False), ("skip", True), ("raise", True)])
-def test_warn_and_monitor_only_step_through_with_a_warning(on_nonfinite: str, monitor_only: bool) -> None:
-    engine = _engine(None, on_nonfinite=on_nonfinite, monitor_only=monitor_only)
-    outcome = engine.decide(_stats(math.nan, 1.0))
-    assert not outcome.skipped and outcome.error is None
-    (event,) = outcome.events
-    assert event.kind == "nonfinite" and event.is_warning and event.layers == ("a",)
-    assert event.text == "GradGuard: non-finite gradients at step 0 in a; stepping anyway"
-    assert engine.counters.consecutive_skips == 0
-
-
-def test_scaler_skipped_steps_are_neither_skips_nor_events_but_a_streak_stops() -> None:
-    engine = _engine(FixedPolicy(max_norm=1.0), max_consecutive_skips=2)
-    outcome = engine.decide(_stats(math.inf, 1.0), scaler_enabled=True)
-    assert outcome.scaler_skipped and not outcome.skipped and outcome.events == () and outcome.error is None
-    assert engine.counters.scaler_skipped_total == 1 and engine.counters.skipped_total == 0
-    assert engine.interval.scaler_skipped == 1
-    outcome = engine.decide(_stats(math.inf, 1.0), scaler_enabled=True)  # the run cannot progress: stop
-    assert outcome.scaler_skipped and outcome.error is not None and "GradScaler skipped 2 consecutive" in outcome.error
-    engine.counters.consecutive_skips = 0
-    assert engine.decide(_stats(math.inf, 1.0), scaler_enabled=True).error is None
-    assert engine.decide(_stats(1.0, 1.0), scaler_enabled=True).error is None  # a finite step ends the streak
-    assert engine.decide(_stats(math.inf, 1.0), scaler_enabled=True).error is None
-
-
 def test_interval_aggregates_and_close_interval() -> None:
     engine = _engine(FixedPolicy(max_norm=2.0))
     for sq in (1.0, 9.0, 4.0):  # norms 1, 3 (clipped), 2 (not: equal to the threshold)
@@ -148,7 +87,7 @@ def test_interval_aggregates_and_close_interval() -> None:
     assert engine.decide(_stats(math.inf, 0.0)).skipped and engine.interval.norm_max == math.inf
     assert engine.interval.skipped == 2 and engine.counters.clipped_total == 1
     last = engine.decide(_stats(100.0, 0.0))  # norm 10: log10 1.0; a zero norm: -inf
-    assert engine.close_interval(last, global_step=7, heatmap=True) == ()
+    engine.close_interval(last, global_step=7, heatmap=True)
     assert engine.interval.steps == 0 and engine.heatmap_steps == [7]
     assert engine.heatmap_columns == [[1.0, -math.inf]]
     for step in range(600):
@@ -170,22 +109,22 @@ def test_lr_reduction_becomes_a_warning_event_with_its_evidence() -> None:
     assert event.evidence["lr_scale"] == 0.5 and event.evidence["threshold"] == 1.0
 
 
-def test_verdicts_at_log_steps_become_events() -> None:
+def test_verdicts_at_diagnose_steps_become_events() -> None:
     """Changed: a layer is called dead from its second zero observation on (see test_diagnostics)."""
-    options = guard_options(clip=None)
+    options = GuardOptions(clip=None)
     model = _model()
     engine = options.engine(0, model.named_parameters(), monitor_only=False)
     outcome = engine.decide(_stats(0.0, 1.0))  # layer "0" of the model: gradient exactly zero
-    assert engine.close_interval(outcome, global_step=0, heatmap=False) == ()  # once could be a zero-init head
+    assert engine.diagnose(outcome) == ()  # once could be a zero-init head
     outcome = engine.decide(_stats(0.0, 1.0))  # still exactly zero -> dead
-    events = engine.close_interval(outcome, global_step=1, heatmap=False)
+    events = engine.diagnose(outcome)
     assert events and all(e.kind == "verdict" and e.is_warning for e in events)
     assert [v.layer for v in engine.verdicts] == [layer for e in events for layer in e.layers]
     assert "Remedy:" in events[0].message
 
 
 def test_state_round_trip_and_the_version_1_format_loads() -> None:
-    options = guard_options(clip="fixed", max_norm=1.0)
+    options = GuardOptions(clip="fixed", max_norm=1.0)
     engine = options.engine(0, _model().named_parameters(), monitor_only=False)
     for sq in (4.0, 0.25, math.inf):
         engine.decide(StepStats(engine.stats.layers, [sq, 0.0]))
@@ -209,7 +148,7 @@ def test_state_round_trip_and_the_version_1_format_loads() -> None:
 
 
 def test_state_of_another_model_is_reported() -> None:
-    options = guard_options(clip="fixed", max_norm=1.0)
+    options = GuardOptions(clip="fixed", max_norm=1.0)
     engine = options.engine(0, _model().named_parameters(), monitor_only=False)
     engine.decide(StepStats(engine.stats.layers, [4.0, 0.0]))
     other = options.engine(0, nn.Linear(3, 1).named_parameters(), monitor_only=False)
@@ -235,20 +174,21 @@ def test_clip_names_are_declared_once() -> None:
 
 def test_options_name_the_argument_and_the_value() -> None:
     with pytest.raises(ValueError, match=r"`clip` must be one of auto, fixed, percentile, zscore, a ThresholdPolicy"):
-        guard_options(clip="median")  # type: ignore[arg-type]
+        GuardOptions(clip="median")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`on_nonfinite` must be one of skip, raise, warn, got 'ignore'"):
-        guard_options(on_nonfinite="ignore")  # type: ignore[arg-type]
+        GuardOptions(on_nonfinite="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"`max_norm` must be a finite number > 0 or None, got inf"):
-        guard_options(max_norm=math.inf)
-    assert guard_options(clip=None).lr_guard is None and guard_options().lr_guard is not None
+        GuardOptions(max_norm=math.inf)
+    assert GuardOptions(clip=None).lr_guard_template is None and GuardOptions().lr_guard_template is not None
 
 
-def test_the_engine_imports_no_lightning() -> None:
+def test_the_engine_and_recovery_import_no_lightning() -> None:
     import subprocess
     import sys
 
     code = (
         "import sys, lightning_gradguard.decide.engine, lightning_gradguard.events\n"
+        "import lightning_gradguard.recovery.rollback\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,4 +1,5 @@
-"""Every example, run in a reduced form, asserting what its README section claims."""
+"""Every example, run in a reduced form, asserting what its README section claims; the commands the
+quickstart prints run as printed."""
 
 from __future__ import annotations
 
@@ -24,16 +25,12 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
-def test_quickstart(tmp_path: Path) -> None:
-    guard = load("quickstart").main(["--max-steps", "30", "--logdir", str(tmp_path)])
+def test_quickstart_is_healthy_by_its_skips_and_update_ratios(tmp_path: Path) -> None:
+    guard = load("quickstart").main(["--max-steps", "210", "--logdir", str(tmp_path)])  # five diagnose steps
     assert guard.threshold is not None  # past the 25-step warmup: the adaptive threshold is in force
     assert guard.skipped_steps == 0
     assert list((tmp_path / "quickstart").glob("version_*/events.out.tfevents.*"))
-
-
-def test_quickstart_is_healthy_by_its_update_ratios_too(tmp_path: Path) -> None:
-    guard = load("quickstart").main(["--max-steps", "120", "--logdir", str(tmp_path)])
-    engine = guard._first_guard()
+    engine = guard._first_engine()
     assert engine is not None and all(len(r) == 5 for r in engine.update_ratios.values())  # full windows judged
     assert engine.update_verdicts == []  # no "LR too high" / "not learning" on the healthy demo
 
@@ -119,10 +116,11 @@ def test_cli_yaml_configures_gradguard(tmp_path: Path) -> None:
     guards = [c for c in cli.trainer.callbacks if isinstance(c, GradGuard)]
     assert len(guards) == 1
     guard = guards[0]
-    assert guard.clip == "auto" and guard.max_norm == 10.0 and guard.histogram_every_n_steps == 50
+    options = guard.options
+    assert options.clip == "auto" and options.max_norm == 10.0 and options.histogram_every_n_steps == 50
     # the recovery and update-ratio options of the YAML reached the callback
     assert guard._recovery is not None and guard._recovery.trigger.max_rollbacks == 5
-    assert guard._recovery.every_n_steps == 50 and guard.log_update_ratios
+    assert guard._recovery.every_n_steps == 50 and options.log_update_ratios
     assert cli.trainer.global_step == 30
     (run,) = (tmp_path / "cli").glob("version_*")
     # The config LightningCLI saved next to the logs: the nested LRGuard came through with its init_args.
@@ -186,3 +184,41 @@ def test_alerts_example_run_reaches_the_hook(capsys: pytest.CaptureFixture[str])
     assert too_fast and all(r["kind"] == "verdict" and len(r["layers"]) == 1 for r in too_fast)
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed == sent  # what the fake webhook received is what the hook built, one JSON line each
+
+
+@pytest.mark.parametrize("where", ["repository root", "elsewhere"])
+def test_printed_follow_up_commands_run_as_printed(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quickstart (``python3 dev.py demo``) prints a tensorboard and a report command: both must run from
+    the user's directory, without ``.venv/bin`` on PATH."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.test_examples import load
+
+    # the user's shell directory: the checkout holding .venv (README flow), or anywhere else
+    user_dir = Path(sys.executable).parents[2] if where == "repository root" else tmp_path / "somewhere"
+    user_dir.mkdir(exist_ok=True)
+    monkeypatch.setenv("PWD", str(user_dir))
+    load("quickstart").main(["--max-steps", "3", "--logdir", str(tmp_path / "logs")])
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    (tb_line,) = [line for line in lines if "--logdir" in line]
+    (report_line,) = [line for line in lines if " report " in line]
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)
+
+    tb = shlex.split(tb_line)
+    program = user_dir / tb[0]  # absolute stays absolute; relative is relative to the user's directory
+    assert program.is_file() and os.access(program, os.X_OK), tb_line
+    if where == "repository root" and Path(sys.executable).parent.parent.name == ".venv":
+        assert tb[0] == os.path.join(".venv", "bin", "tensorboard")  # what the README's user has
+    assert (user_dir / tb[-1]).resolve() == (tmp_path / "logs").resolve()
+    # tensorboard itself starts from there (its --help exits at once)
+    assert subprocess.run([*tb[:-2], "--help"], cwd=user_dir, env=env, capture_output=True).returncode == 0
+
+    done = subprocess.run(shlex.split(report_line), cwd=user_dir, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("== ") and "global norm" in done.stdout

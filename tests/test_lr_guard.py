@@ -19,8 +19,8 @@ from lightning_gradguard.decide.policies import AutoPolicy, make_policy
 POLICIES = ["auto", "fixed", "percentile", "zscore"]
 SIGMAS = [0.1, 0.5, 1.0]
 
-# Documented bounds (docs/lr-guard.md): steps from the onset of the change to the first reduction, per
-# noise level sigma of the log-norm (measured maxima over 20 seeds: 9/25/60 and 117/128/211).
+# Documented bounds (docs/lr-guard.md, "Measured detection latency", which gives the measured values): steps
+# from the onset of the change to the first reduction, per noise level sigma of the log-norm.
 STEP_CHANGE_BOUND = {0.1: 20, 0.5: 40, 1.0: 80}
 RISE_BOUND = {0.1: 150, 0.5: 160, 1.0: 250}
 

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_gradguard import GradGuard, GradMonitor
 from lightning_gradguard.keys import tag
 
-from ._models import GradRecorder, TinyRegressor, make_trainer, read_events, scalars
+from ._models import GradRecorder, RankZeroMessages, TinyRegressor, make_trainer, read_events, scalars
 
 
 def test_layer_and_global_norms_match_an_independent_computation(tmp_path: Path) -> None:
@@ -160,5 +160,22 @@ def test_arguments_are_validated_up_front(kwargs: dict[str, object], message: st
 
 def test_defaults_are_useful() -> None:
     guard = GradGuard()
-    assert guard.clip == "auto" and guard.on_nonfinite == "skip" and guard.histogram_every_n_steps == 100
+    assert guard.options.clip == "auto" and guard.options.on_nonfinite == "skip"
+    assert guard.options.histogram_every_n_steps == 100
     assert math.isclose(guard.lr_scale, 1.0) and guard.threshold is None
+
+
+def test_end_of_fit_flush_is_logged_at_the_last_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_gradguard.outputs.report import main
+
+    guard = GradGuard(log_every_n_steps=4, histogram_every_n_steps=0)
+    trainer = make_trainer(tmp_path, [guard], max_steps=6)
+    with RankZeroMessages() as said:
+        trainer.fit(TinyRegressor())
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    assert sorted(scalars(read_events(log_dir), tag("global_norm"))) == [0, 4, 5]  # not 6: the run is steps 0-5
+    summaries = [m for m in said.messages if "diagnostics summary" in m]
+    assert len(summaries) == 1 and "(steps 0-5)" in summaries[0]
+    capsys.readouterr()
+    assert main(["report", str(log_dir)]) == 0
+    assert "steps           0 .. 5 (" in capsys.readouterr().out

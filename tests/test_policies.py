@@ -308,7 +308,7 @@ def test_auto_ceiling_state_round_trip(split: int) -> None:
     got += drive(resumed, norms[split:])
     assert got == expected
     old = first.state_dict()
-    del old["ceiling"], old["recent"], old["anchor"]  # a checkpoint written before the ceiling existed
+    del old["ceiling"], old["recent"], old["anchor"]  # a saved state without the ceiling's keys
     legacy = AutoPolicy()
     legacy.load_state_dict(old)
     assert legacy.state_dict()["ceiling"] is None  # no ceiling until new norms anchor it

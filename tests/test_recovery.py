@@ -428,7 +428,7 @@ def test_state_dict_loads_with_weights_only_and_continues_identically() -> None:
     assert full.rollbacks_total == second.rollbacks_total == 2  # the bad stretch outlasts one rollback
     assert full.state_dict() == second.state_dict()
     assert RollbackTrigger().state_dict()["rollbacks_total"] == 0
-    second.load_state_dict({})  # keys added later default
+    second.load_state_dict({})  # missing keys take their defaults
     assert second.rollbacks_total == 0
 
 
@@ -633,16 +633,9 @@ def test_docs_page_example_runs() -> None:
     assert namespace["trigger"].history[0].trigger in ("nonfinite_loss", "nonfinite_grad")
 
 
-def test_skipped_steps_are_not_healthy_and_the_module_needs_no_lightning() -> None:
-    import subprocess
-    import sys
-
+def test_skipped_steps_are_not_healthy() -> None:
+    """(That the module needs no Lightning is checked in ``tests/test_engine.py``, in one interpreter start.)"""
     trigger = RollbackTrigger()
     assert trigger.update(0, loss=1.0).snapshot_ok
     assert not trigger.update(1, loss=1.0, skipped=True).snapshot_ok
     assert trigger.update(2, loss=1.0).snapshot_ok
-    code = (
-        "import sys, lightning_gradguard.recovery.rollback; assert 'lightning' not in sys.modules, 'lightning imported'"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
-    assert proc.returncode == 0, proc.stderr

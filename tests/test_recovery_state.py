@@ -2,8 +2,9 @@
 
 Each test trains a small model the way a user would (a CNN with BatchNorm, Lightning's EMA weight
 averaging, manual optimization with two optimizers, an Adam regression hit by a hardware-style fault, a
-run whose loss spikes again and again in its first steps) and reads back what it claims: the buffers, the
-averaged weights, the rollback history, the LR scale and the loss.
+run whose loss spikes again and again in its first steps, a backbone unfrozen by BackboneFinetuning) and
+reads back what it claims: the buffers, the averaged weights, the optimizer's param groups and state, the
+rollback history, the LR scale and the loss.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BackboneFinetuning, Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, RollbackTrigger
+from lightning_gradguard.events import GuardEvent
 
-from ._models import make_trainer
+from ._models import make_trainer, regression_data, weights
 
 
 def _fit(tmp: Path, model: L.LightningModule, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:
@@ -256,3 +259,81 @@ def test_an_early_spike_met_again_after_each_restore_never_stops_the_run(tmp_pat
     assert guard.rollbacks_total >= 1 and _finite(model.parameters())
     assert any(m.startswith("no rollback at step") for m in events), events
     assert math.isfinite(model.full_loss())
+
+
+class _Finetune(L.LightningModule):
+    """A backbone and a head; the optimizer starts with the head only (BackboneFinetuning's contract)."""
+
+    def __init__(self, nan_at_steps: tuple[int, ...]) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.head = nn.Linear(16, 1)
+        self.nan_at_steps = nan_at_steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))  # type: ignore[no-any-return]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        if self.trainer.global_step in self.nan_at_steps:
+            loss = loss * float("nan")
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
+        return DataLoader(regression_data(64, 8), batch_size=8)  # 8 steps per epoch
+
+
+@pytest.mark.parametrize(
+    ("nan_at", "restored_to"),
+    [
+        # the unfreeze (epoch 1 = step 8) is followed at once by the blow-up: the newest snapshot (an early
+        # capture at step 4) predates the backbone's param group, which the restore keeps
+        ((8, 9, 10), 4),
+        # a healthy step after the unfreeze: the new group makes it a snapshot step
+        ((10, 11, 12), 8),
+    ],
+)
+def test_rollback_after_backbone_unfreeze(tmp_path: Path, nan_at: tuple[int, ...], restored_to: int) -> None:
+    torch.manual_seed(0)
+    model = _Finetune(nan_at)
+    seen: list[dict[str, Any]] = []
+    at_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    class _Record(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            at_step.setdefault(trainer.global_step, weights(model))
+
+    def on_event(event: GuardEvent) -> None:
+        if event.kind == "rollback":
+            opt = model.trainer.optimizers[0]
+            backbone = [p for g in opt.param_groups[1:] for p in g["params"]]
+            seen.append(
+                {
+                    "evidence": dict(event.evidence),
+                    "weights": weights(model),
+                    "groups": len(opt.param_groups),
+                    "backbone_state": [bool(opt.state.get(p)) for p in backbone],
+                }
+            )
+
+    guard = GradGuard(snapshot_every_n_steps=1000, on_event=on_event)
+    trainer = make_trainer(
+        tmp_path, [_Record(), BackboneFinetuning(unfreeze_backbone_at_epoch=1), guard], max_epochs=3, logger=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    assert guard.rollbacks_total == 1
+    (rb,) = seen
+    assert rb["evidence"]["restored_to"] == restored_to
+    assert rb["groups"] == 2  # the backbone's group stays in the optimizer
+    # the weights are those the snapshot step started from (the step's own update comes after the capture)
+    for name, value in at_step[restored_to].items():
+        torch.testing.assert_close(rb["weights"][name], value, rtol=0, atol=0)
+    # the backbone group's optimizer state is as at the capture: none yet (AdamW creates it at the step)
+    assert rb["backbone_state"] == [False, False]
+    assert all(torch.isfinite(p).all() for p in model.parameters())

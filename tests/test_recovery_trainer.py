@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_gradguard import AutoPolicy, GradGuard, Guard, RecoveryError, RollbackTrigger
+from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.keys import tag
 from lightning_gradguard.outputs.tensorboard import split_events
 
@@ -152,7 +153,7 @@ def test_recovery_runs_out_of_rollbacks_with_an_error_naming_each(tmp_path: Path
     assert "What to try" in text and guard.rollbacks_total == 2 and guard.lr_scale == 0.5
 
 
-def test_rollback_false_keeps_the_old_escalation(tmp_path: Path) -> None:
+def test_rollback_false_stops_at_max_consecutive_skips(tmp_path: Path) -> None:
     from lightning_gradguard import NonFiniteGradientsError
 
     guard = GradGuard(rollback=False, max_consecutive_skips=4, histogram_every_n_steps=0)
@@ -172,7 +173,7 @@ def test_a_skip_streak_rolls_back_before_max_consecutive_skips_stops(tmp_path: P
 
 
 def test_options_are_validated() -> None:
-    with pytest.raises(ValueError, match="`rollback` must be True, False or a RollbackTrigger"):
+    with pytest.raises(TypeError, match="`rollback` must be True, False or a RollbackTrigger"):
         GradGuard(rollback="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`snapshot_every_n_steps` must be an int >= 1"):
         GradGuard(snapshot_every_n_steps=0)
@@ -278,3 +279,54 @@ def test_lr_guard_forced_cut_is_scheduler_proof_and_not_a_detector_reduction() -
     assert used == pytest.approx([0.05, 0.025, 0.0125]) and opt.param_groups[0]["lr"] == 0.125
     with pytest.raises(ValueError, match="`factor` must be in"):
         guard.force_reduction(1.5)
+
+
+def test_rollback_keeps_the_diagnostics_account_of_the_run(tmp_path: Path) -> None:
+    """A rollback restores the diagnostics' norm windows, not their record of the run: the end-of-fit summary
+    covers the whole run (all 64 log steps of a 64-step run) and the non-finite episode of steps 8-10 is one
+    episode, reported once."""
+    from ._models import TinyRegressor
+
+    events: list[GuardEvent] = []
+    guard = GradGuard(on_event=events.append, diagnose_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [guard], logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # 64 steps, log_every_n_steps=1; at lr 0.02 the run is stable after the fault (at 0.1 its loss climbs)
+        trainer.fit(TinyRegressor(n=512, nan_at_steps=(8, 9, 10), lr=0.02))
+    assert guard.rollbacks_total == 1
+    (rollback,) = [e for e in events if e.kind == "rollback"]
+    assert (rollback.step, rollback.evidence["restored_to"]) == (10, 4)  # the newest snapshot before step 8
+    (summary,) = [e for e in events if e.kind == "summary"]
+    lines = summary.message.splitlines()
+    assert lines[1].startswith("2 layers over 64 log steps (steps 0-63)")
+    assert "  net.0: nonfinite (1 episode, steps 8-10)" in lines
+    nonfinite = [e for e in events if e.kind == "verdict" and "non-finite gradient" in e.message]
+    assert [e.step for e in nonfinite] == [8, 8]  # one verdict per layer for the one episode
+
+
+def test_fp16_gradscaler_nan_loss_streak_rolls_back(tmp_path: Path) -> None:
+    """Under fp16 AMP every non-finite step is a GradScaler skip; a NaN loss streak still rolls back.
+
+    The loss of a scaler-skipped step reaches the trigger, so ``nonfinite_loss`` fires under a GradScaler: a
+    NaN loss (NaN at any loss scale) is rolled back before the skip streak reaches ``max_consecutive_skips``.
+    """
+    from lightning.pytorch.plugins import MixedPrecision
+    from torch.amp import GradScaler
+
+    from ._models import TinyRegressor
+
+    torch.manual_seed(0)
+    events: list[GuardEvent] = []
+    guard = GradGuard(on_event=events.append)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=GradScaler("cpu"))
+    trainer = make_trainer(tmp_path, [guard], logger=False, plugins=[plugin])
+    model = TinyRegressor(n=256, nan_at_steps=(8, 9, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    (rollback,) = [e for e in events if e.kind == "rollback"]
+    assert rollback.step == 10 and rollback.evidence["trigger"] == "nonfinite_loss"
+    assert rollback.evidence["nonfinite_loss_streak"] == 3
+    assert guard.rollbacks_total == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,4 +1,5 @@
-"""`gradguard report` on event files written here with SummaryWriter, and every bad-input case."""
+"""`gradguard report` on event files written here with SummaryWriter and on real runs (rollbacks, LR
+reductions, the heatmap TensorBoard shows), and every bad-input case."""
 
 from __future__ import annotations
 
@@ -7,17 +8,24 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import matplotlib.image
 import numpy as np
 import pytest
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import lightning_gradguard
+from lightning_gradguard import GradGuard
 from lightning_gradguard.keys import tag
 from lightning_gradguard.outputs.heatmap import heatmap_size, render_heatmap
 from lightning_gradguard.outputs.report import main
+
+from ._models import make_trainer, read_events
 
 LAYERS = [f"net.{i}" for i in range(0, 20, 2)]
 NUMELS = [78400] + [10000] * 8 + [1000]
@@ -285,3 +293,174 @@ def test_python_dash_m_entry_point(run_dir: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     (section,) = json.loads(done.stdout)["runs"]
     assert section["layers"][0]["verdicts"][0]["kind"] == "vanishing"
+
+
+def _reduction_text(step: int) -> str:
+    from lightning_gradguard.decide.lr_guard import LRReduction
+
+    return LRReduction(
+        step=step, reason="saturation", lr_scale_before=1.0, lr_scale=0.5, num_reductions=1, norm=3.0,
+        threshold=2.0, center=1.0, recent_norms=(2.5, 3.0), level=2.8, reference=1.0, approaching_steps=8,
+        risen_steps=8, patience=8, old_lrs=(0.1,), new_lrs=(0.05,),
+    ).message()  # fmt: skip
+
+
+def _lr_run(run_dir: Path, lr_scale: list[float] | None, texts: list[tuple[int, str]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    for k in range(3):
+        writer.add_scalar(tag("global_norm"), 1.0, 100 * k)
+        if lr_scale is not None:
+            writer.add_scalar(tag("lr_scale"), lr_scale[k], 100 * k)
+    for step, text in texts:
+        writer.add_text(tag("events"), text, step)
+    writer.close()
+
+
+_REMEDY = (
+    "Layer 'fc' has an exploding gradient: L2 norm 309 at step 100. Remedy: clip gradients, lower the learning "
+    "rate or lengthen its warmup, and scale the initialisation down."
+)
+
+
+@pytest.mark.parametrize("lr_scale", [[1.0, 1.0, 1.0], None], ids=["lr_scale-logged", "no-lr_scale"])
+def test_report_does_not_invent_lr_reductions(
+    lr_scale: list[float] | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from lightning_gradguard.outputs.report import main
+
+    _lr_run(tmp_path, lr_scale, [(100, _REMEDY)] * 3)
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    (section,) = json.loads(capsys.readouterr().out)["runs"]
+    assert section["lr_reductions"] == [] and section["lr_events"] == []
+    lr_lines = [line for line in text.splitlines() if line.startswith("LR reductions")]
+    assert lr_lines == (["LR reductions   none"] if lr_scale else [])
+
+
+@pytest.mark.parametrize("lr_scale", [[1.0, 0.5, 0.5], None], ids=["lr_scale-logged", "no-lr_scale"])
+def test_report_counts_real_lr_reductions_in_text_and_json_alike(
+    lr_scale: list[float] | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from lightning_gradguard.outputs.report import main
+
+    _lr_run(tmp_path, lr_scale, [(0, _REMEDY), (100, _reduction_text(100)), (100, _REMEDY)])
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    (section,) = json.loads(capsys.readouterr().out)["runs"]
+    source = "lr_scale" if lr_scale else "events"
+    assert section["lr_reductions"] == [{"step": 100, "from": 1.0, "to": 0.5, "source": source}]
+    assert [e["step"] for e in section["lr_events"]] == [100]
+    suffix = "" if lr_scale else " (from events)"
+    assert f"LR reductions   1{suffix}: step 100 (lr_scale 1 -> 0.5)" in text.splitlines()
+
+
+def test_counts_are_pluralised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_gradguard.decide.diagnostics import GradientDiagnostics
+    from lightning_gradguard.outputs.report import main
+
+    diag = GradientDiagnostics()
+    diag.observe(0, {"fc": 1.0}, {"fc": 4})
+    assert diag.summary().startswith("1 layer over 1 log step (step 0): 0 with verdicts")
+    writer = SummaryWriter(str(tmp_path))
+    for name, value in (("global_norm", 1.0), ("steps", 1.0), ("clip_rate", 1.0), ("clipped_total", 1.0)):
+        writer.add_scalar(tag(name), value, 0)
+    writer.close()
+    assert main(["report", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "steps           0 .. 0 (1 log step, 1 optimizer step)" in lines
+    assert any(line.startswith("clipping        1 clipped step, ") for line in lines)
+
+
+def test_report_heatmap_draws_the_tensorboard_heatmap(tmp_path: Path) -> None:
+    """With histograms (element counts known), the report's heatmap and TensorBoard's show one quantity, drawn
+    alike."""
+    import io
+
+    import matplotlib.image
+    import numpy as np
+
+    from lightning_gradguard.outputs.heatmap import render_heatmap
+    from lightning_gradguard.outputs.report import _heatmap_grid, build_report
+    from tests._models import TinyRegressor
+
+    guard = GradGuard(histogram_every_n_steps=1, heatmap_every_n_steps=1000, log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [guard], max_steps=6)
+    trainer.fit(TinyRegressor(hidden=64))
+    log_dir = trainer.logger.log_dir  # type: ignore[union-attr]
+    (image_event,) = read_events(log_dir).Images(tag("heatmap"))
+    tensorboard_image = matplotlib.image.imread(io.BytesIO(image_event.encoded_image_string), format="png")
+    (section,) = build_report(log_dir)
+    assert section["measure"] == "rms"  # element counts known: the per-element RMS
+    layers, steps, grid = _heatmap_grid(section)
+    assert layers == ["net.0", "net.2"] and steps == [0, 1, 2, 3, 4, 5]
+    # the callback's heatmap buffer holds the same quantity (the scalars are float32 in the event file)
+    state = guard.state_dict()["guards"]["0"]
+    assert state["heatmap_steps"] == steps
+    assert np.allclose(grid, np.array(state["heatmap_columns"]).T, rtol=0, atol=1e-6)
+    # and the image TensorBoard shows is the report's picture, pixel for pixel left of the colour scale
+    # (its tick labels may move by a pixel with float32 rounding of the range)
+    redrawn = render_heatmap(layers, steps, grid)
+    tb = np.round(tensorboard_image[:, :, :3] * 255).astype(np.uint8)
+    assert tb.shape == redrawn.shape
+    assert np.array_equal(tb[:, :850], redrawn[:, :850])
+
+
+def test_report_shows_rollbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``gradguard report`` on a run that rolled back names the rollback, in text and JSON."""
+    import json
+
+    from lightning_gradguard.outputs.report import main as report_main
+
+    from ._models import TinyRegressor
+
+    def fit(nan_at: tuple[int, ...], version: int) -> GradGuard:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        torch.manual_seed(0)
+        guard = GradGuard(histogram_every_n_steps=0)
+        logger = TensorBoardLogger(tmp_path, name="run", version=version)
+        trainer = make_trainer(tmp_path, [guard], logger=logger, log_every_n_steps=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(TinyRegressor(nan_at_steps=nan_at))
+        return guard
+
+    guard = fit((2, 3, 4), 0)
+    # non-finite from step 2: step 4 goes back to the newest snapshot before step 2 (the early capture at step 1)
+    assert (guard.rollbacks_total, guard.steps_lost) == (1, 3)
+    assert report_main(["report", str(tmp_path / "run" / "version_0")]) == 0, capsys.readouterr().err
+    assert "rollbacks       1 (3 steps lost): step 4 -> step 1" in capsys.readouterr().out.splitlines()
+    assert report_main(["report", str(tmp_path / "run" / "version_0"), "--json"]) == 0
+    rollbacks = json.loads(capsys.readouterr().out)["runs"][0]["rollbacks"]
+    assert rollbacks == {"total": 1, "steps_lost": 3, "rollbacks": [{"step": 4, "restored_to": 1, "steps_lost": 3}]}
+
+    assert fit((), 1).rollbacks_total == 0
+    assert report_main(["report", str(tmp_path / "run" / "version_1")]) == 0
+    assert "rollbacks       none" in capsys.readouterr().out.splitlines()
+
+
+def test_report_on_a_real_run(sigmoid_run: tuple[GradGuard, L.Trainer], tmp_path: Path, capsys: Any) -> None:
+    _, trainer = sigmoid_run
+    run_dir = Path(trainer.logger.log_dir)  # type: ignore[union-attr]
+    png = tmp_path / "heat.png"
+    assert main(["report", str(run_dir), "--json", "--png", str(png)]) == 0
+    sections = json.loads(capsys.readouterr().out)
+    section = sections[0] if isinstance(sections, list) else sections["runs"][0]
+    text = json.dumps(section)
+    assert "net.0" in text and "vanishing" in text
+    assert png.exists() and png.stat().st_size > 10_000
+    from PIL import Image
+
+    with Image.open(png) as image:
+        width, height = image.size
+    assert width == 1000 and height >= 360

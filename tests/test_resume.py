@@ -1,4 +1,6 @@
-"""Resume: a run stopped at step k and resumed from its checkpoint is the run that never stopped.
+"""Resume: a run stopped at step k and resumed from its checkpoint is the run that never stopped; one
+GradGuard across several fits (folds, the same Trainer fitted again, a state loaded by hand) keeps or starts
+its state as each case needs.
 
 Every epoch here is exactly one optimizer step (a sampler hands out a fresh slice of the data each epoch),
 so every checkpoint is an end-of-epoch checkpoint and Lightning resumes its data exactly; any difference
@@ -9,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import logging
 import math
+import weakref
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import AutoPolicy
 from lightning_gradguard.keys import tag
 
-from ._models import retry_on_exit_abort
+from ._models import RankZeroMessages, TinyRegressor, make_trainer, read_events, retry_on_exit_abort, scalars
 
 N = 14  # optimizer steps of every run
 LOG_EVERY = 4  # no resume point below is a log step: each resume starts inside a log interval
@@ -474,3 +478,50 @@ def test_ddp_resume_restores_identical_state_on_both_ranks(tmp_path: Path) -> No
     end = load("end-rank0.pt")
     assert _same(load("end-rank1.pt"), end)
     assert end["guards"]["0"]["counters"]["steps"] == N and end["guards"]["0"]["counters"]["clipped_total"] > 0
+
+
+def test_folds_with_one_guard_start_fresh_and_keep_no_model_alive(
+    tmp_path: Path,
+) -> None:
+    guard = GradGuard(clip="percentile", histogram_every_n_steps=0, heatmap_every_n_steps=0)
+    models: list[weakref.ref[L.LightningModule]] = []
+    for fold in range(3):
+        for earlier in models:
+            gc.collect()
+            assert earlier() is None  # no earlier fold's model is kept alive
+        torch.manual_seed(fold)
+        model = TinyRegressor(lr=0.05 * (fold + 1), n=96)
+        trainer = make_trainer(tmp_path / f"fold{fold}", [guard], max_steps=30)
+        with RankZeroMessages() as said:
+            trainer.fit(model)
+        acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
+        last_threshold = scalars(acc, tag("threshold"))
+        assert guard.threshold == pytest.approx(last_threshold[max(last_threshold)], rel=1e-6)
+        assert guard.lr_scale == pytest.approx(scalars(acc, tag("lr_scale"))[29], rel=1e-6)
+        assert guard.state_dict()["guards"]["0"]["counters"]["steps"] == 30  # this fit's steps only
+        assert list(guard.state_dict()["guards"]) == ["0"]
+        assert sum("diagnostics summary" in m for m in said.messages) == 1
+        models.append(weakref.ref(model))
+        del model, trainer, acc
+    gc.collect()
+    assert all(ref() is None for ref in models)  # not even the last one: GradGuard let go of it at teardown
+
+
+def test_the_same_trainer_fitted_again_continues(tmp_path: Path) -> None:
+    guard = GradGuard(histogram_every_n_steps=0, heatmap_every_n_steps=0)
+    model = TinyRegressor()
+    trainer = make_trainer(tmp_path, [guard], max_steps=3)
+    trainer.fit(model)
+    trainer.fit_loop.epoch_loop.max_steps = 5
+    trainer.fit(model)
+    assert guard.state_dict()["guards"]["0"]["counters"]["steps"] == 5
+    assert guard.last_outcome is not None and guard.last_outcome.step == 4
+
+
+def test_state_loaded_by_hand_before_the_first_fit_is_used(tmp_path: Path) -> None:
+    first = GradGuard(histogram_every_n_steps=0, heatmap_every_n_steps=0)
+    make_trainer(tmp_path / "a", [first], max_steps=3, logger=False).fit(TinyRegressor())
+    second = GradGuard(histogram_every_n_steps=0, heatmap_every_n_steps=0)
+    second.load_state_dict(first.state_dict())
+    make_trainer(tmp_path / "b", [second], max_steps=2, logger=False).fit(TinyRegressor())
+    assert second.state_dict()["guards"]["0"]["counters"]["steps"] == 5  # 3 loaded + 2 of this fit

@@ -1,4 +1,4 @@
-"""The saved state format: version-2 checkpoints written by the previous release load and resume.
+"""The saved state format: version-2 checkpoints (the fixtures in ``tests/data``) load and resume.
 
 The fixtures were computed on another machine: what they hold is checked exactly, the runs resumed from
 them against runs computed here with the same decisions exactly and the same values within ``REL``.
@@ -28,10 +28,11 @@ REL, ABS = 1e-5, 1e-9
 
 def gradguard_for_fixture() -> GradGuard:
     """The GradGuard of ``tests/data/v2_gradguard_step6.ckpt`` (every part of the state present), with the clip
-    configuration it was saved with (the absolute 1.0 ceiling of that release's default, now opt-in)."""
+    configuration it was saved with (an absolute 1.0 ceiling, which the default ``auto`` leaves off)."""
     return GradGuard(
         clip=AutoPolicy(warmup_steps=6, prior_norm=1.0, prior_ratio=None),
         log_every_n_steps=3,
+        diagnose_every_n_steps=3,
         histogram_every_n_steps=0,
         rollback=True,
         snapshot_every_n_steps=2,
@@ -40,7 +41,7 @@ def gradguard_for_fixture() -> GradGuard:
 
 def _fixture_options() -> dict[str, Any]:
     """``tests/test_frontends.py``'s options with the clip configuration ``v2_guard_step8.pt`` was saved with
-    (that release's default ``auto``, whose absolute 1.0 ceiling is now opt-in)."""
+    (``auto`` with an absolute 1.0 ceiling, which the default leaves off)."""
     options = {k: v for k, v in _options().items() if k != "max_norm"}
     return {**options, "clip": AutoPolicy(max_norm=1.0, prior_norm=1.0, prior_ratio=None)}
 
@@ -69,7 +70,7 @@ def _without_messages(tree: Any) -> Any:
 
 
 def _restored(saved: Any, now: Any) -> bool:
-    """``now`` holds every key of ``saved`` with an equal value (dicts may have gained keys since)."""
+    """``now`` holds every key of ``saved`` with an equal value (dicts may hold more keys)."""
     if isinstance(saved, dict):
         return isinstance(now, dict) and all(k in now and _restored(v, now[k]) for k, v in saved.items())
     return _same(saved, now)
@@ -134,7 +135,7 @@ def test_a_version_2_checkpoint_restores_what_it_holds_and_resumes_with_the_unin
     tmp_path: Path,
 ) -> None:
     fixture = DATA / "v2_gradguard_step6.ckpt"
-    saved = torch.load(fixture, weights_only=True)  # written by the previous release, no pickled classes
+    saved = torch.load(fixture, weights_only=True)  # a version-2 checkpoint, no pickled classes
     (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("GradGuard")]
     assert state["version"] == 2 and state["guards"]["0"]["counters"]["steps"] == 6 and "recovery" in state
     L.seed_everything(0, verbose=False)
@@ -150,10 +151,10 @@ def test_a_version_2_checkpoint_restores_what_it_holds_and_resumes_with_the_unin
         extra=(at_start, training_at_start),
     )
 
-    # What the file holds is restored bit for bit: the weights, the optimizer and every value the old release
-    # saved for GradGuard; keys added since (later fields) may be extra. The LR guard's configuration string is
-    # the current one (it has gained `stall_update_ratio` since, at its default, which the resume does not
-    # report as a difference: see the last test of this file).
+    # What the file holds is restored bit for bit: the weights, the optimizer and every value the file holds
+    # for GradGuard; keys it does not hold may be extra. The LR guard's configuration string is the current one
+    # (it holds `stall_update_ratio`, which the version-2 string lacks; at its default the resume does not
+    # report it as a difference: see the last test of this file).
     weights = training_at_start.weights
     assert _close(dict(weights), dict(saved["state_dict"]), rel=0)
     assert _close(training_at_start.optimizer["state"], saved["optimizer_states"][0]["state"], rel=0)
@@ -193,11 +194,11 @@ def test_a_version_2_checkpoint_restores_what_it_holds_and_resumes_with_the_unin
     assert [g["lr"] for g in t_b.optimizers[0].param_groups] == [g["lr"] for g in t_a.optimizers[0].param_groups]
     w_a, w_b = t_a.lightning_module.state_dict(), t_b.lightning_module.state_dict()
     assert _close(dict(w_b), dict(w_a))
-    # The whole state agrees too, except the run's first loss and first per-layer norms, references added
-    # after version 2: a version-2 checkpoint does not hold them, so the resumed run takes them from its first
-    # step after the resume; likewise the LR guard's record of which recent steps were clipped and of their
-    # post-clip norms (its stall channel, added later still), which refill within 25 steps, and the
-    # update-ratio references of layers that start at zero and the peak LR each layer has had.
+    # The whole state agrees too, except the keys a version-2 checkpoint does not hold: the run's first loss
+    # and first per-layer norms, which the resumed run takes from its first step after the resume; the LR
+    # guard's record of which recent steps were clipped and of their post-clip norms (its stall channel), which
+    # refill within 25 steps; and the update-ratio references of layers that start at zero and the peak LR
+    # each layer has had.
     later = {"first_loss", "first", "recent_clipped", "recent_applied_norms", "update_references", "update_lr_peaks"}
     assert not later & set(_keys(state["guards"]["0"]))
     final_a, final_b = (_without(guard.state_dict(), later) for guard in (guard_a, guard_b))
@@ -227,8 +228,8 @@ def test_a_version_2_plain_guard_state_restores_what_it_holds_and_resumes_with_t
     assert any(r[4] for r in rest) and len({r[6] for r in full}) > 1  # clipping and an LR cut happen in the run
 
 
-def test_an_option_added_since_the_checkpoint_is_no_configuration_difference_at_its_default() -> None:
-    """A version-2 checkpoint's LR-guard configuration predates ``stall_update_ratio``: resuming it with the
+def test_an_option_missing_from_the_checkpoint_is_no_configuration_difference_at_its_default() -> None:
+    """A version-2 checkpoint's LR-guard configuration lacks ``stall_update_ratio``: resuming it with the
     default must not report a difference, resuming it with another value must."""
     from lightning_gradguard.decide.engine import _configs_differ
 

@@ -1,4 +1,5 @@
-"""The stats engine: grouping, one-pass norms, non-finite detection, device histograms."""
+"""The stats engine: grouping (also of ``torch.compile``'d modules), one-pass norms (also of complex
+parameters), non-finite detection, device histograms."""
 
 from __future__ import annotations
 
@@ -198,3 +199,33 @@ def test_scale_multiplies_dense_and_sparse_grads() -> None:
     stats.scale_(0.5)
     assert lin.weight.grad.tolist() == [[0.5, 0.5], [0.5, 0.5]]
     assert stats.read(stats.squared_norms()).global_norm == pytest.approx(before / 2)
+
+
+def test_complex_gradient_norms_match_torch() -> None:
+    layer = nn.Linear(3, 2, dtype=torch.complex128)
+    layer.weight.grad = torch.tensor([[3 + 4j, 0, 0], [0, 0, 12j]], dtype=torch.complex128)
+    layer.bias.grad = torch.zeros(2, dtype=torch.complex128)
+    stats = GradStats(layer.named_parameters(), group_by="param")
+    read = stats.read(stats.squared_norms())
+    assert read.layer_norms() == pytest.approx({"weight": 13.0, "bias": 0.0})
+    stats.scale_(0.5)
+    assert layer.weight.grad[0, 0] == 1.5 + 2j
+    ranges = stats.histogram_ranges()
+    hist = stats.read_histograms(ranges, stats.histogram_counts(ranges, 4))["weight"]
+    assert (hist.min, hist.max, hist.num, hist.sum) == (0.0, 6.0, 6.0, 2.5 + 6.0)
+
+
+def test_compiled_module_has_the_eager_layer_names() -> None:
+    eager = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Sequential(nn.Linear(3, 1)))
+    outer = nn.Module()
+    outer.net = torch.compile(eager)  # wrapping is lazy: nothing is compiled until the first call
+    names = [n for n, _ in outer.named_parameters()]
+    assert any("_orig_mod" in n for n in names)  # what torch.compile does to the names
+    compiled = torch.compile(outer)
+    for group_by in ("module", "param", 1):
+        stats = GradStats(compiled.named_parameters(), group_by=group_by)  # type: ignore[arg-type]
+        reference = GradStats((f"net.{n}", p) for n, p in eager.named_parameters())
+        if group_by == "module":
+            assert stats.layers == reference.layers == ["net.0", "net.2.0"]
+        assert not any("_orig_mod" in layer for layer in stats.layers), stats.layers
+    assert GradStats(compiled.named_parameters(), group_by=1).layers == ["net"]

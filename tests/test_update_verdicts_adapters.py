@@ -76,7 +76,7 @@ def _fit(tmp_path: Path, lr: float, steps: int) -> GradGuard:
 
 def test_healthy_lora_run_gets_no_update_ratio_verdict(tmp_path: Path) -> None:
     guard = _fit(tmp_path, lr=1e-3, steps=30)
-    engine = guard._first_guard()
+    engine = guard._first_engine()
     assert engine is not None
     assert {"block1.lora_A", "block1.lora_B", "block2.lora_B"} <= set(engine.stats.layers)
     assert [(v.layer, v.kind, v.step) for v in engine.update_verdicts] == []
@@ -87,7 +87,7 @@ def test_a_layer_grown_from_zero_is_judged_once_its_norm_is_its_own() -> None:
     nn.init.zeros_(model[0].weight)
     optimizer = torch.optim.SGD(model.parameters(), lr=10.0)
     guard = Guard(model, optimizer, clip=None, lr_guard=False, rollback=False, log_every_n_steps=1,
-                  histogram_every_n_steps=0, heatmap_every_n_steps=0)  # fmt: skip
+                  diagnose_every_n_steps=1, histogram_every_n_steps=0, heatmap_every_n_steps=0)  # fmt: skip
     for step in range(60):
         if step == 10:  # grown to 1.0 per element (norm 4); from now on each step moves it by half of that
             optimizer.param_groups[0]["lr"] = 50.0

@@ -13,7 +13,12 @@ from torch import nn
 from lightning_gradguard import Guard
 from lightning_gradguard.decide.engine import UPDATE_LR_DECAYED
 
-OPTIONS: dict[str, Any] = {"histogram_every_n_steps": 0, "heatmap_every_n_steps": 0, "log_every_n_steps": 1}
+OPTIONS: dict[str, Any] = {
+    "histogram_every_n_steps": 0,
+    "heatmap_every_n_steps": 0,
+    "log_every_n_steps": 1,
+    "diagnose_every_n_steps": 1,
+}
 STEPS = 30
 
 

@@ -55,8 +55,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lightning_gradguard._validation import check_int
-from lightning_gradguard._validation import check_number as _check_positive
+from lightning_gradguard._checks import check_int
+from lightning_gradguard._checks import check_number as _check_positive
 
 __all__ = ["KINDS", "REMEDIES", "GradientDiagnostics", "Verdict", "VerdictKind"]
 

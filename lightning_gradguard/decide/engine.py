@@ -11,8 +11,10 @@ the heatmap buffer. One optimizer step is three calls:
 3. :func:`apply_outcome` - scale the gradients or drop them (the LR scale is applied by the LR guard's
    optimizer hooks).
 
-The Lightning callback, the Fabric adapter and the plain PyTorch :class:`~lightning_gradguard.Guard`
-all go through these calls, so they take bit-identical decisions on the same gradients.
+:class:`~lightning_gradguard.step.GuardStep` sequences these calls (with recovery, the diagnostics of
+:meth:`GuardEngine.diagnose` and the update ratios) for every front-end, so the Lightning callback, the
+Fabric adapter and the plain PyTorch :class:`~lightning_gradguard.Guard` take bit-identical decisions on
+the same gradients.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from lightning_gradguard.decide.diagnostics import (
 )
 from lightning_gradguard.decide.lr_guard import LRGuard, LRReduction
 from lightning_gradguard.decide.policies import ThresholdPolicy
+from lightning_gradguard.errors import GradGuardError, NonFiniteGradientsError
 from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.keys import log10_norm
 from lightning_gradguard.measure.distributed import reduce_histograms, reduce_stats
 from lightning_gradguard.measure.stats import GradStats, HistogramData, StepStats
 from lightning_gradguard.measure.updates import UpdateStats, UpdateTracker, log10_update_ratio
-from lightning_gradguard.outputs.heatmap import log10_norm
 
 __all__ = [
     "STATE_VERSION",
@@ -58,12 +61,12 @@ __all__ = [
 #: Version of the state format (:meth:`GuardEngine.state_dict`, wrapped by every front-end).
 STATE_VERSION = 2
 _HEATMAP_COLUMNS = 512  # bounded memory: past this, keep every other column
-#: Log steps of update-to-weight ratios kept per layer for the update verdicts (their medians), and the
-#: verdict-free log steps after which an update verdict's episode ends (a recurrence is reported again).
+#: Diagnose steps of update-to-weight ratios kept per layer for the update verdicts (their medians), and the
+#: verdict-free diagnose steps after which an update verdict's episode ends (a recurrence is reported again).
 UPDATE_WINDOW = 5
 #: A layer whose first measured step moved it by more than its norm started at (near) zero (a LoRA factor
 #: initialised to zero): its update ratios are judged only once its norm is no longer built by its own recent
-#: updates, i.e. its norm before the oldest of its last ``UPDATE_REFERENCE`` log steps is at least
+#: updates, i.e. its norm before the oldest of its last ``UPDATE_REFERENCE`` diagnose steps is at least
 #: ``UPDATE_OWN_SHARE`` of its norm now.
 UPDATE_REFERENCE = 4 * UPDATE_WINDOW
 UPDATE_OWN_SHARE = 0.5
@@ -199,7 +202,7 @@ class GuardEngine:
     heatmap_columns: list[list[float]] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
     updates: UpdateTracker | None = None
-    log_updates: bool = True  # per-layer update ratios at log steps; False: the tracker serves the LR guard only
+    log_updates: bool = True  # per-layer update ratios (log and diagnose steps); False: for the LR guard only
     update_ratios: dict[str, deque[float]] = field(default_factory=dict)
     update_episodes: dict[tuple[str, str], int] = field(default_factory=dict)
     update_references: dict[str, deque[float]] = field(default_factory=dict)  # layers that started at zero
@@ -315,7 +318,12 @@ class GuardEngine:
                 step=base.step, norm=norm, threshold=threshold, center=center, loss=base.loss, prior=prior
             )
             if reduction is not None:
-                evidence = {"norm": norm, "lr_scale": reduction.lr_scale, "reason": reduction.reason}
+                evidence = {
+                    "norm": norm,
+                    "lr_scale_before": reduction.lr_scale_before,
+                    "lr_scale": reduction.lr_scale,
+                    "reason": reduction.reason,
+                }
                 if threshold is not None:
                     evidence["threshold"] = threshold
                 events = (GuardEvent("lr_reduction", base.step, str(reduction), evidence=evidence),)
@@ -391,23 +399,12 @@ class GuardEngine:
         counters.skipped_total += outcome.skipped
         counters.scaler_skipped_total += outcome.scaler_skipped
 
-    # ------------------------------------------------------------------ log steps
-    def close_interval(self, outcome: StepOutcome, global_step: int, heatmap: bool) -> tuple[GuardEvent, ...]:
-        """At a log step, once the metrics are written: reset the aggregates, record the heatmap, diagnose.
-
-        Returns:
-            The diagnostics' verdicts on this step's per-layer norms, as events.
-        """
-        self.interval = Interval()
-        norms = outcome.stats.layer_norms()
-        if heatmap:
-            self.heatmap_steps.append(global_step)
-            self.heatmap_columns.append([log10_norm(v) for v in norms.values()])  # NaN (grey) for non-finite
-            if len(self.heatmap_steps) > _HEATMAP_COLUMNS:
-                self.heatmap_steps = self.heatmap_steps[::2]
-                self.heatmap_columns = self.heatmap_columns[::2]
+    # ------------------------------------------------------------------ diagnose and log steps
+    def diagnose(self, outcome: StepOutcome) -> tuple[GuardEvent, ...]:
+        """At a diagnose step: the diagnostics' verdicts on the step's per-layer norms, as events."""
         if self.diagnostics is None or outcome.scaler_skipped:
             return ()  # a GradScaler overflow is routine fp16 loss scaling, not a verdict on a layer
+        norms = outcome.stats.layer_norms()
         numels = dict(zip(self.stats.layers, self.stats.numels, strict=True))
         # a layer frozen during training has no gradient: not a dead layer (checked on zero norms only)
         frozen = self.stats.frozen_layers(i for i, v in enumerate(norms.values()) if v == 0.0)
@@ -420,18 +417,29 @@ class GuardEngine:
             events.append(GuardEvent("verdict", verdict.step, text, (verdict.layer,), {"value": verdict.value}))
         return tuple(events)
 
+    def close_interval(self, outcome: StepOutcome, global_step: int, heatmap: bool) -> None:
+        """At a log step, once the metrics are written: reset the aggregates and record the heatmap column."""
+        self.interval = Interval()
+        if heatmap:
+            self.heatmap_steps.append(global_step)
+            # NaN (grey) for non-finite
+            self.heatmap_columns.append([log10_norm(v) for v in outcome.stats.layer_norms().values()])
+            if len(self.heatmap_steps) > _HEATMAP_COLUMNS:
+                self.heatmap_steps = self.heatmap_steps[::2]
+                self.heatmap_columns = self.heatmap_columns[::2]
+
     # ------------------------------------------------------------------ update-to-weight ratios
-    def wants_updates(self, step: int, log_step: bool) -> bool:
-        """Whether optimizer step ``step`` measures its update: a log step with update ratios logged, or a
-        step whose update the LR guard's stall channel checks (:meth:`LRGuard.stall_due`)."""
+    def wants_updates(self, step: int, log_step: bool, diagnose_step: bool) -> bool:
+        """Whether optimizer step ``step`` measures its update: a log or diagnose step with update ratios on, or
+        a step whose update the LR guard's stall channel checks (:meth:`LRGuard.stall_due`)."""
         if self.updates is None:
             return False
-        if log_step and self.log_updates:
+        if (log_step or diagnose_step) and self.log_updates:
             return True
         return self.lr_guard is not None and self.lr_guard.stall_due(step)
 
     def snapshot_updates(self, outcome: StepOutcome) -> bool:
-        """At a log step, before ``optimizer.step()``: copy the weights the step will move.
+        """Before ``optimizer.step()`` of a step that :meth:`wants_updates`: copy the weights the step will move.
 
         Nothing is copied (and an older copy is dropped) when the step is skipped or left to the AMP
         GradScaler, or when update tracking is off. Returns whether a copy waits for :meth:`close_updates`.
@@ -446,7 +454,7 @@ class GuardEngine:
         return True
 
     def close_updates(
-        self, step: int, log_step: bool = True, optimizer: torch.optim.Optimizer | None = None
+        self, step: int, record_ratios: bool = True, optimizer: torch.optim.Optimizer | None = None
     ) -> tuple[UpdateStats, tuple[GuardEvent, ...]] | None:
         """After ``optimizer.step()``: the per-layer update and weight norms since :meth:`snapshot_updates`.
 
@@ -464,7 +472,7 @@ class GuardEngine:
 
         Args:
             step: this optimizer's step index of the snapshot (for the verdicts).
-            log_step: whether the step is a log step: only those record per-layer ratios for the verdicts.
+            record_ratios: whether the step is a diagnose step: only those record per-layer ratios for the verdicts.
             optimizer: the optimizer that stepped; its param groups give each layer's effective LR (the LR
                 guard's scale included). Without it no layer counts as scheduled down.
 
@@ -480,7 +488,7 @@ class GuardEngine:
             vector = reduce_stats(vector, list(sharded) * 3)
         stats = tracker.read(vector)
         events = self._stall_check(step, stats)
-        if not (log_step and self.log_updates):
+        if not (record_ratios and self.log_updates):
             return stats, events
         if optimizer is not None:
             self._record_lrs(optimizer)
@@ -539,7 +547,12 @@ class GuardEngine:
         reduction = guard.stall_check(step=step, update_ratio=ratio, update_norm=update)
         if reduction is None:
             return ()
-        evidence = {"update_ratio": ratio, "lr_scale": reduction.lr_scale, "reason": reduction.reason}
+        evidence = {
+            "update_ratio": ratio,
+            "lr_scale_before": reduction.lr_scale_before,
+            "lr_scale": reduction.lr_scale,
+            "reason": reduction.reason,
+        }
         if reduction.update_gain is not None:
             evidence["update_gain"] = reduction.update_gain
         return (GuardEvent("lr_reduction", step, str(reduction), evidence=evidence),)
@@ -718,22 +731,6 @@ def _restore_fields(cls: type[Any], saved: Any) -> Any:
     if isinstance(saved, Mapping):
         fields.update({k: type(fields[k])(v) for k, v in saved.items() if k in fields})
     return cls(**fields)
-
-
-class GradGuardError(RuntimeError):
-    """GradGuard cannot go on: the base of its errors that are not about the gradients themselves.
-
-    Raised directly before any step, for a setup GradGuard cannot work with: in the callback's ``setup``
-    (Lightning's FSDP1 strategy, ``Trainer(gradient_clip_val=...)`` together with clipping, two GradGuard
-    callbacks writing to the same loggers) and in ``FabricGuard``'s constructor (Fabric's FSDP1 or
-    DeepSpeed strategy). Its subclass ``RecoveryError`` is raised during training, on every rank at the
-    same step, when a rollback trigger fires after ``max_rollbacks`` rollbacks. Non-finite gradients
-    that stop training raise ``NonFiniteGradientsError`` instead.
-    """
-
-
-class NonFiniteGradientsError(RuntimeError):
-    """Raised on every rank, at the same step, when non-finite gradients stop training."""
 
 
 def parameter_signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:

@@ -87,8 +87,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradguard._validation import check_bool, check_int
-from lightning_gradguard._validation import check_float as _check_float
+from lightning_gradguard._checks import check_bool, check_int
+from lightning_gradguard._checks import check_float as _check_float
 
 __all__ = ["LRGuard", "LRReduction"]
 

@@ -26,10 +26,10 @@ import warnings
 from collections import deque
 from typing import Any, ClassVar
 
-from lightning_gradguard._validation import CLIP_NAMES, check_int
-from lightning_gradguard._validation import check_open_unit as _check_open_unit
-from lightning_gradguard._validation import check_positive_real as _check_positive
-from lightning_gradguard._validation import check_real as _check_real
+from lightning_gradguard._checks import CLIP_NAMES, check_int
+from lightning_gradguard._checks import check_open_unit as _check_open_unit
+from lightning_gradguard._checks import check_positive_real as _check_positive
+from lightning_gradguard._checks import check_real as _check_real
 
 __all__ = [
     "POLICY_NAMES",
@@ -41,7 +41,7 @@ __all__ = [
     "make_policy",
 ]
 
-POLICY_NAMES: tuple[str, ...] = CLIP_NAMES  # declared once, in _validation
+POLICY_NAMES: tuple[str, ...] = CLIP_NAMES  # declared once, in _checks
 _STATE_VERSION = 1
 
 

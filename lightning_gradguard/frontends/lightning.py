@@ -8,7 +8,7 @@ Per step, GradGuard makes one pass over the gradients (:class:`~lightning_gradgu
 at most one collective (:func:`~lightning_gradguard.measure.distributed.reduce_stats`) and one device-to-host
 transfer; every decision is then taken on the host from that one vector, identically on every rank.
 
-This module is the Lightning glue only: argument validation (:mod:`lightning_gradguard._validation`),
+This module is the Lightning glue only: the options (declared and checked in :mod:`lightning_gradguard.options`),
 setup checks, and hooks that call the per-optimizer :class:`~lightning_gradguard.decide.engine.GuardEngine`
 (decisions) and the :class:`~lightning_gradguard.outputs.sink.Reporter` (metrics, TensorBoard, messages).
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,7 +28,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gradguard._checks import ClipName, OnNonFinite
 from lightning_gradguard._compat import (
+    drop_bound_log_methods,
     legacy_state_key,
     scaler_scale,
     should_accumulate,
@@ -35,29 +38,28 @@ from lightning_gradguard._compat import (
     strategy_kind,
     warn_at_caller,
 )
-from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics, Verdict
 from lightning_gradguard.decide.engine import (
     STATE_VERSION,
-    GradGuardError,
     GuardEngine,
-    NonFiniteGradientsError,
     StepOutcome,
-    apply_outcome,
     optimizer_parameters,
     parameter_signature,
 )
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy
-from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.events import GuardEvent, OnEvent
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.stats import GroupBy
+from lightning_gradguard.options import GuardOptions, option_names
 from lightning_gradguard.outputs.loggers import rich_writers
-from lightning_gradguard.outputs.sink import OnEvent, Reporter
+from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.outputs.tensorboard import EventLog, dashboard_layout, find_writer
 from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
+from lightning_gradguard.step import GuardStep
 
-__all__ = ["GradClip", "GradGuard", "GradGuardError", "GradMonitor", "NonFiniteGradientsError"]
+__all__ = ["GradClip", "GradGuard", "GradMonitor"]
 
 
 class GradGuard(Callback):
@@ -94,8 +96,8 @@ class GradGuard(Callback):
         heatmap_every_n_steps: write the layer x step heatmap image every this many optimizer steps
             (and at the end of training); ``0`` disables it. Needs matplotlib.
         log_update_ratios: at log steps, log each layer's weight norm and log10 update-to-weight ratio
-            (``weight_norm/{layer}``, ``update_ratio/{layer}``) and let the diagnostics judge them ("LR too
-            high for <layer>", "<layer> is not learning"). Costs a copy of the weights at log steps only,
+            (``weight_norm/{layer}``, ``update_ratio/{layer}``), and at diagnose steps let the diagnostics judge
+            them ("LR too high for <layer>", "<layer> is not learning"). Costs a copy of the weights at those steps,
             plus every 25 steps from step 50 for the LR guard's stall channel (which measures the global
             update ratio whether or not this is on; ``LRGuard(stall_update_ratio=None)`` turns it off).
         on_event: called on rank zero with every :class:`~lightning_gradguard.events.GuardEvent` (skipped
@@ -110,8 +112,11 @@ class GradGuard(Callback):
             is always honoured (without an LR guard, rollbacks do not lower the LR).
         snapshot_every_n_steps: keep a snapshot of the last good state (weights, optimizer and
             scheduler state, GradGuard's own state) in host memory every this many optimizer steps.
+        diagnose_every_n_steps: run the per-layer diagnostics and judge the update-to-weight ratios every this
+            many optimizer steps (a cadence of its own: the log cadence only decides what is written).
 
     Raises:
+        TypeError: an argument of the wrong type (the message names it, the allowed values and what it got).
         ValueError: an argument out of range (the message names it, the allowed values and what it got).
         GradGuardError: at setup, a conflicting Trainer setting, e.g. ``gradient_clip_val`` together
             with GradGuard clipping.
@@ -144,78 +149,63 @@ class GradGuard(Callback):
         on_event: OnEvent | None = None,
         rollback: bool | RollbackTrigger = True,
         snapshot_every_n_steps: int = 100,
+        diagnose_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
-        check_hook("on_event", on_event)
-        self._options = guard_options(
-            clip=clip,
-            max_norm=max_norm,
-            on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips,
-            lr_guard=lr_guard,
-            group_by=group_by,
-            log_every_n_steps=log_every_n_steps,
-            log_layer_norms=log_layer_norms,
-            histogram_every_n_steps=histogram_every_n_steps,
-            histogram_bins=histogram_bins,
-            diagnostics=diagnostics,
-            heatmap_every_n_steps=heatmap_every_n_steps,
-            log_update_ratios=log_update_ratios,
-            rollback=rollback,
-            snapshot_every_n_steps=snapshot_every_n_steps,
-        )
-        options = self._options  # numbers as Python numbers (numpy scalars / 0-d tensors converted)
-        self.clip = clip
-        self.max_norm = options.max_norm
-        self.on_nonfinite: OnNonFinite = on_nonfinite
-        self.max_consecutive_skips = options.max_consecutive_skips
-        self._lr_guard_template: LRGuard | None = self._options.lr_guard
-        self.group_by = options.group_by
-        self.log_every_n_steps = options.log_every_n_steps
-        self.log_layer_norms = options.log_layer_norms
-        self.histogram_every_n_steps = options.histogram_every_n_steps
-        self.histogram_bins = options.histogram_bins
-        self._diagnostics_template = self._options.diagnostics
-        self.heatmap_every_n_steps = options.heatmap_every_n_steps
-        self.log_update_ratios = options.log_update_ratios
-        self.on_event = on_event
+        self._options = GuardOptions.from_arguments(locals())  # checked; numpy scalars as Python numbers
         self._guards: dict[int, GuardEngine] = {}  # id(optimizer) -> engine
         self._pending_state: dict[int, dict[str, Any]] = {}
         self._final_state: dict[str, dict[str, Any]] | None = None  # as it was before the end-of-fit flush
         self._saved_config: dict[str, Any] = {}
-        self._reporter = Reporter(
-            self._options,
-            warn=_rank_zero_warn_at_caller,
-            info=rank_zero_info,
-            log_every=options.log_every_n_steps or 50,
-        )
+        self._reporter = Reporter(self._options, warn=_rank_zero_warn_at_caller, info=rank_zero_info)
         self._scaler: Any | None = None
         self._monitor_only = False
         self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (loss, LR guard)
         self._loss_count = 0
-        self.snapshot_every_n_steps = options.snapshot_every_n_steps
         self._recovery: Recovery | None = self._options.recovery()
-        self._reporter.recovery = self._recovery
+        self._step = GuardStep(
+            self._reporter,
+            log_every=self._options.log_every(),
+            diagnose_every=self._options.diagnose_every_n_steps,
+            histogram_every=self._options.histogram_every_n_steps,
+            heatmap_every=self._options.heatmap_every_n_steps,
+            recovery=self._recovery,
+        )
         self._last_trainer: weakref.ref[Trainer] | None = None  # the Trainer of the last fit (never kept alive)
 
     # ------------------------------------------------------------------ public read-only views
     @property
+    def options(self) -> GuardOptions:
+        """The checked options this GradGuard was constructed with (read-only)."""
+        return self._options
+
+    @property
+    def on_event(self) -> OnEvent | None:
+        """The ``on_event`` hook; may be replaced before ``fit`` (it is handed to the outputs at setup)."""
+        return self._options.on_event
+
+    @on_event.setter
+    def on_event(self, hook: OnEvent | None) -> None:
+        self._options = replace(self._options, on_event=hook)
+
+    @property
     def state_key(self) -> str:
+        options = self._options
         return self._generate_state_key(
-            clip=_describe_clip(self.clip), max_norm=self.max_norm, group_by=_describe(self.group_by)
+            clip=_describe_clip(options.clip), max_norm=options.max_norm, group_by=_describe(options.group_by)
         )
 
     @property
     def threshold(self) -> float | None:
         """Clip threshold in force at the last step of the first optimizer (``None`` if not clipping)."""
-        guard = self._first_guard()
-        return guard.last.threshold if guard and guard.last else None
+        engine = self._first_engine()
+        return engine.last.threshold if engine and engine.last else None
 
     @property
     def last_outcome(self) -> StepOutcome | None:
         """What was decided at the last step of the first optimizer (``None`` before the first step)."""
-        guard = self._first_guard()
-        return guard.last if guard else None
+        engine = self._first_engine()
+        return engine.last if engine else None
 
     @property
     def clipped_steps(self) -> int:
@@ -237,8 +227,8 @@ class GradGuard(Callback):
     @property
     def lr_scale(self) -> float:
         """Factor the LR guard applies to the first optimizer's learning rates (1.0 when it never acted)."""
-        guard = self._first_guard()
-        return guard.lr_guard.lr_scale if guard and guard.lr_guard else 1.0
+        engine = self._first_engine()
+        return engine.lr_guard.lr_scale if engine and engine.lr_guard else 1.0
 
     @property
     def rollbacks_total(self) -> int:
@@ -250,7 +240,7 @@ class GradGuard(Callback):
         """Optimizer steps whose work the rollbacks discarded so far."""
         return self._recovery.trigger.steps_lost if self._recovery is not None else 0
 
-    def _first_guard(self) -> GuardEngine | None:
+    def _first_engine(self) -> GuardEngine | None:
         return min(self._guards.values(), key=lambda g: g.index, default=None)
 
     # ------------------------------------------------------------------ setup
@@ -267,16 +257,17 @@ class GradGuard(Callback):
         self._monitor_only = kind == "deepspeed"
         if self._monitor_only:
             self._reporter.notice_once("deepspeed", DEEPSPEED_NOTICE)
-        elif trainer.gradient_clip_val and (self.clip is not None):
-            clip_val = trainer.gradient_clip_val
+        elif trainer.gradient_clip_val and (self._options.clip is not None):
+            clip_val, clip = trainer.gradient_clip_val, _describe(self._options.clip)
             raise GradGuardError(
-                f"Trainer(gradient_clip_val={clip_val!r}) and GradGuard(clip={_describe(self.clip)!r}) would both clip "
+                f"Trainer(gradient_clip_val={clip_val!r}) and GradGuard(clip={clip!r}) would both clip "
                 "the gradients. Remove `gradient_clip_val` from the Trainer (GradGuard(clip='fixed', "
                 f"max_norm={clip_val!r}) reproduces it), or pass GradGuard(clip=None) to only monitor."
             )
-        self._reporter.log_every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 50
+        self._step.log_every = self._options.log_every(getattr(trainer, "log_every_n_steps", 0))
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._reporter.scaler_enabled = self._scaler is not None and self._scaler.is_enabled()
+        scaler_enabled = self._scaler is not None and self._scaler.is_enabled()
+        self._reporter.scaler_enabled = self._step.scaler_enabled = scaler_enabled
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -293,7 +284,7 @@ class GradGuard(Callback):
         if trainer.is_global_zero and reporter.writer is None and trainer.loggers:
             reporter.notice_once("no-tensorboard", NO_TENSORBOARD_NOTICE)
         for optimizer in trainer.optimizers:
-            reporter.attach(self._guard_for(trainer, pl_module, optimizer), optimizer)  # again after a teardown
+            self._step.attach(self._guard_for(trainer, pl_module, optimizer), optimizer)  # again after a teardown
         self._report_unused_state()
         if self._recovery is not None and not self._monitor_only:
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
@@ -307,7 +298,7 @@ class GradGuard(Callback):
         family = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GradGuard)]
         if len(family) < 2 or not trainer.loggers:
             return
-        names = " and ".join(f"{type(cb).__name__}(clip={_describe_clip(cb.clip)!r})" for cb in family)
+        names = " and ".join(f"{type(cb).__name__}(clip={_describe_clip(cb.options.clip)!r})" for cb in family)
         raise GradGuardError(
             f"{names} in one Trainer would write the same tags ({tag('global_norm')}, ...) to the same loggers at "
             "the same steps, each overwriting the other. Use one: GradGuard monitors everything GradMonitor does, "
@@ -334,8 +325,7 @@ class GradGuard(Callback):
         self._reporter.events = EventLog()
         self._reporter.last_global_step = {}
         if not carried:  # rollback counters belong to one run, like the engines
-            self._recovery = self._options.recovery()
-            self._reporter.recovery = self._recovery
+            self._recovery = self._step.recovery = self._options.recovery()
         try:
             self._last_trainer = weakref.ref(trainer)
         except TypeError:  # a stand-in without weak references (tests)
@@ -353,7 +343,7 @@ class GradGuard(Callback):
             self._report_differences(guard, guard.load_state_dict(pending))
         if guard.lr_guard is not None:
             guard.lr_guard.attach(optimizer)
-        self._reporter.attach(guard, optimizer)
+        self._step.attach(guard, optimizer)
         self._guards[id(optimizer)] = guard
         return guard
 
@@ -365,14 +355,13 @@ class GradGuard(Callback):
             if guard.lr_guard is not None:
                 guard.lr_guard.detach()
             guard.stats.release()  # the counters, history and views stay; the parameters may go
-        self._reporter.detach()
+        self._step.detach()
         # Nothing of this fit may keep the Trainer or the model alive (k folds with one GradGuard).
         self._reporter.writer, self._reporter.log_metrics, self._scaler = None, None, None
         self._reporter.rich_writers = None
         if self._recovery is not None:
             self._recovery.snapshot = None  # host copies and references of this fit's model and optimizers
-        for name in ("log", "log_dict"):  # bound methods of the model Lightning sets on every callback
-            self.__dict__.pop(name, None)
+        drop_bound_log_methods(self)  # the model's `log` / `log_dict`, which Lightning sets on every callback
         self._loss_sum, self._loss_count = None, 0
 
     # ------------------------------------------------------------------ the step
@@ -401,34 +390,26 @@ class GradGuard(Callback):
     ) -> None:
         if self._monitor_only and should_accumulate(trainer):
             return  # DeepSpeed calls this hook on every micro-batch: read complete gradients only
-        guard = self._guard_for(trainer, pl_module, optimizer)
-        guard.sync_parameters(optimizer, lambda: optimizer_parameters(pl_module, optimizer))
-        # The loss and the scale ride in the statistics vector: one collective, one device-to-host transfer.
-        scale = scaler_scale(self._scaler) if steps_scaled_gradients(optimizer) else None
-        loss = None
-        if self._loss_sum is not None:
-            loss = self._loss_sum / self._loss_count
-            self._loss_sum, self._loss_count = None, 0
-        check = self._recovery.state_check() if self._recovery is not None else None
-        stats, loss_value, scale_value = guard.measure(loss=loss, amp_scale=scale, state_check=check)
-        outcome = guard.decide(
-            stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self._reporter.scaler_enabled
+        loss, count = self._loss_sum, self._loss_count
+        if loss is not None and count > 1:
+            loss = loss / count  # the mean of the micro-batches' losses
+        self._loss_sum, self._loss_count = None, 0
+        self._step.run(
+            self._guard_for(trainer, pl_module, optimizer),
+            optimizer,
+            lambda: optimizer_parameters(pl_module, optimizer),
+            list(self._guards.values()),
+            global_step=trainer.global_step,
+            loss=loss,
+            amp_scale=scaler_scale(self._scaler) if steps_scaled_gradients(optimizer) else None,
         )
-        failure = None
-        if self._recovery is not None:
-            outcome, failure = self._recovery.after_decide(guard, outcome, list(self._guards.values()))
-            guard.last = outcome
-        apply_outcome(guard, outcome)
-        self._reporter.after_step(guard, outcome, trainer.global_step)
-        if failure is not None:
-            raise failure  # decided from the reduced vector: every rank raises at the same step
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A checkpoint saved after fit resumes as if training had not ended here (no end-of-fit flush).
         self._final_state = {str(g.index): g.state_dict() for g in self._guards.values()}
         for guard in self._guards.values():
-            self._reporter.end(guard, trainer.global_step)
+            self._step.end(guard, trainer.global_step)
 
     # ------------------------------------------------------------------ state
     @override
@@ -488,11 +469,11 @@ class GradGuard(Callback):
         with an info message (GradGuard added to an existing run) or a warning naming the other states.
         """
         states = checkpoint.get("callbacks") or {}
-        if self.state_key in states or self._legacy_state_key in states:
+        if self.state_key in states or legacy_state_key(self) in states:
             return
         ours = {str(k): v for k, v in states.items() if _is_gradguard_state(v)}
         callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
-        claimed = {cb.state_key for cb in callbacks} | {legacy_state_key(cb) for cb in callbacks}
+        claimed = {cb.state_key for cb in callbacks} | {str(legacy_state_key(cb)) for cb in callbacks}
         unclaimed = {k: v for k, v in ours.items() if k not in claimed}
         homeless = [cb for cb in callbacks if isinstance(cb, GradGuard) and cb.state_key not in states]
         if len(unclaimed) == 1 and len(homeless) == 1:
@@ -523,15 +504,16 @@ class GradGuard(Callback):
 
     def _config_summary(self) -> dict[str, Any]:
         """The configuration, as primitives, saved for messages (never used to restore anything)."""
-        lr_guard = self._lr_guard_template
+        options = self._options
+        lr_guard = options.lr_guard_template
         return {
             "class": type(self).__qualname__,
-            "clip": _describe_clip(self.clip),
-            "max_norm": self.max_norm,
-            "group_by": _describe(self.group_by),
-            "on_nonfinite": self.on_nonfinite,
+            "clip": _describe_clip(options.clip),
+            "max_norm": options.max_norm,
+            "group_by": _describe(options.group_by),
+            "on_nonfinite": options.on_nonfinite,
             "lr_guard": None if lr_guard is None else repr(lr_guard),
-            "diagnostics": self._diagnostics_template is not None,
+            "diagnostics": options.diagnostics_template is not None,
         }
 
     def _say(self, kind: str, message: str) -> None:
@@ -643,9 +625,9 @@ class GradMonitor(GradGuard):
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        for name in ("clip", "max_norm", "lr_guard", "on_nonfinite", "max_consecutive_skips", "rollback"):
+        for name in option_names(changes_training=True):
             if name in kwargs:
-                raise ValueError(f"GradMonitor only monitors; `{name}` is not accepted (use GradGuard for it)")
+                raise TypeError(f"GradMonitor only monitors; `{name}` is not accepted (use GradGuard for it)")
         super().__init__(clip=None, lr_guard=False, on_nonfinite="warn", rollback=False, **kwargs)
 
 

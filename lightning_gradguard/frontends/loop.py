@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_gradguard._checks import ClipName, OnNonFinite
 from lightning_gradguard._compat import (
     fabric_strategy_kind,
     grads_still_scaled,
@@ -25,23 +26,23 @@ from lightning_gradguard._compat import (
     unwrap_optimizer,
     warn_at_caller,
 )
-from lightning_gradguard._validation import ClipName, OnNonFinite, check_hook, guard_options
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics, Verdict
 from lightning_gradguard.decide.engine import (
     STATE_VERSION,
-    GradGuardError,
     GuardEngine,
     StepOutcome,
-    apply_outcome,
     optimizer_parameters,
     parameter_signature,
 )
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy
-from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.errors import GradGuardError
+from lightning_gradguard.events import GuardEvent, OnEvent
 from lightning_gradguard.measure.stats import GroupBy
-from lightning_gradguard.outputs.sink import OnEvent, Reporter
+from lightning_gradguard.options import GuardOptions
+from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
+from lightning_gradguard.step import GuardStep
 
 __all__ = ["FabricGuard", "Guard"]
 
@@ -80,11 +81,13 @@ class Guard:
         clip: the clip policy; this and every other argument (``max_norm``, ``on_nonfinite``,
             ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``, ``histogram_every_n_steps``,
             ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``, ``log_update_ratios``, ``on_event``,
-            ``rollback``, ``snapshot_every_n_steps``) as for :class:`~lightning_gradguard.GradGuard`. Recovery
-            snapshots ``model``, ``optimizer`` (param-group LRs included) and ``scheduler``.
+            ``rollback``, ``snapshot_every_n_steps``, ``diagnose_every_n_steps``) as for
+            :class:`~lightning_gradguard.GradGuard`. Recovery snapshots ``model``, ``optimizer`` (param-group LRs
+            included) and ``scheduler``.
 
     Raises:
-        ValueError: an option out of range, with the same messages as GradGuard.
+        ValueError: an option out of range, with the same messages as GradGuard (the options are declared and
+            checked in :class:`~lightning_gradguard.options.GuardOptions`).
         TypeError: ``model`` is not a ``torch.nn.Module``, ``optimizer`` not a ``torch.optim.Optimizer``,
             ``writer`` not a ``SummaryWriter``, ``scaler`` not a ``GradScaler``, ``scheduler`` not an LR
             scheduler (nor a list of them), or an option has the wrong type.
@@ -126,57 +129,48 @@ class Guard:
         rollback: bool | RollbackTrigger = True,
         snapshot_every_n_steps: int = 100,
         scheduler: Any | None = None,
+        diagnose_every_n_steps: int = 50,
     ) -> None:
         model, optimizer = _checked_model(model), _checked_optimizer(optimizer)
         _check_writer(writer)
         _check_scaler(scaler)
-        check_hook("on_event", on_event)
-        self.options = guard_options(
-            clip=clip,
-            max_norm=max_norm,
-            on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips,
-            lr_guard=lr_guard,
-            group_by=group_by,
-            log_every_n_steps=log_every_n_steps,
-            log_layer_norms=log_layer_norms,
-            histogram_every_n_steps=histogram_every_n_steps,
-            histogram_bins=histogram_bins,
-            diagnostics=diagnostics,
-            heatmap_every_n_steps=heatmap_every_n_steps,
-            log_update_ratios=log_update_ratios,
-            rollback=rollback,
-            snapshot_every_n_steps=snapshot_every_n_steps,
-        )
+        self._options = GuardOptions.from_arguments(locals())  # checked; numpy scalars as Python numbers
         self.optimizer = optimizer
         self.scaler = scaler
         self.schedulers: list[Any] = _schedulers(scheduler)
         self._module = unwrap_model(model)
         named = optimizer_parameters(self._module, self.optimizer)
-        self.engine: GuardEngine = self.options.engine(0, named, monitor_only=False)
+        self.engine: GuardEngine = self._options.engine(0, named, monitor_only=False)
         self.engine.signature = parameter_signature(self.optimizer)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.attach(self.optimizer)
         self.reporter = self._make_reporter(writer, scaler, on_event)
-        self.recovery: Recovery | None = self.options.recovery()
-        self.reporter.recovery = self.recovery
+        self.recovery: Recovery | None = self._options.recovery()
+        self._step = GuardStep(
+            self.reporter,
+            log_every=self._options.log_every(),
+            diagnose_every=self._options.diagnose_every_n_steps,
+            histogram_every=self._options.histogram_every_n_steps,
+            heatmap_every=self._options.heatmap_every_n_steps,
+            recovery=self.recovery,
+            scaler_enabled=self.reporter.scaler_enabled,
+        )
+        self._step.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
         if self.recovery is not None:
             self.recovery.attach(model, self.optimizer, self.schedulers)
 
     def _make_reporter(self, writer: Any | None, scaler: Any | None, on_event: OnEvent | None) -> Reporter:
-        """The outputs (rank zero writes), attached to the optimizer, the dashboard layout written."""
+        """The outputs (rank zero writes), the dashboard layout written."""
         zero = _rank_zero()
         reporter = Reporter(
-            self.options,
+            self._options,
             warn=self._warn,
             info=self._info,
             writer=writer if zero else None,
             log_metrics=self._scalar_sink(writer) if zero and writer is not None else None,
-            log_every=self.options.log_every_n_steps or 50,
             scaler_enabled=scaler is not None and scaler.is_enabled(),
             on_event=on_event if zero else None,
         )
-        reporter.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
         if reporter.writer is not None:
             from lightning_gradguard.outputs.tensorboard import dashboard_layout
 
@@ -215,38 +209,37 @@ class Guard:
         Raises:
             NonFiniteGradientsError: training must stop (on every rank alike).
         """
-        engine = self.engine
-        engine.sync_parameters(self.optimizer, lambda: optimizer_parameters(self._module, self.optimizer))
         still_scaled = grads_still_scaled(self.scaler, self.optimizer)
-        scale = scaler_scale(self.scaler) if still_scaled else None
-        value = None
-        if loss is not None:
-            value = loss.detach().float().reshape(())
-        check = self.recovery.state_check() if self.recovery is not None else None
-        stats, loss_value, scale_value = engine.measure(loss=value, amp_scale=scale, state_check=check)
-        outcome = engine.decide(
-            stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self.reporter.scaler_enabled
+
+        def record_inf_checks(outcome: StepOutcome) -> None:
+            if outcome.skipped and still_scaled:
+                _record_inf_checks(self.scaler, self.optimizer, nonfinite=not outcome.stats.finite)
+
+        record = self._step.run(
+            self.engine,
+            self.optimizer,
+            lambda: optimizer_parameters(self._module, self.optimizer),
+            [self.engine],
+            global_step=self.engine.counters.steps,
+            loss=None if loss is None else loss.detach().float().reshape(()),
+            amp_scale=scaler_scale(self.scaler) if still_scaled else None,
+            on_applied=record_inf_checks,
         )
-        failure = None
-        if self.recovery is not None:
-            outcome, failure = self.recovery.after_decide(engine, outcome, [engine])
-            engine.last = outcome
-        apply_outcome(engine, outcome)
-        if outcome.skipped and still_scaled:
-            _record_inf_checks(self.scaler, self.optimizer, nonfinite=not outcome.stats.finite)
-        self.reporter.after_step(engine, outcome, outcome.step)
-        if failure is not None:
-            raise failure  # decided from the reduced vector: every rank raises at the same step
-        return outcome
+        return record.outcome
 
     def close(self) -> None:
         """End of training: log the last interval, write the heatmap, remove the LR guard's hooks."""
-        self.reporter.end(self.engine, self.engine.counters.steps)
+        self._step.end(self.engine, self.engine.counters.steps)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.detach()
-        self.reporter.detach()
+        self._step.detach()
 
     # ------------------------------------------------------------------ views and state
+    @property
+    def options(self) -> GuardOptions:
+        """The checked options this guard was constructed with (read-only)."""
+        return self._options
+
     @property
     def threshold(self) -> float | None:
         """Clip threshold in force at the last step (``None`` if not clipping)."""

@@ -27,6 +27,7 @@ the device with fixed-width bins between each layer's min and max and shipped as
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -115,8 +116,9 @@ class StepStats:
         """L2 norm over all layers; ``nan`` or ``inf`` when any layer is non-finite."""
         return math.sqrt(math.fsum(self.sq_norms)) if self.finite else self._nonfinite_total()
 
-    @property
+    @functools.cached_property
     def finite(self) -> bool:
+        """Every layer's norm is finite (computed once: the decision, recovery and outputs all ask)."""
         return all(math.isfinite(v) for v in self.sq_norms)
 
     @property
@@ -151,6 +153,8 @@ class _Bucket:
     positions: list[int]  # indices into GradStats._params
     index: Tensor  # layer index of each position, on the main device
     weight: Tensor | None = None  # per-position weight of the squared norms (None: all 1)
+    params: list[Tensor] = field(default_factory=list)  # the parameters at ``positions``
+    plain: bool = False  # every gradient is a plain real tensor (no DTensor, not complex): read as it is
 
 
 @dataclass
@@ -175,6 +179,15 @@ def _holders(t: Tensor) -> int:
     if placements is None or mesh is None:
         return 1
     return math.prod(mesh.size(dim) for dim, p in enumerate(placements) if p.is_replicate())
+
+
+def _bucket_grads(bucket: _Bucket, real: bool = True) -> list[Tensor]:
+    """The local gradients of a bucket (``real``: complex ones viewed as real); plain ones read as they are."""
+    if bucket.plain:
+        return [p.grad for p in bucket.params]  # type: ignore[misc]
+    if real:
+        return [_as_real(_local(p.grad)) for p in bucket.params]  # type: ignore[arg-type]
+    return [_local(p.grad) for p in bucket.params]  # type: ignore[arg-type]
 
 
 def _as_real(t: Tensor) -> Tensor:
@@ -295,6 +308,7 @@ class GradStats:
             return plan
         plan = _Plan()
         by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        plain: dict[tuple[torch.device, torch.dtype], bool] = {}
         for pos, (param, has_grad) in enumerate(zip(self._params, present, strict=True)):
             if not has_grad:
                 continue
@@ -304,14 +318,17 @@ class GradStats:
                 plan.sparse.append(pos)
                 continue
             local = _local(grad)
-            by_key.setdefault((local.device, local.dtype), []).append(pos)
+            key = (local.device, local.dtype)
+            by_key.setdefault(key, []).append(pos)
+            plain[key] = plain.get(key, True) and local is grad and not grad.is_complex()
         for (device, dtype), positions in by_key.items():
             index = torch.tensor([self._param_layer[p] for p in positions], dtype=torch.long, device=self.device)
             weights = [self._param_weight[p] for p in positions]
             weight = None
             if any(w != 1.0 for w in weights):
                 weight = torch.tensor(weights, dtype=torch.float64, device=self.device)
-            plan.dense.append(_Bucket(device, dtype, positions, index, weight))
+            params = [self._params[p] for p in positions]
+            plan.dense.append(_Bucket(device, dtype, positions, index, weight, params, plain[(device, dtype)]))
         self._plans[present] = plan
         return plan
 
@@ -329,7 +346,7 @@ class GradStats:
         plan = self._plan()
         with torch.no_grad():
             for bucket in plan.dense:
-                grads = [_as_real(_local(self._params[p].grad)) for p in bucket.positions]  # type: ignore[arg-type]
+                grads = _bucket_grads(bucket)
                 wide = bucket.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128)
                 norms = foreach_norm(grads, None if wide else torch.float32)
                 sq = torch.stack(norms).to(device=self.device, dtype=torch.float64).square()
@@ -351,7 +368,7 @@ class GradStats:
         plan = self._plan()
         with torch.no_grad():
             for bucket in plan.dense:
-                foreach_mul_([_local(self._params[p].grad) for p in bucket.positions], coef)  # type: ignore[arg-type]
+                foreach_mul_(_bucket_grads(bucket, real=False), coef)
             for pos in plan.sparse:
                 grad = self._params[pos].grad
                 assert grad is not None

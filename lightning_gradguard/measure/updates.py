@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_gradguard._validation import check_bool
+from lightning_gradguard._checks import check_bool
+from lightning_gradguard._compat import foreach_copy_, foreach_mul, foreach_norm, foreach_sub_
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.stats import GradStats, _local
 
@@ -180,12 +181,12 @@ class UpdateTracker:
             for bucket in self._plan():
                 weights = self._weights(bucket)
                 if not self.keep_buffers:
-                    pending.append((bucket, list(torch._foreach_mul(weights, 1.0))))
+                    pending.append((bucket, foreach_mul(weights, 1.0)))
                     continue
                 buffers = self._buffers.get(id(bucket))
                 if buffers is None:
                     buffers = self._buffers[id(bucket)] = [torch.empty_like(w) for w in weights]
-                torch._foreach_copy_(buffers, weights)
+                foreach_copy_(buffers, weights)
                 pending.append((bucket, buffers))
         self._pending = pending
 
@@ -213,11 +214,11 @@ class UpdateTracker:
             for bucket, before in self._pending:
                 after = self._weights(bucket)
                 low = before[0].dtype not in (torch.float32, torch.float64) and not before[0].is_complex()
-                kw = {"dtype": torch.float32} if low else {}
-                w0 = torch.stack(torch._foreach_norm(before, 2.0, **kw))
-                torch._foreach_sub_(before, after)  # the copies become the (negated) update
-                du = torch.stack(torch._foreach_norm(before, 2.0, **kw))
-                w = torch.stack(torch._foreach_norm(after, 2.0, **kw))
+                dtype = torch.float32 if low else None
+                w0 = torch.stack(foreach_norm(before, dtype))
+                foreach_sub_(before, after)  # the copies become the (negated) update
+                du = torch.stack(foreach_norm(before, dtype))
+                w = torch.stack(foreach_norm(after, dtype))
                 sq = torch.stack([du, w, w0]).to(device=device, dtype=torch.float64).square()
                 if bucket.weight is not None:
                     sq = sq * bucket.weight

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_gradguard.keys import log10_norm
+
 __all__ = ["NORM_LABEL", "HeatmapFigure", "heatmap_size", "log10_norm", "norm_grid", "render_heatmap"]
 
 NORM_LABEL = "log10 gradient L2 norm"
@@ -32,23 +34,6 @@ def heatmap_size(n_layers: int, width: int = 1000) -> tuple[int, int]:
     if n_layers < 1:
         raise ValueError(f"`n_layers` must be >= 1, got {n_layers!r}")
     return min(1600, max(360, 150 + 18 * n_layers)), width
-
-
-def log10_norm(norm: float) -> float:
-    """The heatmap cell of one layer norm: ``log10(norm)``; ``-inf`` for zero (drawn black), NaN otherwise.
-
-    NaN (drawn grey) covers non-finite and missing norms, so a NaN gradient is never drawn as a dead layer.
-
-    Example:
-
-        >>> log10_norm(100.0), log10_norm(0.0), log10_norm(float("nan"))
-        (2.0, -inf, nan)
-    """
-    if norm == 0.0:
-        return -math.inf
-    if math.isfinite(norm) and norm > 0:
-        return math.log10(norm)
-    return math.nan
 
 
 def norm_grid(layers: Sequence[str], steps: Sequence[int], norms: Mapping[str, Mapping[int, float]]) -> np.ndarray:

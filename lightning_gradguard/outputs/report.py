@@ -5,13 +5,19 @@ Reads the event files with TensorBoard's own record reader
 ``data_compat`` to the current summary format), and prints for every run and optimizer namespace:
 
 * a summary: steps, global-norm percentiles, clip rate, skipped steps, LR reductions with their steps
-  (from drops of the ``lr_scale`` scalar and from the ``events`` text), rollbacks (the step of each, the
-  step restored and the steps lost, from the ``rollback`` text events and the ``rollbacks_total`` /
-  ``steps_lost`` scalars);
+  (from drops of the ``lr_scale`` scalar, else from the ``lr_reduction`` event records), rollbacks (the
+  step of each, the step restored and the steps lost, from the ``rollback`` event records and the
+  ``rollbacks_total`` / ``steps_lost`` scalars), the last events;
 * a per-layer table: median/min/max L2 norm, median per-element RMS, and the verdicts of
   :class:`~lightning_gradguard.decide.diagnostics.GradientDiagnostics` replayed over the logged layer norms;
 * with ``--png PATH`` the layer x step heatmap of log10 L2 norms (the quantity of the TensorBoard
   heatmap image); with ``--json`` one JSON document instead of text.
+
+Events are read from their JSON records (the ``event_records`` text tag, one
+:func:`~lightning_gradguard.outputs.alerts.event_json` record per event, beside the ``events`` text). Event
+files written by GradGuard versions without that tag hold only the text: for the steps without records the
+events come from the text, and the LR reductions and rollbacks among them are recognised by the fixed
+beginning of their messages (:func:`_text_record`).
 
 A directory holding several runs (sub-directories with event files) gets one section per run.
 Bad input (missing path, no event files, no GradGuard tags, a truncated or corrupt event file) gets
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics, plural
+from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.forensics.incidents import INCIDENTS_FILE, Incident, read_incidents
 from lightning_gradguard.forensics.postmortem import describe, render_postmortem
 from lightning_gradguard.outputs.tensorboard import split_events
@@ -41,13 +48,13 @@ from lightning_gradguard.outputs.tensorboard import split_events
 __all__ = ["ReportError", "RunData", "build_report", "find_runs", "main", "read_run"]
 
 _NAMESPACE = re.compile(r"^(gradguard(?:_opt\d+)?)/(.+)$")
-# The text event the LR guard writes for each reduction (`LRReduction.message()`); nothing else counts as one.
+# Event files without `event_records` (older GradGuard versions): the text of an LR reduction
+# (`LRReduction.message()`) and of a rollback (`Recovery`), the only events the report reads more than the text of.
 _LR_EVENT = re.compile(r"^LR guard: step (\d+): LR scale (\S+) -> (\S+) \(reduction \d+\)")
-# The text event of each rollback (`Recovery`): its step, the restored step and the steps lost.
 _ROLLBACK_EVENT = re.compile(r"^rollback \d+/\d+: step (\d+): .*; restored step (\d+) \((\d+) step\(s\) lost\)")
 
 
-class ReportError(Exception):
+class ReportError(GradGuardError):
     """Bad input for the report: ``path`` and a one-line ``problem``."""
 
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
@@ -166,6 +173,11 @@ def read_run(path: str | os.PathLike[str]) -> RunData:
 
 # ---------------------------------------------------------------------------------------------- analysis
 def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default; ``nan`` for no values).
+
+    ``statistics.quantiles(method="inclusive")`` cuts at the same points but interpolates with a different
+    formula (results can differ in the last bit) and needs two values under Python 3.10.
+    """
     data = sorted(values)
     if not data:
         return math.nan
@@ -175,11 +187,49 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
-def _float(text: str) -> float | None:
+def _float(text: Any) -> float | None:
     try:
         return float(text)
-    except ValueError:
+    except (TypeError, ValueError):
         return None
+
+
+def _text_record(step: int, text: str) -> dict[str, Any]:
+    """An event read from its text alone (event files without ``event_records``), shaped like an event record.
+
+    Only what the report uses is recovered: the LR scales of an LR reduction, the restored step and steps
+    lost of a rollback; every other event keeps its text and no kind.
+    """
+    record: dict[str, Any] = {"kind": None, "step": step, "message": text, "layers": [], "evidence": {}}
+    if (m := _LR_EVENT.match(text)) is not None:
+        record.update(kind="lr_reduction", evidence={"lr_scale_before": m.group(2), "lr_scale": m.group(3)})
+    elif (m := _ROLLBACK_EVENT.match(text)) is not None:
+        record.update(kind="rollback", evidence={"restored_to": int(m.group(2)), "steps_lost": int(m.group(3))})
+    return record
+
+
+def _event_records(run: RunData, ns: str) -> list[dict[str, Any]]:
+    """The events of namespace ``ns`` as records (:func:`~lightning_gradguard.outputs.alerts.event_record`), by step.
+
+    From ``event_records`` where the run wrote it; the steps with text events but no records (an event file
+    of an older version) are read from the text by :func:`_text_record`. Within a step the written order is kept.
+    """
+    records: list[tuple[int, dict[str, Any]]] = []
+    for step, text in run.texts.get(f"{ns}/event_records", []):
+        try:
+            record = json.loads(text)
+        except ValueError as exc:
+            raise ReportError(run.path, f"corrupt event record at step {step} of {ns}/event_records ({exc})") from None
+        if not (
+            isinstance(record, dict)
+            and {"kind", "message"} <= record.keys()
+            and isinstance(record.get("evidence"), dict)
+        ):
+            raise ReportError(run.path, f"corrupt event record at step {step} of {ns}/event_records: {text[:80]!r}")
+        records.append((step, {**record, "step": step}))
+    recorded = {step for step, _ in records}
+    records += [(s, _text_record(s, t)) for s, t in run.texts.get(f"{ns}/events", []) if s not in recorded]
+    return [record for _, record in sorted(records, key=lambda r: r[0])]  # stable: in-step order kept
 
 
 def _series(run: RunData, ns: str, name: str) -> list[tuple[int, float]]:
@@ -233,28 +283,37 @@ def _section(run: RunData, ns: str, label: str) -> dict[str, Any]:
     skipped_steps = int(skipped_total[-1][1]) if skipped_total else int(sum(v for _, v in skipped)) if skipped else None
 
     lr_scale = _series(run, ns, "lr_scale")
-    texts = sorted(run.texts.get(f"{ns}/events", []), key=lambda e: e[0])  # stable: in-step order kept
-    events: list[dict[str, Any]] = [{"step": s, "text": t} for s, t in texts]
-    lr_texts = [(s, t, m) for s, t in texts if (m := _LR_EVENT.match(t)) is not None]
-    lr_events = [{"step": s, "text": t} for s, t, _ in lr_texts]
+    event_records = _event_records(run, ns)
+    events: list[dict[str, Any]] = [{"step": r["step"], "text": r["message"]} for r in event_records]
+    lr_records = [r for r in event_records if r["kind"] == "lr_reduction"]
+    lr_events = [{"step": r["step"], "text": r["message"]} for r in lr_records]
     if lr_scale:
         reductions = [
             {"step": s, "from": prev, "to": cur, "source": "lr_scale"}
             for (_, prev), (s, cur) in itertools.pairwise(lr_scale)
             if cur < prev * (1 - 1e-9)
         ]
-    else:  # lr_scale not logged: the LR guard's own text events, one per reduction
+    else:  # lr_scale not logged: the LR guard's own events, one per reduction
         reductions = [
-            {"step": s, "from": _float(m.group(2)), "to": _float(m.group(3)), "source": "events"}
-            for s, _, m in lr_texts
+            {
+                "step": r["step"],
+                "from": _float(r["evidence"].get("lr_scale_before")),
+                "to": _float(r["evidence"].get("lr_scale")),
+                "source": "events",
+            }
+            for r in lr_records
         ]
 
     rollbacks_total = _series(run, ns, "rollbacks_total")
     steps_lost = _series(run, ns, "steps_lost")
-    rollback_items = [
-        {"step": int(m.group(1)), "restored_to": int(m.group(2)), "steps_lost": int(m.group(3))}
-        for _, t in texts
-        if (m := _ROLLBACK_EVENT.match(t)) is not None
+    rollback_items = [  # the rollbacks taken (the records of a rollback declined have no restored step)
+        {
+            "step": r["step"],
+            "restored_to": int(r["evidence"]["restored_to"]),
+            "steps_lost": int(r["evidence"]["steps_lost"]),
+        }
+        for r in event_records
+        if r["kind"] == "rollback" and "restored_to" in r["evidence"]
     ]
     rollbacks: dict[str, Any] | None = None
     if rollbacks_total or rollback_items:  # recovery on (its scalars) or its events

@@ -1,39 +1,40 @@
 """Outputs of every front-end: the logged metrics, TensorBoard histograms, heatmap and text events.
 
-A :class:`Reporter` takes each step's :class:`~lightning_gradguard.decide.engine.StepOutcome` and does what the
-log cadence asks: scalars through ``log_metrics`` (every Lightning logger, or a ``SummaryWriter``),
-histograms and the heatmap through the rich writers (:func:`~lightning_gradguard.outputs.loggers.rich_writers`:
-TensorBoard, W&B, MLflow) or the TensorBoard writer, text events through the TensorBoard writer, messages
-through the front-end's rank-zero ``warn`` / ``info`` and every event to the user's ``on_event`` hook.
-Only rank zero is given a writer, rich writers, a ``log_metrics`` and the hook.
+A :class:`Reporter` is the write-only end of :class:`~lightning_gradguard.step.GuardStep`: it takes each
+step's :class:`~lightning_gradguard.step.StepRecord` (and, after the optimizer step, its
+:class:`~lightning_gradguard.step.UpdateRecord`) and writes what the record says is due: scalars through
+``log_metrics`` (every Lightning logger, or a ``SummaryWriter``), histograms and the heatmap through the rich
+writers (:func:`~lightning_gradguard.outputs.loggers.rich_writers`: TensorBoard, W&B, MLflow) or the
+TensorBoard writer, text events through the TensorBoard writer, messages through the front-end's rank-zero
+``warn`` / ``info`` and every event to the user's ``on_event`` hook. Only rank zero is given a writer, rich
+writers, a ``log_metrics`` and the hook.
 
-At log steps the update-to-weight ratios are measured around the optimizer step: the weights are copied
-in :meth:`Reporter.after_step` (before the step) and the ratios read and logged by
-:meth:`Reporter.after_optimizer_step`, which the front-ends call from an optimizer step post-hook
-(:meth:`Reporter.attach`).
+Nothing here decides, raises or changes decision state; the only engine state it touches is its own output
+buffers (the aggregates since the last log step and the heatmap columns, at log steps).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from lightning_gradguard._validation import GuardOptions
-from lightning_gradguard.decide.engine import GuardEngine, NonFiniteGradientsError, StepOutcome
-from lightning_gradguard.events import GuardEvent
+from lightning_gradguard.decide.engine import GuardEngine, StepOutcome
+from lightning_gradguard.events import GuardEvent, OnEvent
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.updates import update_metrics
+from lightning_gradguard.options import GuardOptions
+from lightning_gradguard.outputs.alerts import event_json
 from lightning_gradguard.outputs.heatmap import HeatmapFigure
 from lightning_gradguard.outputs.tensorboard import EventLog, layer_norm_extremes, threshold_band, write_histograms
+
+if TYPE_CHECKING:  # the records are the step's (a higher layer); only their type is needed here
+    from lightning_gradguard.records import StepRecord, UpdateRecord
 
 __all__ = ["Reporter", "dashboard_metrics", "step_metrics"]
 
 LogMetrics = Callable[[dict[str, float], int], None]
 Say = Callable[[str], None]
-OnEvent = Callable[[GuardEvent], None]
 
 
 def step_metrics(
@@ -83,15 +84,14 @@ def dashboard_metrics(engine: GuardEngine, outcome: StepOutcome) -> dict[str, fl
 
 
 class Reporter:
-    """Routes outcomes and events to the outputs of one front-end.
+    """Writes the records of one front-end's steps to its outputs.
 
     Args:
-        options: the guard's options (cadences, histogram bins, layer norms).
+        options: the guard's options (histogram bins, layer norms, heatmap).
         warn: rank-zero warning (receives the full text, ``"GradGuard: ..."``).
         info: rank-zero information.
         writer: a TensorBoard ``SummaryWriter`` (rank zero only), or ``None``.
         log_metrics: ``(metrics, step) -> None`` for the scalars (rank zero only), or ``None``.
-        log_every: log cadence in optimizer steps.
         scaler_enabled: whether an active AMP GradScaler is in use (adds ``scaler_skipped``).
         on_event: the user's hook, called with every event (rank zero only), or ``None``. An exception
             it raises is reported once as a warning and training continues.
@@ -106,7 +106,6 @@ class Reporter:
         info: Say,
         writer: Any | None = None,
         log_metrics: LogMetrics | None = None,
-        log_every: int = 50,
         scaler_enabled: bool = False,
         on_event: OnEvent | None = None,
         rich_writers: list[Any] | None = None,
@@ -115,16 +114,11 @@ class Reporter:
         self.warn, self.info = warn, info
         self.writer = writer
         self.log_metrics = log_metrics
-        self.log_every = log_every
         self.scaler_enabled = scaler_enabled
         self.on_event = on_event
         self.rich_writers = rich_writers
         self._notified: set[str] = set()
         self._hook_failed = False
-        # engine index -> (global step, is a log step) of the pending weight copy
-        self._update_steps: dict[int, tuple[int, bool]] = {}
-        self._hooks: dict[int, Any] = {}  # id(optimizer) -> step post-hook handle
-        self.recovery: Any | None = None  # a Recovery: its counters join the first optimizer's scalars
         self.events = EventLog()  # text events, one TensorBoard entry per step and tag
         self.last_global_step: dict[int, int] = {}  # engine index -> global step of its last optimizer step
         # engine index -> the figure its heatmaps are drawn into: one pixel buffer however many are written
@@ -138,7 +132,8 @@ class Reporter:
 
     def emit(self, event: GuardEvent, index: int | None) -> None:
         """Hand ``event`` to the ``on_event`` hook, print it (warning or information) and, for a
-        step event, queue it as TensorBoard text.
+        step event, queue it as TensorBoard text: its message under ``events``, its JSON record
+        (:func:`~lightning_gradguard.outputs.alerts.event_json`) under ``event_records``.
 
         The events of one step are written together, as one entry (TensorBoard's Text tab shows one entry
         per step and tag), once a later step has an event or at :meth:`flush_events`.
@@ -147,6 +142,7 @@ class Reporter:
         (self.warn if event.is_warning else self.info)(event.text)
         if self.writer is not None and index is not None:
             self.events.add(tag("events", index), event.step, event.message, self.writer)
+            self.events.add(tag("event_records", index), event.step, event_json(event), self.writer)
 
     def flush_events(self) -> None:
         """Write the queued text events, then flush the writer (end of training, before raising)."""
@@ -169,65 +165,37 @@ class Reporter:
                     f"step {event.step}); training continues, and further errors of the hook are not reported."
                 )
 
-    def attach(self, engine: GuardEngine, optimizer: torch.optim.Optimizer) -> None:
-        """Read the update-to-weight ratios after each step of ``optimizer`` (a step post-hook), if tracked."""
-        if engine.updates is None or id(optimizer) in self._hooks:
-            return
-
-        def after(stepped: Any, _args: Any, _kwargs: Any) -> None:
-            self.after_optimizer_step(engine, stepped)
-
-        self._hooks[id(optimizer)] = optimizer.register_step_post_hook(after)
-
-    def detach(self) -> None:
-        """Remove the optimizer hooks of :meth:`attach`."""
-        for handle in self._hooks.values():
-            handle.remove()
-        self._hooks.clear()
-
-    def after_optimizer_step(self, engine: GuardEngine, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """After the optimizer step of a log step: log ``weight_norm/*`` and ``update_ratio/*``, report verdicts."""
-        pending = self._update_steps.pop(engine.index, None)
-        step = engine.last.step if engine.last is not None else 0
-        closed = engine.close_updates(step, log_step=pending is not None and pending[1], optimizer=optimizer)
-        if closed is None or pending is None:
-            return
-        stats, events = closed
-        global_step, log_step = pending
-        if self.log_metrics is not None and log_step and engine.log_updates:
-            self.log_metrics(update_metrics(stats, engine.index), global_step)
-        for event in events:
+    def write(self, engine: GuardEngine, record: StepRecord) -> None:
+        """The events of a step, then the outputs its record says are due; flushes when training stops."""
+        self.last_global_step[engine.index] = record.global_step
+        for event in record.events:
             self.emit(event, engine.index)
-
-    def after_step(self, engine: GuardEngine, outcome: StepOutcome, global_step: int) -> None:
-        """Events, then the outputs due at this step; raises ``outcome.error`` last (on every rank alike)."""
-        self.last_global_step[engine.index] = global_step
-        for event in outcome.events:
-            self.emit(event, engine.index)
-        options, step = self.options, outcome.step
-        log_step = step % self.log_every == 0
-        if log_step:
-            self.log(engine, outcome, global_step)
-        if engine.wants_updates(step, log_step) and engine.snapshot_updates(outcome):
-            self._update_steps[engine.index] = (global_step, log_step)
-        if options.histogram_every_n_steps and step % options.histogram_every_n_steps == 0:
-            self.histograms(engine, global_step)
-        if options.heatmap_every_n_steps and step and step % options.heatmap_every_n_steps == 0:
-            self.heatmap(engine, global_step)
-        if outcome.error is not None:
-            # Decided from the reduced vector, so every rank raises here at the same step.
+        if record.log_step:
+            self.scalars(engine, record.outcome, record.global_step, record.recovery_metrics)
+        if record.histogram_step:
+            self.histograms(engine, record.global_step)
+        if record.heatmap_step:
+            self.heatmap(engine, record.global_step)
+        if record.error is not None:
             self.flush_events()
-            raise NonFiniteGradientsError(outcome.error)
 
-    def log(self, engine: GuardEngine, outcome: StepOutcome, global_step: int) -> None:
-        """Log the scalars, then close the interval (heatmap column, diagnostics verdicts)."""
-        metrics = step_metrics(engine, outcome, self.scaler_enabled, self.options.log_layer_norms)
-        if self.recovery is not None and engine.index == 0:
-            metrics.update(self.recovery.metrics())
-        if self.log_metrics is not None:
-            self.log_metrics(metrics, global_step)
-        for event in engine.close_interval(outcome, global_step, heatmap=bool(self.options.heatmap_every_n_steps)):
+    def write_updates(self, engine: GuardEngine, record: UpdateRecord) -> None:
+        """After the optimizer step: ``weight_norm/*`` and ``update_ratio/*`` at log steps, and the events."""
+        if self.log_metrics is not None and record.log_step and engine.log_updates:
+            self.log_metrics(update_metrics(record.stats, engine.index), record.global_step)
+        for event in record.events:
             self.emit(event, engine.index)
+
+    def scalars(
+        self, engine: GuardEngine, outcome: StepOutcome, global_step: int, extra: dict[str, float] | None = None
+    ) -> None:
+        """Log the scalars (``extra``: recovery's counters), then start the next interval and heatmap column."""
+        if self.log_metrics is not None:
+            metrics = step_metrics(engine, outcome, self.scaler_enabled, self.options.log_layer_norms)
+            if extra:
+                metrics.update(extra)
+            self.log_metrics(metrics, global_step)
+        engine.close_interval(outcome, global_step, heatmap=bool(self.options.heatmap_every_n_steps))
 
     def histograms(self, engine: GuardEngine, global_step: int) -> None:
         """Per-layer histograms (every rank computes them: sharded layers need collectives)."""
@@ -257,8 +225,14 @@ class Reporter:
         elif self.writer is not None:
             self.writer.add_image(name, image, global_step, dataformats="HWC")
 
-    def end(self, engine: GuardEngine, global_step: int) -> None:
-        """End of training: log an unfinished interval, write the heatmap, print the diagnostics summary.
+    def end(
+        self,
+        engine: GuardEngine,
+        global_step: int,
+        events: tuple[GuardEvent, ...] = (),
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        """End of training: log an unfinished interval, the last ``events``, the heatmap, the diagnostics summary.
 
         The unfinished interval is logged at the global step of the engine's last optimizer step (the
         front-end's ``global_step`` is one past it by then); ``global_step`` is used before any step.
@@ -266,7 +240,9 @@ class Reporter:
         global_step = self.last_global_step.get(engine.index, global_step)
         last = engine.last
         if last is not None and engine.interval.steps:
-            self.log(engine, last, global_step)
+            self.scalars(engine, last, global_step, extra if engine.index == 0 else None)
+        for event in events:
+            self.emit(event, engine.index)
         if self.options.heatmap_every_n_steps:
             self.heatmap(engine, global_step)
         if engine.diagnostics is not None:

@@ -5,7 +5,8 @@ Scalars go through every Lightning logger; what only TensorBoard understands goe
 trainer. Both ``torch.utils.tensorboard`` and ``tensorboardX`` writers work. Text events go through an
 :class:`EventLog`, which joins all events of one step into one entry (:func:`join_events`), because
 TensorBoard's Text tab shows one entry per tag and step; ``gradguard report`` splits them again
-(:func:`split_events`). Lightning is imported only by :func:`find_writer`.
+(:func:`split_events`). The same log carries each event's JSON record under a second tag
+(``event_records``), which is what the report reads. Lightning is imported only by :func:`find_writer`.
 """
 
 from __future__ import annotations

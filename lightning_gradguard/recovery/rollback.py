@@ -48,8 +48,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard._validation import check_bool, check_int, is_number, python_scalar
-from lightning_gradguard.decide.engine import GradGuardError, GuardEngine, StepOutcome
+from lightning_gradguard._checks import check_bool, check_int, is_number, python_scalar
+from lightning_gradguard._compat import foreach_copy_, foreach_norm, persistent_buffers
+from lightning_gradguard.decide.engine import GuardEngine, StepOutcome
+from lightning_gradguard.errors import RecoveryError
 from lightning_gradguard.events import GuardEvent
 
 __all__ = [
@@ -70,10 +72,6 @@ Trigger = Literal["nonfinite_grad", "nonfinite_loss", "loss_runaway", "nonfinite
 SNAPSHOT_EVERY_N_STEPS = 100
 #: The names a rollback's trigger can take.
 TRIGGERS: tuple[str, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_runaway", "nonfinite_state")
-
-
-class RecoveryError(GradGuardError):
-    """Raised on every rank, at the same step, when a trigger fires after ``max_rollbacks`` rollbacks."""
 
 
 # --------------------------------------------------------------------------------------------- snapshot
@@ -936,8 +934,8 @@ class _BufferGuard:
         seen: set[int] = set()
         buffers: list[Tensor] = []
         for module in model.modules():
-            for name, buf in module._buffers.items():
-                if buf is None or name in module._non_persistent_buffers_set or id(buf) in seen:
+            for buf in persistent_buffers(module):
+                if id(buf) in seen:
                     continue
                 seen.add(id(buf))
                 buffers.append(_local(buf))
@@ -956,7 +954,7 @@ class _BufferGuard:
     def save(self) -> None:
         if self.buffers:
             with torch.no_grad():
-                torch._foreach_copy_(self.copies, self.buffers)
+                foreach_copy_(self.copies, self.buffers)
             self.saved = True
             self.trusted = self.finite_now
 
@@ -965,14 +963,14 @@ class _BufferGuard:
         if not (self.saved and self.trusted):
             return False
         with torch.no_grad():
-            torch._foreach_copy_(self.buffers, self.copies)
+            foreach_copy_(self.buffers, self.copies)
         return True
 
     def check(self) -> Tensor | None:
         if not self.floating:
             return None
         with torch.no_grad():
-            norms = torch._foreach_norm(self.floating, 2, dtype=torch.float32)
+            norms = foreach_norm(self.floating, torch.float32)
             return torch.stack([n.to(norms[0].device) for n in norms]).double().sum() * 0.0
 
 

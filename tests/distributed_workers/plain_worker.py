@@ -1,4 +1,4 @@
-"""Two-process worker for the plain ``Guard`` under DDP and FSDP2 (see tests/test_guard_distributed.py).
+"""Two-process worker for the plain ``Guard`` under DDP and FSDP2 (see tests/test_distributed_plain_loop.py).
 
 Started twice with ``RANK`` / ``WORLD_SIZE=2`` / ``MASTER_ADDR`` / ``MASTER_PORT``; runs a DDP loop, then an
 FSDP2 (``fully_shard``) loop, in the same processes over gloo on CPU. Each rank trains on its half of every

@@ -187,7 +187,7 @@ class Recorder:
 
         class After(Callback):
             def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, opt: Any) -> None:
-                g = guard._first_guard()
+                g = guard._first_engine()
                 assert g is not None and g.last is not None
                 last = g.last
                 recorder.steps.append(
@@ -212,7 +212,7 @@ class Recorder:
 
             def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
                 # measured by GradGuard's optimizer post-hook: the latest update-to-weight ratio of each layer
-                g = guard._first_guard()
+                g = guard._first_engine()
                 assert g is not None
                 recorder.steps[-1]["update_ratios"] = {k: v[-1] for k, v in g.update_ratios.items() if v}
 

@@ -1,13 +1,15 @@
-"""The dashboard's tags as the front-ends write them, read back from the event files.
+"""What the front-ends write, read back from the event files: the dashboard's tags, events and warnings.
 
 Loss, the threshold band, the layer-norm extremes, the weight norms and update-to-weight ratios (checked
-against the weights recorded around each optimizer step), the update verdicts with their episodes, and
-the ``on_event`` hook.
+against the weights recorded around each optimizer step), the update verdicts with their episodes, the
+``on_event`` hook, the events of one step as one text entry, warnings attributed to the user's line, and one
+set of tags per Trainer.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import warnings
 from pathlib import Path
@@ -21,7 +23,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_gradguard import GradGuard, Guard, GuardEvent, LRGuard
+from lightning_gradguard import GradGuard, GradGuardError, GradMonitor, Guard, GuardEvent, LRGuard
+from lightning_gradguard.keys import tag
 
 from ._models import TinyRegressor, make_trainer, read_events, scalars
 
@@ -59,7 +62,7 @@ def test_the_callback_writes_loss_band_extremes_and_update_ratios(tmp_path: Path
     trainer = make_trainer(tmp_path, [recorder, guard], max_steps=8)
     trainer.fit(TinyRegressor())
     acc = read_events(trainer.logger.log_dir)  # type: ignore[union-attr]
-    # every 2 steps, plus the end-of-training log of the last step, 7 (logged at its own step: issue 13 item 9)
+    # every 2 steps, plus the end-of-training log of the last step, 7 (logged at its own step)
     log_steps, source = [0, 2, 4, 6, 7], {0: 0, 2: 2, 4: 4, 6: 6, 7: 7}
 
     # The loss GradGuard carries, beside the norms.
@@ -139,7 +142,12 @@ def test_update_verdicts_once_per_episode_and_logged_ratios(tmp_path: Path) -> N
     model, optimizer = _plain_model()
     events: list[GuardEvent] = []
     writer = SummaryWriter(str(tmp_path))
-    options: dict[str, Any] = {"histogram_every_n_steps": 0, "heatmap_every_n_steps": 0, "log_every_n_steps": 1}
+    options: dict[str, Any] = {
+        "histogram_every_n_steps": 0,
+        "heatmap_every_n_steps": 0,
+        "log_every_n_steps": 1,
+        "diagnose_every_n_steps": 1,
+    }
     guard = Guard(model, optimizer, clip=None, lr_guard=False, writer=writer, on_event=events.append, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -174,7 +182,9 @@ def test_an_on_event_hook_that_raises_is_reported_once_and_training_goes_on() ->
         calls.append(event.kind)
         raise ConnectionError("webhook down")
 
-    guard = Guard(model, optimizer, clip=None, lr_guard=False, on_event=broken, log_every_n_steps=1)
+    guard = Guard(
+        model, optimizer, clip=None, lr_guard=False, on_event=broken, log_every_n_steps=1, diagnose_every_n_steps=1
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _steps(guard, model, optimizer, 0, 8)
@@ -220,3 +230,42 @@ def test_notices_for_loggers_without_histograms_reach_the_hook_once(tmp_path: Pa
     ]
     metrics = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()  # type: ignore[union-attr]
     assert "gradguard/loss" in metrics and "gradguard/update_ratio/net.0" in metrics
+
+
+def test_events_of_one_step_are_one_text_entry(tmp_path: Path) -> None:
+    guard = GradGuard(on_nonfinite="skip", histogram_every_n_steps=0, log_every_n_steps=1, diagnose_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [guard], max_steps=4)
+    trainer.fit(TinyRegressor(nan_at_steps=(1, 3)))
+    texts = read_events(trainer.logger.log_dir).Tensors(f"{tag('events')}/text_summary")  # type: ignore[union-attr]
+    entries = {e.step: e.tensor_proto.string_val[0].decode() for e in texts}
+    assert [e.step for e in texts] == [1, 3]  # one entry per step; the last one written at the end of fit
+    assert entries[1].startswith("**3 events**")  # the skip and the two layers' non-finite verdicts, together
+    assert "skipped optimizer step 1" in entries[1] and "'net.0'" in entries[1] and "'net.2'" in entries[1]
+    assert entries[3].startswith("skipped optimizer step 3")
+
+
+def test_gradguard_and_gradmonitor_in_one_trainer_are_refused(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, [GradGuard(), GradMonitor()], max_steps=2)
+    with pytest.raises(GradGuardError, match=r"GradGuard\(clip='auto'\) and GradMonitor\(clip='None'\) in one Trainer"):
+        trainer.fit(TinyRegressor())
+    trainer = make_trainer(tmp_path, [GradGuard(), GradMonitor()], max_steps=2, logger=False)
+    trainer.fit(TinyRegressor())  # nothing is written without loggers: two instances are fine (own states)
+
+
+def test_warnings_point_at_the_users_line_not_at_gradguard_source(tmp_path: Path) -> None:
+    from lightning_gradguard import Guard
+
+    trainer = make_trainer(tmp_path, [GradGuard(histogram_every_n_steps=0, diagnose_every_n_steps=1)], max_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyRegressor(nan_at_steps=(1,)))
+        model = nn.Linear(2, 1)
+        guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), histogram_every_n_steps=0)
+        (model(torch.ones(1, 2)) * math.nan).sum().backward()
+        guard.before_optimizer_step()
+    ours = [w for w in caught if str(w.message).startswith("GradGuard:")]
+    assert len(ours) >= 3  # the skip, the verdicts (fit) and the skip (plain loop)
+    for w in ours:
+        shown = warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+        assert f"{os.sep}lightning_gradguard{os.sep}" not in shown, shown  # no file of the package
+        assert w.filename == __file__, shown
