@@ -14,7 +14,7 @@ import torch
 
 from lightning_gradguard import GradGuard, Guard
 from tests.test_frontends import _model, _options, _plain_steps
-from tests.test_resume import N, Model, _assert_same_run, _fit
+from tests.test_resume import Model, N, _assert_same_run, _fit
 
 DATA = Path(__file__).parent / "data"
 
