@@ -14,7 +14,7 @@ from torch import nn
 from lightning_gradguard import FabricGuard, GradGuard, Guard, LRGuard, RollbackTrigger
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics
 from lightning_gradguard.decide.policies import PercentilePolicy
-from lightning_gradguard.recovery.rollback import Snapshot
+from lightning_gradguard.recovery.snapshot import Snapshot
 
 
 def _net() -> nn.Module:
