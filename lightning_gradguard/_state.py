@@ -11,13 +11,14 @@ imports from the package.
 
 from __future__ import annotations
 
+import ast
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import Field, fields
 from typing import Any, TypeVar
 
-__all__ = ["state_from_dict", "state_to_dict"]
+__all__ = ["config_differs", "config_text", "state_from_dict", "state_to_dict", "version_2_config"]
 
 T = TypeVar("T")
 
@@ -66,3 +67,26 @@ def state_from_dict(fresh: T, saved: Mapping[str, Any]) -> tuple[T, list[str]]:
         if f is not None:
             setattr(fresh, name, _read(f, getattr(fresh, name), value))
     return fresh, sorted(k for k in saved if k not in declared)
+
+
+def config_differs(saved: Mapping[str, Any], now: Mapping[str, Any], default: Mapping[str, Any]) -> bool:
+    """Whether a saved configuration differs from the current one. An option the saved one lacks (added after the
+    checkpoint was written) counts only if it is set to something else than its default now."""
+    return any(k not in now for k in saved) or any(saved.get(k, default.get(k)) != v for k, v in now.items())
+
+
+def config_text(name: str, config: Mapping[str, Any]) -> str:
+    """``config`` written as the constructor call ``name(k=v, ...)`` (for messages)."""
+    return f"{name}({', '.join(f'{k}={v}' for k, v in config.items())})"
+
+
+def version_2_config(text: str) -> dict[str, Any] | None:
+    """A version-2 state's configuration string (``"LRGuard(patience=10, ...)"``) as a dict; ``None`` if it is not
+    a call with literal keyword arguments."""
+    try:
+        call = ast.parse(text, mode="eval").body
+        if not isinstance(call, ast.Call) or call.args:
+            return None
+        return {str(kw.arg): ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError):
+        return None

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 from collections import deque
@@ -387,46 +388,10 @@ class LRGuard(ScaledLR):
         norm = float(norm)
         if not math.isfinite(norm):
             return None
-        risen_loss = False
-        if loss is not None and math.isfinite(loss):
-            self._s.losses.append(float(loss))
-            if self._s.first_loss is None:
-                self._s.first_loss = float(loss)
-            if len(self._s.losses) >= RISE_LOSS_WINDOW:
-                level_now = _median(list(self._s.losses)[-RISE_LOSS_WINDOW:])
-                risen_loss = level_now > RISEN_LOSS_RATIO * self._s.best_loss > 0.0
-                self._s.best_loss = min(self._s.best_loss, level_now)
-                if self._s.first_loss > 0.0 and level_now < LEARNED_LOSS_RATIO * self._s.first_loss:
-                    self._s.learned = True
-        applied = norm if threshold is None or not norm > threshold else float(threshold)
-        self._s.recent_clipped.append(applied < norm)
-        self._s.recent_applied_norms.append(applied)
-        # Channel 1: the norm has used `approach_ratio` of the headroom below the threshold.
-        approaching = False
-        if threshold is not None and math.isfinite(threshold) and threshold > 0.0:
-            c = 0.0
-            if center is not None and math.isfinite(center) and 0.0 <= center < threshold:
-                c = float(center)
-            approaching = norm >= c + self.approach_ratio * (float(threshold) - c)
-
-        # Channel 2: the level (median of recent log-norms) against a slow reference.
-        x = math.log(max(norm, _TINY))
-        self._s.window.append(x)
-        self._s.norms.append(norm)
-        self._s.num_obs += 1
-        level = _median(self._s.window)
-        if self._s.num_obs == 1:
-            self._s.reference = level
-        risen = False
-        if self.rise_ratio is not None and self._s.num_obs > REFERENCE_WARMUP:
-            risen = level - self._s.reference > self._rise_margin()
-        a = max(1.0 / self._s.num_obs, 1.0 / REFERENCE_HORIZON)
-        self._s.reference += a * (level - self._s.reference)
-        if len(self._s.window) >= 3:
-            mad = _median(abs(v - level) for v in self._s.window)
-            b = max(1.0 / max(self._s.num_obs - 2, 1), 1.0 / REFERENCE_HORIZON)
-            self._s.dispersion += b * (mad - self._s.dispersion)
-
+        risen_loss = self._observe_loss(loss)
+        self._observe_applied(norm, threshold)
+        approaching = self._approaches(norm, threshold, center)
+        level, risen = self._observe_level(norm)
         losses = self._loss_medians()
         # A loss well above where it was is a run that diverges: act on half the evidence, cooldown or not.
         diverging = (
@@ -453,6 +418,60 @@ class LRGuard(ScaledLR):
             # The loss still improves, or too few losses to tell yet: keep the streak, judge again next step.
             return None
         return self._reduce(step, norm, threshold, center, level, losses)
+
+    def _observe_loss(self, loss: float | None) -> bool:
+        """Record the step's loss (the loss gate, the stall channel); returns whether the running loss level has
+        risen to more than ``RISEN_LOSS_RATIO`` times its lowest level so far."""
+        if loss is None or not math.isfinite(loss):
+            return False
+        s = self._s
+        s.losses.append(float(loss))
+        if s.first_loss is None:
+            s.first_loss = float(loss)
+        if len(s.losses) < RISE_LOSS_WINDOW:
+            return False
+        level_now = _median(list(s.losses)[-RISE_LOSS_WINDOW:])
+        risen_loss = level_now > RISEN_LOSS_RATIO * s.best_loss > 0.0
+        s.best_loss = min(s.best_loss, level_now)
+        if s.first_loss > 0.0 and level_now < LEARNED_LOSS_RATIO * s.first_loss:
+            s.learned = True
+        return risen_loss
+
+    def _observe_applied(self, norm: float, threshold: float | None) -> None:
+        """Record whether the step was clipped and its post-clip norm (the stall channel's clip share and gain)."""
+        applied = norm if threshold is None or not norm > threshold else float(threshold)
+        self._s.recent_clipped.append(applied < norm)
+        self._s.recent_applied_norms.append(applied)
+
+    def _approaches(self, norm: float, threshold: float | None, center: float | None) -> bool:
+        """Channel 1: the norm has used ``approach_ratio`` of the headroom between the center and the threshold."""
+        if threshold is None or not math.isfinite(threshold) or not threshold > 0.0:
+            return False
+        c = 0.0
+        if center is not None and math.isfinite(center) and 0.0 <= center < threshold:
+            c = float(center)
+        return norm >= c + self.approach_ratio * (float(threshold) - c)
+
+    def _observe_level(self, norm: float) -> tuple[float, bool]:
+        """Channel 2: the level (median of recent log-norms) against a slow reference; returns the level and
+        whether it has risen above the reference."""
+        s = self._s
+        s.window.append(math.log(max(norm, _TINY)))
+        s.norms.append(norm)
+        s.num_obs += 1
+        level = _median(s.window)
+        if s.num_obs == 1:
+            s.reference = level
+        risen = False
+        if self.rise_ratio is not None and s.num_obs > REFERENCE_WARMUP:
+            risen = level - s.reference > self._rise_margin()
+        a = max(1.0 / s.num_obs, 1.0 / REFERENCE_HORIZON)
+        s.reference += a * (level - s.reference)
+        if len(s.window) >= 3:
+            mad = _median(abs(v - level) for v in s.window)
+            b = max(1.0 / max(s.num_obs - 2, 1), 1.0 / REFERENCE_HORIZON)
+            s.dispersion += b * (mad - s.dispersion)
+        return level, risen
 
     def stall_due(self, step: int) -> bool:
         """Whether :meth:`stall_check` wants the update ratio of optimizer step ``step`` (every
@@ -627,10 +646,9 @@ class LRGuard(ScaledLR):
         self._scale_changed()
         return before, self._s.lr_scale
 
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments, as plain values: what the engine saves with the state and compares on load."""
+        return {name: getattr(self, name) for name in inspect.signature(LRGuard.__init__).parameters if name != "self"}
+
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(approach_ratio={self.approach_ratio}, patience={self.patience},"
-            f" factor={self.factor}, cooldown={self.cooldown}, min_lr={self.min_lr},"
-            f" max_reductions={self.max_reductions}, rise_ratio={self.rise_ratio},"
-            f" require_stalled_loss={self.require_stalled_loss}, stall_update_ratio={self.stall_update_ratio})"
-        )
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.config().items())})"

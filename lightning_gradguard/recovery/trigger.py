@@ -12,6 +12,7 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 import statistics
 from collections import deque
@@ -468,12 +469,16 @@ class RollbackTrigger:
         self._nonfinite_streak = int(state_dict.get("nonfinite_streak", 0))
         self._nonfinite_loss_streak = int(state_dict.get("nonfinite_loss_streak", 0))
 
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments, as plain values."""
+        return {
+            name: getattr(self, name)
+            for name in inspect.signature(RollbackTrigger.__init__).parameters
+            if name != "self"
+        }
+
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(nonfinite_steps={self.nonfinite_steps}, nonfinite_loss_steps="
-            f"{self.nonfinite_loss_steps}, runaway_steps={self.runaway_steps}, runaway_window={self.runaway_window},"
-            f" runaway_mad={self.runaway_mad}, runaway_rel={self.runaway_rel}, max_rollbacks={self.max_rollbacks})"
-        )
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.config().items())})"
 
 
 def _fmt(value: float | None) -> str:
