@@ -23,7 +23,7 @@ from typing import Any, Literal
 from lightning_gradguard._validation import check_int, is_number, python_scalar
 from lightning_gradguard.decide.engine import GradGuardError
 
-__all__ = ["TRIGGERS", "RecoveryError", "RollbackDecision", "RollbackRecord", "RollbackTrigger"]
+__all__ = ["TRIGGERS", "RecoveryError", "RollbackDecision", "RollbackRecord", "RollbackTrigger", "TriggerState"]
 
 Trigger = Literal["nonfinite_grad", "nonfinite_loss", "loss_runaway", "nonfinite_state"]
 #: The names a rollback's trigger can take.
@@ -80,6 +80,61 @@ class RollbackRecord:
     def steps_lost(self) -> int:
         """Optimizer steps whose work the rollback discarded."""
         return max(0, self.step - self.restored_to)
+
+
+@dataclass
+class TriggerState:
+    """What :meth:`RollbackTrigger.state_dict` saves: the rollbacks so far, the loss window and the streaks.
+
+    Attributes:
+        history: every rollback so far, oldest first.
+        losses: ``(step, loss)`` of the finite losses the running level is computed from.
+        recent: ``(step, above)`` of the last ``runaway_steps`` losses: whether each was above the threshold.
+        nonfinite_streak: consecutive steps with non-finite gradients (optimizer 0).
+        nonfinite_loss_streak: consecutive steps with a non-finite loss.
+        other_streaks: the non-finite streaks of the other optimizers, by index.
+    """
+
+    history: list[RollbackRecord] = field(default_factory=list)
+    losses: deque[tuple[int, float]] = field(default_factory=deque)
+    recent: deque[tuple[int, bool]] = field(default_factory=deque)
+    nonfinite_streak: int = 0
+    nonfinite_loss_streak: int = 0
+    other_streaks: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, runaway_window: int, runaway_steps: int) -> TriggerState:
+        """A fresh state whose windows fit a trigger with this ``runaway_window`` and ``runaway_steps``."""
+        return cls(losses=deque(maxlen=runaway_window), recent=deque(maxlen=max(1, runaway_steps)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as primitives (with the derived ``rollbacks_total`` and ``steps_lost``, for readers)."""
+        others = [[i, n] for i, n in sorted(self.other_streaks.items()) if n]
+        return {
+            **({"other_streaks": others} if others else {}),
+            "version": 1,
+            "history": [[r.step, r.trigger, r.restored_to, *(() if r.counted else (False,))] for r in self.history],
+            "losses": [[s, v] for s, v in self.losses],
+            "recent": [[s, a] for s, a in self.recent],
+            "nonfinite_streak": self.nonfinite_streak,
+            "nonfinite_loss_streak": self.nonfinite_loss_streak,
+            "rollbacks_total": len(self.history),
+            "steps_lost": sum(r.steps_lost for r in self.history),
+        }
+
+    def read(self, saved: Mapping[str, Any]) -> TriggerState:
+        """This (fresh) state with the values of :meth:`to_dict`'s output; keys it lacks keep their fresh values,
+        the derived and unknown keys are ignored."""
+        self.history = [
+            RollbackRecord(int(h[0]), str(h[1]), int(h[2]), bool(h[3]) if len(h) > 3 else True)
+            for h in saved.get("history", [])
+        ]
+        self.losses.extend((int(s), float(v)) for s, v in saved.get("losses", []))
+        self.recent.extend((int(s), bool(a)) for s, a in saved.get("recent", []))
+        self.nonfinite_streak = int(saved.get("nonfinite_streak", 0))
+        self.nonfinite_loss_streak = int(saved.get("nonfinite_loss_streak", 0))
+        self.other_streaks = {int(i): int(n) for i, n in saved.get("other_streaks", [])}
+        return self
 
 
 _ADVICE = (
@@ -171,39 +226,34 @@ class RollbackTrigger:
         self.runaway_rel = _check_nonneg("runaway_rel", runaway_rel)
         self.runaway_min_margin = _check_nonneg("runaway_min_margin", runaway_min_margin)
         self.max_rollbacks = check_int("max_rollbacks", max_rollbacks, 1)
-        self._losses: deque[tuple[int, float]] = deque(maxlen=self.runaway_window)
-        self._sorted: list[float] = []  # the window's values, sorted: the median in O(1)
-        self._recent: deque[tuple[int, bool]] = deque(maxlen=max(1, self.runaway_steps))
-        self._nonfinite_streak = 0
-        self._other_streaks: dict[int, int] = {}  # non-finite streaks of the other optimizers, by index
-        self._nonfinite_loss_streak = 0
-        self._history: list[RollbackRecord] = []
+        self._s = TriggerState.fresh(self.runaway_window, self.runaway_steps)
+        self._sorted: list[float] = []  # the loss window's values, sorted: the median in O(1)
 
     # ---------------------------------------------------------------- counters
 
     @property
     def rollbacks_total(self) -> int:
         """Rollbacks recorded so far."""
-        return len(self._history)
+        return len(self._s.history)
 
     @property
     def rollbacks_counted(self) -> int:
         """Rollbacks that count against ``max_rollbacks`` (those taken with little history do not)."""
-        return sum(1 for r in self._history if r.counted)
+        return sum(1 for r in self._s.history if r.counted)
 
     @property
     def steps_lost(self) -> int:
         """Optimizer steps discarded by all rollbacks so far."""
-        return sum(r.steps_lost for r in self._history)
+        return sum(r.steps_lost for r in self._s.history)
 
     @property
     def history(self) -> tuple[RollbackRecord, ...]:
         """Every rollback so far, oldest first."""
-        return tuple(self._history)
+        return tuple(self._s.history)
 
     def level(self) -> tuple[float, float, float] | None:
         """``(median, MAD, threshold)`` of the runaway check now; ``None`` before the first finite loss."""
-        if not self._losses:
+        if not self._s.losses:
             return None
         median = self._median()
         mad = statistics.median(abs(v - median) for v in self._sorted)
@@ -218,7 +268,7 @@ class RollbackTrigger:
         keep every later, ordinary loss out of the window), while a divergence, orders of magnitude
         above, still fires in the first steps.
         """
-        n = len(self._losses)
+        n = len(self._s.losses)
         return self.runaway_rel * max(1.0, self.runaway_steps / n) if n else self.runaway_rel
 
     def _median(self) -> float:
@@ -236,20 +286,20 @@ class RollbackTrigger:
         return level is not None and loss > level[2]
 
     def _push_loss(self, step: int, loss: float) -> None:
-        if len(self._losses) == self._losses.maxlen:
-            _, old = self._losses[0]
+        if len(self._s.losses) == self._s.losses.maxlen:
+            _, old = self._s.losses[0]
             del self._sorted[bisect.bisect_left(self._sorted, old)]
-        self._losses.append((step, loss))
+        self._s.losses.append((step, loss))
         bisect.insort(self._sorted, loss)
 
     def _set_losses(self, items: list[tuple[int, float]]) -> None:
-        self._losses.clear()
+        self._s.losses.clear()
         self._sorted.clear()
         for s, v in items:
             self._push_loss(s, v)
 
     def _runaway_count(self) -> int:
-        return sum(1 for _, above in self._recent if above)
+        return sum(1 for _, above in self._s.recent if above)
 
     # ---------------------------------------------------------------- decision
 
@@ -276,8 +326,8 @@ class RollbackTrigger:
         if source != 0:
             return self._update_other(step, int(source), nonfinite, skipped)
         loss_finite = loss is None or math.isfinite(loss)
-        self._nonfinite_streak = self._nonfinite_streak + 1 if nonfinite else 0
-        self._nonfinite_loss_streak = 0 if loss_finite else self._nonfinite_loss_streak + 1
+        self._s.nonfinite_streak = self._s.nonfinite_streak + 1 if nonfinite else 0
+        self._s.nonfinite_loss_streak = 0 if loss_finite else self._s.nonfinite_loss_streak + 1
         above = False
         level: tuple[float, float, float] | None = None
         if loss is not None and loss_finite:
@@ -287,12 +337,12 @@ class RollbackTrigger:
             else:
                 self._push_loss(step, float(loss))
             if self.runaway_steps:
-                self._recent.append((step, above))
+                self._s.recent.append((step, above))
         n_above = self._runaway_count() if self.runaway_steps else 0
 
         evidence: dict[str, float | int | str] = {
-            "nonfinite_streak": self._nonfinite_streak,
-            "nonfinite_loss_streak": self._nonfinite_loss_streak,
+            "nonfinite_streak": self._s.nonfinite_streak,
+            "nonfinite_loss_streak": self._s.nonfinite_loss_streak,
             "runaway_above": n_above,
             "rollbacks_total": self.rollbacks_total,
         }
@@ -306,20 +356,20 @@ class RollbackTrigger:
             healthy = loss_finite and not nonfinite and not skipped and n_above == 0 and not self._others_bad()
             return RollbackDecision(step=step, evidence=evidence, snapshot_ok=healthy)
         if trigger == "nonfinite_grad":
-            first_bad = step - self._nonfinite_streak + 1
+            first_bad = step - self._s.nonfinite_streak + 1
         elif trigger == "nonfinite_loss":
-            first_bad = step - self._nonfinite_loss_streak + 1
+            first_bad = step - self._s.nonfinite_loss_streak + 1
         else:
-            first_bad = min((s for s, above in self._recent if above), default=step)
+            first_bad = min((s for s, above in self._s.recent if above), default=step)
         return self.fire(step, trigger, what, evidence, first_bad)
 
     def _others_bad(self) -> bool:
-        return any(self._other_streaks.values())
+        return any(self._s.other_streaks.values())
 
     def _update_other(self, step: int, source: int, nonfinite: bool, skipped: bool) -> RollbackDecision:
         """A step of an optimizer other than the first: only its non-finite streak is followed."""
-        streak = self._other_streaks.get(source, 0) + 1 if nonfinite else 0
-        self._other_streaks[source] = streak
+        streak = self._s.other_streaks.get(source, 0) + 1 if nonfinite else 0
+        self._s.other_streaks[source] = streak
         evidence: dict[str, float | int | str] = {
             "nonfinite_streak": streak,
             "optimizer": source,
@@ -375,9 +425,9 @@ class RollbackTrigger:
         The streaks start again; after a runaway the loss level is learned again from the losses to come,
         so the run is judged from where it now is.
         """
-        self._nonfinite_streak = self._nonfinite_loss_streak = 0
-        self._other_streaks.clear()
-        self._recent.clear()
+        self._s.nonfinite_streak = self._s.nonfinite_loss_streak = 0
+        self._s.other_streaks.clear()
+        self._s.recent.clear()
         if decision.trigger == "loss_runaway":
             self._set_losses([])
 
@@ -389,10 +439,10 @@ class RollbackTrigger:
         evidence: dict[str, float | int | str],
     ) -> tuple[Trigger | None, str]:
         """The trigger that fires now (``None`` if none) and what it saw; a runaway adds its level to ``evidence``."""
-        if 0 < self.nonfinite_steps <= self._nonfinite_streak:
-            return "nonfinite_grad", f"non-finite gradients on {self._nonfinite_streak} consecutive steps"
-        if 0 < self.nonfinite_loss_steps <= self._nonfinite_loss_streak:
-            return "nonfinite_loss", f"non-finite loss ({loss}) on {self._nonfinite_loss_streak} consecutive step(s)"
+        if 0 < self.nonfinite_steps <= self._s.nonfinite_streak:
+            return "nonfinite_grad", f"non-finite gradients on {self._s.nonfinite_streak} consecutive steps"
+        if 0 < self.nonfinite_loss_steps <= self._s.nonfinite_loss_streak:
+            return "nonfinite_loss", f"non-finite loss ({loss}) on {self._s.nonfinite_loss_streak} consecutive step(s)"
         if self.runaway_steps and 2 * n_above > self.runaway_steps and (level := level or self.level()):
             evidence.update(median=level[0], mad=level[1], threshold=level[2])
             return "loss_runaway", (
@@ -419,11 +469,11 @@ class RollbackTrigger:
         record = RollbackRecord(
             step=decision.step, trigger=decision.trigger, restored_to=restored_to, counted=bool(counted)
         )
-        self._history.append(record)
-        self._nonfinite_streak = self._nonfinite_loss_streak = 0
-        self._other_streaks.clear()
-        self._recent.clear()
-        self._set_losses([(s, v) for s, v in self._losses if s <= restored_to])
+        self._s.history.append(record)
+        self._s.nonfinite_streak = self._s.nonfinite_loss_streak = 0
+        self._s.other_streaks.clear()
+        self._s.recent.clear()
+        self._set_losses([(s, v) for s, v in self._s.losses if s <= restored_to])
         return record
 
     def _error_message(self, step: int, trigger: str, what: str) -> str:
@@ -434,7 +484,7 @@ class RollbackTrigger:
         ]
         lines += [
             f"  rollback {i}: at step {r.step} ({r.trigger}) restored step {r.restored_to}"
-            for i, r in enumerate(self._history, 1)
+            for i, r in enumerate(self._s.history, 1)
         ]
         lines.append(_ADVICE)
         return "\n".join(lines)
@@ -442,32 +492,13 @@ class RollbackTrigger:
     # ------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, history, loss window and streaks (primitives only)."""
-        others = [[i, n] for i, n in sorted(self._other_streaks.items()) if n]
-        return {
-            **({"other_streaks": others} if others else {}),
-            "version": 1,
-            "history": [[r.step, r.trigger, r.restored_to, *(() if r.counted else (False,))] for r in self._history],
-            "losses": [[s, v] for s, v in self._losses],
-            "recent": [[s, a] for s, a in self._recent],
-            "nonfinite_streak": self._nonfinite_streak,
-            "nonfinite_loss_streak": self._nonfinite_loss_streak,
-            "rollbacks_total": self.rollbacks_total,
-            "steps_lost": self.steps_lost,
-        }
+        """The :class:`TriggerState`: counters, history, loss window and streaks (primitives only)."""
+        return self._s.to_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; keys it lacks keep their defaults."""
-        self._history = [
-            RollbackRecord(int(h[0]), str(h[1]), int(h[2]), bool(h[3]) if len(h) > 3 else True)
-            for h in state_dict.get("history", [])
-        ]
-        self._other_streaks = {int(i): int(n) for i, n in state_dict.get("other_streaks", [])}
-        self._set_losses([(int(s), float(v)) for s, v in state_dict.get("losses", [])])
-        self._recent.clear()
-        self._recent.extend((int(s), bool(a)) for s, a in state_dict.get("recent", []))
-        self._nonfinite_streak = int(state_dict.get("nonfinite_streak", 0))
-        self._nonfinite_loss_streak = int(state_dict.get("nonfinite_loss_streak", 0))
+        self._s = TriggerState.fresh(self.runaway_window, self.runaway_steps).read(state_dict)
+        self._set_losses(list(self._s.losses))
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments, as plain values."""
