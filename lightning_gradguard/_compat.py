@@ -120,11 +120,6 @@ def foreach_mul_(tensors: Sequence[Tensor], factor: float) -> None:
         t.mul_(factor)
 
 
-def legacy_state_key(callback: Any) -> str:
-    """A Lightning callback's ``_legacy_state_key`` (the key of checkpoints from before ``state_key``)."""
-    return str(getattr(callback, "_legacy_state_key", type(callback).__qualname__))
-
-
 @functools.lru_cache(maxsize=1)
 def _internal_prefixes() -> tuple[str, ...]:
     """Source directories whose frames a warning skips: this package, Lightning (and its utilities), torch."""

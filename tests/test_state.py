@@ -17,6 +17,7 @@ import torch
 
 from lightning_gradguard import GradGuard, GradMonitor, Guard, LRGuard
 from lightning_gradguard.decide.lr_guard import LRGuardState
+from lightning_gradguard.recovery.trigger import RollbackTrigger, TriggerState
 from tests.test_frontends import _model, _options, _plain_steps
 from tests.test_resume import Model, N, _assert_same_run, _fit
 
@@ -105,3 +106,18 @@ def test_the_lr_guard_configuration_is_saved_as_a_dict() -> None:
     guard = Guard(model, optimizer, **_options())
     config = guard.state_dict()["guards"]["0"]["lr_guard_config"]
     assert config == LRGuard(patience=3, cooldown=10).config() and config["patience"] == 3
+
+
+def test_the_rollback_trigger_state_is_its_dataclass_as_plain_values_and_loads_back() -> None:
+    trigger = RollbackTrigger(runaway_steps=3)
+    for step in range(12):
+        decision = trigger.update(step, loss=1.0 if step < 8 else 50.0, nonfinite=step == 5)
+        if decision.rollback:
+            trigger.record_rollback(decision, restored_to=4)
+    state = trigger.state_dict()
+    assert state["rollbacks_total"] == len(trigger.history) > 0
+    again = RollbackTrigger(runaway_steps=3)
+    again.load_state_dict({**state, "added_later": 1})
+    assert again.state_dict() == state and again.level() == trigger.level()
+    assert again._s.losses.maxlen == 200 and again._s.recent.maxlen == 3
+    assert isinstance(again._s, TriggerState) and "runaway_min_margin=0.001" in repr(again)
