@@ -546,7 +546,7 @@ class GradGuard(Callback):
             "max_norm": self.max_norm,
             "group_by": _describe(self.group_by),
             "on_nonfinite": self.on_nonfinite,
-            "lr_guard": None if lr_guard is None else repr(lr_guard),
+            "lr_guard": None if lr_guard is None else lr_guard.config(),
             "diagnostics": self._diagnostics_template is not None,
         }
 
