@@ -5,7 +5,8 @@ as primitives (``deque`` and ``tuple`` as lists, an infinite float field as ``No
 ``torch.load(weights_only=True)``; :func:`state_from_dict` reads such a dict into a fresh instance: a key it lacks
 keeps the fresh value (a field added since the state was saved), a key the dataclass does not declare is ignored
 and returned, so the caller decides whether to say so. A ``deque`` field names how its saved items are read back
-in its metadata: ``window: deque[float] = field(default_factory=deque, metadata={"item": float})``. Nothing here
+in its metadata: ``window: deque[float] = field(default_factory=deque, metadata={"item": float})``; so do a
+list field and a dict field (keys read as ``str``). Nothing here
 imports from the package.
 """
 
@@ -52,6 +53,11 @@ def _read(f: Field[Any], current: Any, saved: Any) -> Any:
     if isinstance(current, deque):
         current.extend(f.metadata["item"](x) for x in saved)
         return current
+    if "item" in f.metadata:  # a list, or a dict of str keys
+        item = f.metadata["item"]
+        if isinstance(current, dict):
+            return {str(k): item(v) for k, v in saved.items()}
+        return [item(x) for x in saved]
     if saved is None:  # an infinite float or an unset optional value: the fresh value
         return current
     convert = _SCALARS.get(str(f.type))
