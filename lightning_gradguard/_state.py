@@ -3,11 +3,11 @@
 A part's state is one dataclass; its fields are the saved keys, declared once. :func:`state_to_dict` writes it
 as primitives (``deque`` and ``tuple`` as lists, an infinite float field as ``None``), which load with
 ``torch.load(weights_only=True)``; :func:`state_from_dict` reads such a dict into a fresh instance: a key it lacks
-keeps the fresh value (a field added since the state was saved), a key the dataclass does not declare is ignored
-and returned, so the caller decides whether to say so. A ``deque`` field names how its saved items are read back
-in its metadata: ``window: deque[float] = field(default_factory=deque, metadata={"item": float})``; so do a
-list field and a dict field (keys read as ``str``). Nothing here
-imports from the package.
+keeps the fresh value (a field added since the state was saved), ``None`` is ``None`` for an optional field and
+the fresh value otherwise (an infinite float), a key the dataclass does not declare is ignored and returned, so
+the caller decides whether to say so. A ``deque``, list or dict field names how its saved items are read back in
+its metadata: ``window: deque[float] = field(default_factory=deque, metadata={"item": float})`` (dict keys are
+read as ``str``). Nothing here imports from the package.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def _read(f: Field[Any], current: Any, saved: Any) -> Any:
         if isinstance(current, dict):
             return {str(k): item(v) for k, v in saved.items()}
         return [item(x) for x in saved]
-    if saved is None:  # an infinite float or an unset optional value: the fresh value
-        return current
+    if saved is None:  # an optional field's None; else an infinite float: the fresh value
+        return None if str(f.type).endswith("| None") else current
     convert = _SCALARS.get(str(f.type))
     return saved if convert is None else convert(saved)
 
