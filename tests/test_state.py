@@ -25,9 +25,14 @@ DATA = Path(__file__).parent / "data"
 
 #: The GradGuards of ``tests/data/v2_state_<name>_step6.ckpt``.
 GUARDS: dict[str, Callable[[], GradGuard]] = {
+    # version 2 ran the diagnostics at log steps: the same cadence is given here as diagnose_every_n_steps
     "default": lambda: GradGuard(),
-    "rollback": lambda: GradGuard(rollback=True, snapshot_every_n_steps=2, log_every_n_steps=4),
-    "percentile": lambda: GradGuard(clip="percentile", rollback=False, log_every_n_steps=4, histogram_every_n_steps=0),
+    "rollback": lambda: GradGuard(
+        rollback=True, snapshot_every_n_steps=2, log_every_n_steps=4, diagnose_every_n_steps=4
+    ),
+    "percentile": lambda: GradGuard(
+        clip="percentile", rollback=False, log_every_n_steps=4, histogram_every_n_steps=0, diagnose_every_n_steps=4
+    ),
 }
 
 
