@@ -35,7 +35,9 @@ sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
 from _common import Report, parse_args, time_interleaved  # noqa: E402
 
-from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger, Snapshot, _BufferGuard  # noqa: E402
+from lightning_gradguard.recovery.rollback import Recovery  # noqa: E402
+from lightning_gradguard.recovery.snapshot import Snapshot, _BufferGuard  # noqa: E402
+from lightning_gradguard.recovery.trigger import RollbackTrigger  # noqa: E402
 
 # name -> (width, depth): depth square Linear layers, about depth * width^2 parameters.
 SIZES = {"1M": (512, 4), "10M": (1024, 10), "50M": (2048, 12)}

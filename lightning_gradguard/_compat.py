@@ -136,14 +136,6 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer.optimizer if isinstance(optimizer, _FabricOptimizer) else optimizer
 
 
-def legacy_state_key(callback: Any) -> Any:
-    """The key of a Lightning callback's state in checkpoints from before ``state_key`` (``_legacy_state_key``).
-
-    Lightning uses the callback's class itself as that key; compare it with a checkpoint's keys as it is.
-    """
-    return callback._legacy_state_key
-
-
 def drop_bound_log_methods(callback: Any) -> None:
     """Forget the model's ``log`` / ``log_dict`` that Lightning binds onto every callback at fit start.
 

@@ -15,7 +15,7 @@ from torch import nn
 from lightning_gradguard import FabricGuard, GradGuard, Guard, LRGuard, RollbackTrigger
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics
 from lightning_gradguard.decide.policies import PercentilePolicy
-from lightning_gradguard.recovery.rollback import Snapshot
+from lightning_gradguard.recovery.snapshot import Snapshot
 
 from ._models import TinyRegressor, make_trainer
 

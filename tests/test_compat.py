@@ -32,11 +32,10 @@ def test_persistent_buffers_leave_out_non_persistent_and_children() -> None:
     assert _compat.persistent_buffers(bn) == [bn.running_mean, bn.running_var, bn.num_batches_tracked]
 
 
-def test_legacy_state_key_and_bound_log_methods() -> None:
+def test_bound_log_methods_are_dropped() -> None:
     from lightning.pytorch.callbacks import Callback
 
     callback = Callback()
-    assert _compat.legacy_state_key(callback) is Callback
     callback.log = print  # type: ignore[attr-defined]
     _compat.drop_bound_log_methods(callback)
     _compat.drop_bound_log_methods(callback)  # nothing bound: nothing to drop

@@ -232,7 +232,7 @@ def test_guard_state_resumes_exactly_and_reads_the_callback_format() -> None:
     guard = Guard(model, optimizer, **_options())
     first = _plain_steps(model, optimizer, guard, range(12))
     saved = torch.load(_roundtrip(guard.state_dict()), weights_only=True)
-    assert saved["version"] == 2 and saved["guards"]["0"]["counters"]["steps"] == 12
+    assert saved["version"] == 3 and saved["guards"]["0"]["counters"]["steps"] == 12
     guard.close()
     resumed = Guard(model, optimizer, **_options())
     resumed.load_state_dict(saved)

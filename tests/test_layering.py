@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 #: The layer of each top-level part of the package (a module or a subpackage).
 LAYERS: dict[str, int] = {
     "_checks": 0,
+    "_state": 0,
     "errors": 0,
     "_compat": 0,
     "keys": 0,

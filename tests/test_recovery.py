@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard.recovery.rollback import RecoveryError, RollbackDecision, RollbackTrigger, Snapshot
+from lightning_gradguard.recovery.snapshot import Snapshot
+from lightning_gradguard.recovery.trigger import RecoveryError, RollbackDecision, RollbackTrigger
 
 # ------------------------------------------------------------------------------------------------ helpers
 

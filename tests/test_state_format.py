@@ -163,7 +163,7 @@ def test_a_version_2_checkpoint_restores_what_it_holds_and_resumes_with_the_unin
     old_guard = _without(state["guards"]["0"], {"lr_guard_config"})
     assert _restored(old_guard, start["guards"]["0"]), _first_difference(old_guard, start["guards"]["0"])
     assert _same(start["recovery"], state["recovery"])
-    assert start["guards"]["0"]["lr_guard_config"] == repr(LRGuard())
+    assert start["guards"]["0"]["lr_guard_config"] == LRGuard().config()
 
     # Against the uninterrupted run computed here, whose first six steps may differ from the fixture's in the
     # last bits (float results depend on the CPU): the same decisions at every step, the same values within REL.
@@ -231,15 +231,16 @@ def test_a_version_2_plain_guard_state_restores_what_it_holds_and_resumes_with_t
 def test_an_option_missing_from_the_checkpoint_is_no_configuration_difference_at_its_default() -> None:
     """A version-2 checkpoint's LR-guard configuration lacks ``stall_update_ratio``: resuming it with the
     default must not report a difference, resuming it with another value must."""
-    from lightning_gradguard.decide.engine import _configs_differ
+    from lightning_gradguard._state import config_differs, version_2_config
 
-    old = (
+    old = version_2_config(
         "LRGuard(approach_ratio=0.9, patience=10, factor=0.5, cooldown=100, min_lr=0.0, max_reductions=None,"
         " rise_ratio=2.0, require_stalled_loss=True)"
     )
-    default = repr(LRGuard())
-    assert "stall_update_ratio=0.005" in default
-    assert not _configs_differ(old, default, default)
-    assert _configs_differ(old, repr(LRGuard(stall_update_ratio=0.01)), default)
-    assert _configs_differ(old, repr(LRGuard(patience=5)), default)
-    assert _configs_differ(old, "something else", default)  # not of the Name(k=v) form: compared as text
+    assert old is not None and "stall_update_ratio" not in old
+    default = LRGuard().config()
+    assert default["stall_update_ratio"] == 0.005
+    assert not config_differs(old, default, default)
+    assert config_differs(old, LRGuard(stall_update_ratio=0.01).config(), default)
+    assert config_differs(old, LRGuard(patience=5).config(), default)
+    assert version_2_config("something else") is None

@@ -52,11 +52,12 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from lightning_gradguard._checks import check_int
 from lightning_gradguard._checks import check_number as _check_positive
+from lightning_gradguard._state import state_from_dict
 
 __all__ = ["KINDS", "REMEDIES", "GradientDiagnostics", "Verdict", "VerdictKind"]
 
@@ -126,6 +127,48 @@ class _Layer:
         self.active: dict[str, int] = {}
         # kind -> {"episodes", "first_step", "last_step", "value", "message"}
         self.records: dict[str, dict[str, Any]] = {}
+
+
+@dataclass
+class LayerState:
+    """One layer's saved diagnostics (:class:`_Layer` as plain values).
+
+    Attributes:
+        history: recent finite L2 norms.
+        first: the first finite positive norm observed.
+        numel: gradient element count.
+        active: kind -> consecutive observations without the condition, for each open episode.
+        records: kind -> ``{"episodes", "first_step", "last_step", "value", "message"}``.
+    """
+
+    history: list[float] = field(default_factory=list, metadata={"item": float})
+    first: float = 0.0
+    numel: int = 0
+    active: dict[str, int] = field(default_factory=dict, metadata={"item": int})
+    records: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"item": dict})
+
+
+@dataclass
+class DiagnosticsState:
+    """What :meth:`GradientDiagnostics.state_dict` saves.
+
+    Attributes:
+        version: this format's version.
+        observations: log steps observed.
+        first_step: the first of them (``None`` before any).
+        last_step: the last of them (``None`` before any).
+        first_loss: the first positive training loss observed.
+        layers: each layer's :class:`LayerState`.
+    """
+
+    version: int = 1
+    observations: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    first_loss: float | None = None
+    layers: dict[str, LayerState] = field(
+        default_factory=dict, metadata={"item": lambda saved: state_from_dict(LayerState(), saved)[0]}
+    )
 
 
 def plural(count: int, noun: str) -> str:
@@ -459,42 +502,39 @@ class GradientDiagnostics:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """State of primitives only (loads with ``torch.load(weights_only=True)``)."""
-        return {
-            "version": 1,
-            "observations": self._observations,
-            "first_step": self._first_step,
-            "last_step": self._last_step,
-            "first_loss": self._first_loss,
-            "layers": {
-                name: {
-                    "history": list(layer.history),
-                    "first": layer.first,
-                    "numel": layer.numel,
-                    "active": dict(layer.active),
-                    "records": {kind: dict(rec) for kind, rec in layer.records.items()},
-                }
-                for name, layer in self._layers.items()
-            },
+        """The :class:`DiagnosticsState`, as primitives only (loads with ``torch.load(weights_only=True)``)."""
+        layers = {
+            name: LayerState(
+                history=list(layer.history),
+                first=layer.first,
+                numel=layer.numel,
+                active=dict(layer.active),
+                records={kind: dict(rec) for kind, rec in layer.records.items()},
+            )
+            for name, layer in self._layers.items()
         }
+        return asdict(
+            DiagnosticsState(
+                observations=self._observations,
+                first_step=self._first_step,
+                last_step=self._last_step,
+                first_loss=self._first_loss,
+                layers=layers,
+            )
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; keys added in later versions are optional."""
-        self._observations = int(state.get("observations", 0))
-        first, last = state.get("first_step"), state.get("last_step")
-        self._first_step = None if first is None else int(first)
-        self._last_step = None if last is None else int(last)
-        first_loss = state.get("first_loss")
-        self._first_loss = None if first_loss is None else float(first_loss)
+        """Restore :meth:`state_dict` output; keys it lacks keep a fresh instance's values."""
+        saved, _ = state_from_dict(DiagnosticsState(), state)
+        self._observations = saved.observations
+        self._first_step, self._last_step, self._first_loss = saved.first_step, saved.last_step, saved.first_loss
         self._layers = {}
-        for name, saved in state.get("layers", {}).items():
+        for name, layer_state in saved.layers.items():
             layer = _Layer(self.window)
-            layer.history.extend(float(v) for v in saved.get("history", []))
-            layer.numel = int(saved.get("numel", 0))
-            layer.first = float(saved.get("first", 0.0))
-            layer.active = {str(k): int(v) for k, v in saved.get("active", {}).items()}
-            layer.records = {str(k): dict(v) for k, v in saved.get("records", {}).items()}
-            self._layers[str(name)] = layer
+            layer.history.extend(layer_state.history)
+            layer.first, layer.numel = layer_state.first, layer_state.numel
+            layer.active, layer.records = layer_state.active, layer_state.records
+            self._layers[name] = layer
 
 
 # ---------------------------------------------------------------------- update-to-weight ratio verdicts

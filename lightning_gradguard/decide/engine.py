@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gradguard._state import config_differs, config_text, version_2_config
 from lightning_gradguard.decide.diagnostics import (
     GradientDiagnostics,
     UpdateVerdict,
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 #: Version of the state format (:meth:`GuardEngine.state_dict`, wrapped by every front-end).
-STATE_VERSION = 2
+STATE_VERSION = 3
 _HEATMAP_COLUMNS = 512  # bounded memory: past this, keep every other column
 #: Diagnose steps of update-to-weight ratios kept per layer for the update verdicts (their medians), and the
 #: verdict-free diagnose steps after which an update verdict's episode ends (a recurrence is reported again).
@@ -133,32 +134,6 @@ class StepOutcome:
     error: str | None = None
     lr_reduction: LRReduction | None = None
     events: tuple[GuardEvent, ...] = ()
-
-
-def _config_fields(text: str) -> tuple[str, dict[str, str]] | None:
-    """``"Name(a=1, b=None)"`` -> ``("Name", {"a": "1", "b": "None"})``; ``None`` if it is not of that form."""
-    name, _, body = text.partition("(")
-    if not body.endswith(")"):
-        return None
-    fields: dict[str, str] = {}
-    for part in body[:-1].split(", ") if body[:-1] else []:
-        key, sep, value = part.partition("=")
-        if not sep:
-            return None
-        fields[key] = value
-    return name, fields
-
-
-def _configs_differ(saved: str, now: str, default: str) -> bool:
-    """Whether a saved ``repr`` configuration differs from the current one. An option the saved one lacks (added
-    after the checkpoint was written) counts only if it is set to something else than its default now."""
-    parsed = [_config_fields(x) for x in (saved, now, default)]
-    if any(p is None for p in parsed):
-        return saved != now
-    (s_name, s_fields), (n_name, n_fields), (_, d_fields) = parsed  # type: ignore[misc]
-    if s_name != n_name or any(n_fields.get(k) != v for k, v in s_fields.items()):
-        return True
-    return any(v != d_fields.get(k) for k, v in n_fields.items() if k not in s_fields)
 
 
 def _shown(layers: list[str], limit: int = 5) -> str:
@@ -610,7 +585,7 @@ class GuardEngine:
             state["policy"] = self.policy.state_dict()
         if self.lr_guard is not None:
             state["lr_guard"] = self.lr_guard.state_dict()
-            state["lr_guard_config"] = repr(self.lr_guard)
+            state["lr_guard_config"] = self.lr_guard.config()
         if self.diagnostics is not None:
             state["diagnostics"] = self.diagnostics.state_dict()
         if self.update_ratios:
@@ -622,7 +597,7 @@ class GuardEngine:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
-        """Apply a saved state (versions 1 and 2); returns the differences found and what was done about each."""
+        """Apply a saved state (versions 1 to 3); returns the differences found and what was done about each."""
         self.counters = _restore_fields(Counters, state.get("counters"))
         self.interval = _restore_fields(Interval, state.get("interval"))
         layers, now = state.get("layers"), list(self.stats.layers)
@@ -696,11 +671,15 @@ class GuardEngine:
             if not same_params:
                 saved = {k: saved[k] for k in ("lr_scale", "num_reductions", "cooldown_left") if k in saved}
             lr_guard.load_state_dict(saved)
-            saved_config, config = state.get("lr_guard_config"), repr(lr_guard)
-            if saved_config is not None and _configs_differ(str(saved_config), config, repr(type(lr_guard)())):
+            saved_config, config = state.get("lr_guard_config"), lr_guard.config()
+            if isinstance(saved_config, str):  # version 2
+                saved_config = version_2_config(saved_config) or {"configuration": saved_config}
+            if isinstance(saved_config, Mapping) and config_differs(saved_config, config, type(lr_guard)().config()):
+                name = type(lr_guard).__name__
                 return [
-                    f"LR guard configuration differs (saved {saved_config}, now {config}): keeping the current "
-                    f"configuration, continuing from the saved LR scale {lr_guard.lr_scale:g} and history"
+                    f"LR guard configuration differs (saved {config_text(name, saved_config)}, now {lr_guard!r}): "
+                    f"keeping the current configuration, continuing from the saved LR scale {lr_guard.lr_scale:g} "
+                    "and history"
                 ]
         elif lr_guard is None and isinstance(saved, Mapping) and float(saved.get("lr_scale", 1.0)) != 1.0:
             return [

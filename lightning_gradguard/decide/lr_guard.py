@@ -1,62 +1,11 @@
-"""LR guard: lower the learning rate when clipping keeps saturating (pure torch, no Lightning).
+"""LR guard: lower the learning rate when clipping keeps saturating, the norm level rises or the loss stalls.
 
-Clipping that fires step after step means the step size is wrong, not that one batch was bad.
-:class:`LRGuard` watches the pre-clip global norm of every optimizer step and, when the evidence
-holds for ``patience`` consecutive steps, multiplies the learning rate of every param group of the
-guarded optimizer by ``factor``.
-
-A step counts as *pressing* when either
-
-* **it approaches the threshold**: ``norm >= center + approach_ratio * (threshold - center)``, i.e.
-  it has used up ``approach_ratio`` of the headroom between the policy's typical level (``center``:
-  EMA mean or window median; ``0`` for the fixed policy, which makes this the familiar
-  ``norm >= 0.9 * max_norm``) and the threshold. Measuring on the headroom keeps the rule meaningful
-  when an adaptive threshold sits close to the typical norm; or
-* **the norm level has risen**: the median of the last 31 log-norms lies more than
-  ``log(rise_ratio)`` (and at least five standard errors of that median) above a slow reference of
-  the log-norm level (an EMA over about 256 steps). Adaptive thresholds follow drifts by design, so a
-  steady rise never comes near them; this second channel catches it. A median ignores isolated
-  spikes.
-
-A third channel needs no clipping at all: **the loss has stalled while the weights move fast**. Every
-``STALL_EVERY`` (25) steps from step ``STALL_START`` (50), the caller measures the step's global update-to-weight
-ratio ``||w_after - w_before|| / ||w_before||`` and passes it to :meth:`LRGuard.stall_check`; when that ratio
-exceeds ``stall_update_ratio`` (0.005, i.e. 10^-2.3), the median training loss of the last 25 steps is no
-lower than that of the 25 before, and clipping bound at most half of the last 25 steps, the LR is cut. An
-optimizer that moves every weight by more than 0.5 % per step without lowering the loss is bouncing in its
-valley: the step size, not the gradient, is too large, and Adam's update size does not depend on the gradient's
-scale, so no clip threshold ever sees it. Measured on the outcomes benchmark (``docs/lr-guard.md``): at the
-checks of sane-LR runs, AdamW transformers move at 10^-3.0..-2.8, a tanh RNN and a ReLU IRNN under SGD at
-10^-4.4..-2.8, and a 10-layer tanh MLP at up to 10^-1.95; Pre-LN and Post-LN transformers at 10x and 30x their
-LR move at 10^-2.5..-1.8 on a flat loss.
-
-When the step *follows the gradient* (its gain, the update's norm over the effective LR times the RMS of the last
-25 post-clip gradient norms, is at most ``STALL_MIN_GAIN`` = 10: SGD has gain 1, momentum 0.9 at most 10), one
-check's ratio is the gradient of one batch, and clipping with the approach channel already bounds the step, so
-the stall counts only for a run that has not learned yet (its 25-step loss median never fell below half its
-first loss). Measured on the outcomes benchmark: gain 0.1-3.3 at the checks of the SGD workloads (the momentum
-IRNN included), 59-350 for AdamW on the transformers; without this condition the 10-layer tanh MLP at its sane
-SGD LR (loss 2.1 -> 0.15) got a cut on 5 of 16 seeds, with it on none, while the same MLP at 30x its LR, which
-sits at chance level, keeps its stall cuts (2 of 16 seeds diverge; 12 of 16 without any stall cut under SGD).
-Also letting a learned run whose loss doubled through (the approach channel's test for a run pressing ``auto``'s
-prior) cut that sane MLP once in 16 seeds (a loss spike from 0.24 to 0.65) and changed nothing else measurable.
-
-``patience`` consecutive pressing steps trigger a reduction; an isolated spike presses on one step
-only and never triggers it. When the training loss is passed and *diverges* (the median of its recent
-steps above 1.5x the median at the start of the horizon of up to 100 steps), half the evidence suffices
-(``patience // 2`` pressing steps) and the cooldown no longer holds the guard back: a run that is blowing
-up gets its LR cut again every few steps until the norms stop pressing the threshold (measured on the
-outcomes benchmark: a 10-layer tanh MLP at SGD lr 3, 30x too high, ends at a median loss of 2.9 under
-``GradGuard()``, 7.4 under ``gradient_clip_val=1.0``). After a reduction the guard waits ``cooldown``
-steps and re-bases its slow reference on the current level, so one rise yields one reduction unless the
-norms keep rising.
-
-The reduction never touches what the LR scheduler stores: a step pre-hook multiplies each group's
-``lr`` by :attr:`LRGuard.lr_scale` just before ``optimizer.step`` runs and a step post-hook puts the
-scheduler's value back, so every scheduler (StepLR, CosineAnnealingLR, OneCycleLR,
-ReduceLROnPlateau, ...) keeps computing its own schedule and the effective LR is always
-``lr_scale * scheduler LR`` (floored at ``min_lr``). A step the GradScaler skips never leaves a
-scaled LR behind.
+:class:`LRGuard` watches every optimizer step through three channels (a norm that approaches the clip threshold,
+a norm level that rises above its slow reference, and a flat loss while the weights move fast: see
+``docs/lr-guard.md`` for the rules and the measurements behind them) and, when the evidence holds, multiplies
+its LR scale by ``factor``. The scale is applied to the optimizer by
+:class:`~lightning_gradguard.decide.lr_apply.ScaledLR` (the scheduler's own values stay untouched). Its state is
+one :class:`LRGuardState`.
 
 Example:
 
@@ -76,21 +25,20 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import math
+import statistics
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import torch
-from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 
 from lightning_gradguard._checks import check_bool, check_int
 from lightning_gradguard._checks import check_float as _check_float
+from lightning_gradguard._state import state_from_dict, state_to_dict
+from lightning_gradguard.decide.lr_apply import ScaledLR
 
-__all__ = ["LRGuard", "LRReduction"]
+__all__ = ["LRGuard", "LRGuardState", "LRReduction"]
 
 
 #: Number of recent steps whose median log-norm is the "current level" of the rise channel.
@@ -231,14 +179,69 @@ class LRReduction:
         return self.message()
 
 
-def _median(values: Iterable[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    mid = n // 2
-    return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+def _flags(pair: Any) -> tuple[bool, bool]:
+    return bool(pair[0]), bool(pair[1])
 
 
-class LRGuard:
+def _level_window() -> deque[Any]:
+    return deque(maxlen=LEVEL_WINDOW)
+
+
+def _stall_window() -> deque[Any]:
+    return deque(maxlen=STALL_EVERY)
+
+
+@dataclass
+class LRGuardState:
+    """What :meth:`LRGuard.state_dict` saves: the LR scale and the detector's windows, each a plain value.
+
+    Attributes:
+        lr_scale: the factor on top of the scheduler's LR.
+        num_reductions: reductions so far.
+        cooldown_left: steps before the norm channels may reduce again.
+        streak: ``(approaching, risen)`` of each of the current run of pressing steps (``patience`` at most).
+        num_obs: steps observed by the rise channel.
+        window: log-norms of the last ``LEVEL_WINDOW`` steps.
+        norms: pre-clip norms of the last ``LEVEL_WINDOW`` steps.
+        reference: slow reference of the log-norm level.
+        dispersion: running MAD of the log-norm window.
+        losses: recent training losses (the loss horizon).
+        best_loss: lowest running loss level (median of ``RISE_LOSS_WINDOW`` steps) so far (saved as ``None``
+            while there is none).
+        first_loss: the first finite loss observed.
+        learned: the running loss level has fallen below ``LEARNED_LOSS_RATIO`` of the first loss.
+        recent_clipped: whether each of the last ``STALL_EVERY`` steps was clipped.
+        recent_applied_norms: each of the last ``STALL_EVERY`` steps' post-clip gradient norm.
+    """
+
+    lr_scale: float = 1.0
+    num_reductions: int = 0
+    cooldown_left: int = 0
+    streak: deque[tuple[bool, bool]] = field(default_factory=deque, metadata={"item": _flags})
+    num_obs: int = 0
+    window: deque[float] = field(default_factory=_level_window, metadata={"item": float})
+    norms: deque[float] = field(default_factory=_level_window, metadata={"item": float})
+    reference: float = 0.0
+    dispersion: float = 0.0
+    losses: deque[float] = field(default_factory=deque, metadata={"item": float})
+    best_loss: float = math.inf
+    first_loss: float | None = None
+    learned: bool = False
+    recent_clipped: deque[bool] = field(default_factory=_stall_window, metadata={"item": bool})
+    recent_applied_norms: deque[float] = field(default_factory=_stall_window, metadata={"item": float})
+
+    @classmethod
+    def fresh(cls, patience: int) -> LRGuardState:
+        """A fresh state whose windows fit a guard with this ``patience``."""
+        return cls(
+            streak=deque(maxlen=patience), losses=deque(maxlen=max(LOSS_HORIZON, 2 * patience, RISE_LOSS_WINDOW))
+        )
+
+
+_median = statistics.median
+
+
+class LRGuard(ScaledLR):
     """Detects saturating clipping and scales the learning rate of one optimizer down.
 
     Call :meth:`update` once per optimizer step whose gradients are finite and not skipped, after the
@@ -316,92 +319,37 @@ class LRGuard:
             else _check_float("stall_update_ratio", stall_update_ratio, 0.0, math.inf, True, True)
         )
 
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._handles: list[RemovableHandle] = []
-        # Scheduler values of each group while a step is in flight and the groups hold scaled LRs.
-        self._saved: list[float | Tensor] | None = None
-        self._in_step = False
+        super().__init__()
         self._reset_state()
 
     # ------------------------------------------------------------------ state
 
     def _reset_state(self) -> None:
-        self._lr_scale = 1.0
-        self._num_reductions = 0
-        self._cooldown_left = 0
-        self._streak: deque[tuple[bool, bool]] = deque(maxlen=self.patience)
-        self._num_obs = 0
-        self._window: deque[float] = deque(maxlen=LEVEL_WINDOW)
-        self._norms: deque[float] = deque(maxlen=LEVEL_WINDOW)
-        self._reference = 0.0
-        self._dispersion = 0.0
-        self._losses: deque[float] = deque(maxlen=max(LOSS_HORIZON, 2 * self.patience, RISE_LOSS_WINDOW))
-        self._best_loss = math.inf  # lowest running loss level (median of RISE_LOSS_WINDOW steps) so far
-        self._first_loss: float | None = None  # the first finite loss observed
-        self._learned = False  # the running loss level has fallen below LEARNED_LOSS_RATIO x the first loss
-        self._clipped: deque[bool] = deque(maxlen=STALL_EVERY)  # whether each recent step was clipped
-        self._applied: deque[float] = deque(maxlen=STALL_EVERY)  # each recent step's post-clip gradient norm
+        self._s = LRGuardState.fresh(self.patience)
 
     @property
     def lr_scale(self) -> float:
         """Factor applied on top of the scheduler's LR (``1.0`` until the first reduction)."""
-        return self._lr_scale
+        return self._s.lr_scale
 
     @property
     def num_reductions(self) -> int:
         """Number of reductions so far."""
-        return self._num_reductions
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The attached optimizer, if any."""
-        return self._optimizer
+        return self._s.num_reductions
 
     def state_dict(self) -> dict[str, Any]:
-        """Detector state and LR scale, as primitives (floats, ints, bools, lists)."""
-        return {
-            "lr_scale": self._lr_scale,
-            "num_reductions": self._num_reductions,
-            "cooldown_left": self._cooldown_left,
-            "streak": [[a, r] for a, r in self._streak],
-            "num_obs": self._num_obs,
-            "window": list(self._window),
-            "norms": list(self._norms),
-            "reference": self._reference,
-            "dispersion": self._dispersion,
-            "losses": list(self._losses),
-            "best_loss": self._best_loss if math.isfinite(self._best_loss) else None,
-            "first_loss": self._first_loss,
-            "learned": self._learned,
-            "recent_clipped": list(self._clipped),
-            "recent_applied_norms": list(self._applied),
-        }
+        """The :class:`LRGuardState`, as primitives (floats, ints, bools, lists)."""
+        return state_to_dict(self._s)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (missing keys fall back to a fresh guard's values)."""
-        self._reset_state()
-        self._lr_scale = float(state_dict.get("lr_scale", 1.0))
-        self._num_reductions = int(state_dict.get("num_reductions", 0))
-        self._cooldown_left = int(state_dict.get("cooldown_left", 0))
-        self._streak.extend((bool(a), bool(r)) for a, r in state_dict.get("streak", []))
-        self._num_obs = int(state_dict.get("num_obs", 0))
-        self._window.extend(float(x) for x in state_dict.get("window", []))
-        self._norms.extend(float(x) for x in state_dict.get("norms", []))
-        self._reference = float(state_dict.get("reference", 0.0))
-        self._dispersion = float(state_dict.get("dispersion", 0.0))
-        self._losses.extend(float(x) for x in state_dict.get("losses", []))
-        best = state_dict.get("best_loss")
-        self._best_loss = math.inf if best is None else float(best)
-        first = state_dict.get("first_loss")
-        self._first_loss = None if first is None else float(first)
-        self._learned = bool(state_dict.get("learned", False))
-        self._clipped.extend(bool(x) for x in state_dict.get("recent_clipped", []))
-        self._applied.extend(float(x) for x in state_dict.get("recent_applied_norms", []))
+        """Restore what :meth:`state_dict` returned: keys it lacks keep a fresh guard's values, keys that
+        :class:`LRGuardState` does not declare are ignored."""
+        self._s, _ = state_from_dict(LRGuardState.fresh(self.patience), state_dict)
 
     # -------------------------------------------------------------- detection
 
     def _rise_margin(self) -> float:
-        sigma = _MAD_TO_SIGMA * self._dispersion
+        sigma = _MAD_TO_SIGMA * self._s.dispersion
         return max(self._log_rise, RISE_Z * _MEDIAN_SE * sigma)
 
     def update(
@@ -440,46 +388,10 @@ class LRGuard:
         norm = float(norm)
         if not math.isfinite(norm):
             return None
-        risen_loss = False
-        if loss is not None and math.isfinite(loss):
-            self._losses.append(float(loss))
-            if self._first_loss is None:
-                self._first_loss = float(loss)
-            if len(self._losses) >= RISE_LOSS_WINDOW:
-                level_now = _median(list(self._losses)[-RISE_LOSS_WINDOW:])
-                risen_loss = level_now > RISEN_LOSS_RATIO * self._best_loss > 0.0
-                self._best_loss = min(self._best_loss, level_now)
-                if self._first_loss > 0.0 and level_now < LEARNED_LOSS_RATIO * self._first_loss:
-                    self._learned = True
-        applied = norm if threshold is None or not norm > threshold else float(threshold)
-        self._clipped.append(applied < norm)
-        self._applied.append(applied)
-        # Channel 1: the norm has used `approach_ratio` of the headroom below the threshold.
-        approaching = False
-        if threshold is not None and math.isfinite(threshold) and threshold > 0.0:
-            c = 0.0
-            if center is not None and math.isfinite(center) and 0.0 <= center < threshold:
-                c = float(center)
-            approaching = norm >= c + self.approach_ratio * (float(threshold) - c)
-
-        # Channel 2: the level (median of recent log-norms) against a slow reference.
-        x = math.log(max(norm, _TINY))
-        self._window.append(x)
-        self._norms.append(norm)
-        self._num_obs += 1
-        level = _median(self._window)
-        if self._num_obs == 1:
-            self._reference = level
-        risen = False
-        if self.rise_ratio is not None and self._num_obs > REFERENCE_WARMUP:
-            risen = level - self._reference > self._rise_margin()
-        a = max(1.0 / self._num_obs, 1.0 / REFERENCE_HORIZON)
-        self._reference += a * (level - self._reference)
-        if len(self._window) >= 3:
-            mad = _median(abs(v - level) for v in self._window)
-            b = max(1.0 / max(self._num_obs - 2, 1), 1.0 / REFERENCE_HORIZON)
-            self._dispersion += b * (mad - self._dispersion)
-
+        risen_loss = self._observe_loss(loss)
+        self._observe_applied(norm, threshold)
+        approaching = self._approaches(norm, threshold, center)
+        level, risen = self._observe_level(norm)
         losses = self._loss_medians()
         # A loss well above where it was is a run that diverges: act on half the evidence, cooldown or not.
         diverging = (
@@ -490,22 +402,76 @@ class LRGuard:
         )
         if prior and not (diverging or risen_loss):
             approaching = False  # a threshold not learnt from the run's history is no evidence on its own
-        if self._cooldown_left > 0:
-            self._cooldown_left -= 1
+        if self._s.cooldown_left > 0:
+            self._s.cooldown_left -= 1
             if not diverging:
                 return None
         if not (approaching or risen):
-            self._streak.clear()
+            self._s.streak.clear()
             return None
-        self._streak.append((approaching, risen))
-        if len(self._streak) < (max(2, self.patience // 2) if diverging else self.patience):
+        self._s.streak.append((approaching, risen))
+        if len(self._s.streak) < (max(2, self.patience // 2) if diverging else self.patience):
             return None
-        if self.max_reductions is not None and self._num_reductions >= self.max_reductions:
+        if self.max_reductions is not None and self._s.num_reductions >= self.max_reductions:
             return None
         if self.require_stalled_loss and loss is not None and (losses is None or losses[1] < losses[0]):
             # The loss still improves, or too few losses to tell yet: keep the streak, judge again next step.
             return None
         return self._reduce(step, norm, threshold, center, level, losses)
+
+    def _observe_loss(self, loss: float | None) -> bool:
+        """Record the step's loss (the loss gate, the stall channel); returns whether the running loss level has
+        risen to more than ``RISEN_LOSS_RATIO`` times its lowest level so far."""
+        if loss is None or not math.isfinite(loss):
+            return False
+        s = self._s
+        s.losses.append(float(loss))
+        if s.first_loss is None:
+            s.first_loss = float(loss)
+        if len(s.losses) < RISE_LOSS_WINDOW:
+            return False
+        level_now = _median(list(s.losses)[-RISE_LOSS_WINDOW:])
+        risen_loss = level_now > RISEN_LOSS_RATIO * s.best_loss > 0.0
+        s.best_loss = min(s.best_loss, level_now)
+        if s.first_loss > 0.0 and level_now < LEARNED_LOSS_RATIO * s.first_loss:
+            s.learned = True
+        return risen_loss
+
+    def _observe_applied(self, norm: float, threshold: float | None) -> None:
+        """Record whether the step was clipped and its post-clip norm (the stall channel's clip share and gain)."""
+        applied = norm if threshold is None or not norm > threshold else float(threshold)
+        self._s.recent_clipped.append(applied < norm)
+        self._s.recent_applied_norms.append(applied)
+
+    def _approaches(self, norm: float, threshold: float | None, center: float | None) -> bool:
+        """Channel 1: the norm has used ``approach_ratio`` of the headroom between the center and the threshold."""
+        if threshold is None or not math.isfinite(threshold) or not threshold > 0.0:
+            return False
+        c = 0.0
+        if center is not None and math.isfinite(center) and 0.0 <= center < threshold:
+            c = float(center)
+        return norm >= c + self.approach_ratio * (float(threshold) - c)
+
+    def _observe_level(self, norm: float) -> tuple[float, bool]:
+        """Channel 2: the level (median of recent log-norms) against a slow reference; returns the level and
+        whether it has risen above the reference."""
+        s = self._s
+        s.window.append(math.log(max(norm, _TINY)))
+        s.norms.append(norm)
+        s.num_obs += 1
+        level = _median(s.window)
+        if s.num_obs == 1:
+            s.reference = level
+        risen = False
+        if self.rise_ratio is not None and s.num_obs > REFERENCE_WARMUP:
+            risen = level - s.reference > self._rise_margin()
+        a = max(1.0 / s.num_obs, 1.0 / REFERENCE_HORIZON)
+        s.reference += a * (level - s.reference)
+        if len(s.window) >= 3:
+            mad = _median(abs(v - level) for v in s.window)
+            b = max(1.0 / max(s.num_obs - 2, 1), 1.0 / REFERENCE_HORIZON)
+            s.dispersion += b * (mad - s.dispersion)
+        return level, risen
 
     def stall_due(self, step: int) -> bool:
         """Whether :meth:`stall_check` wants the update ratio of optimizer step ``step`` (every
@@ -518,10 +484,10 @@ class LRGuard:
         effective LR of the attached optimizer's groups and ``rms`` the root mean square of the last
         ``STALL_EVERY`` post-clip gradient norms. ``None`` without an attached optimizer or recent norms; ``inf``
         when the weights move while the LR or the gradients are zero."""
-        if self._optimizer is None or not self._applied or not math.isfinite(update_norm):
+        if self._optimizer is None or not self._s.recent_applied_norms or not math.isfinite(update_norm):
             return None
         lr = max(self.effective_lrs(), default=0.0)
-        rms = math.sqrt(sum(x * x for x in self._applied) / len(self._applied))
+        rms = math.sqrt(sum(x * x for x in self._s.recent_applied_norms) / len(self._s.recent_applied_norms))
         step_size = lr * rms
         if not math.isfinite(step_size):
             return None
@@ -549,38 +515,38 @@ class LRGuard:
         limit = self.stall_update_ratio
         if limit is None or not self.stall_due(step) or not math.isfinite(update_ratio):
             return None
-        if len(self._losses) < 2 * STALL_EVERY or len(self._clipped) < STALL_EVERY:
+        if len(self._s.losses) < 2 * STALL_EVERY or len(self._s.recent_clipped) < STALL_EVERY:
             return None
-        values = list(self._losses)
+        values = list(self._s.losses)
         recent, before = _median(values[-STALL_EVERY:]), _median(values[-2 * STALL_EVERY : -STALL_EVERY])
-        clip_share = sum(self._clipped) / len(self._clipped)
+        clip_share = sum(self._s.recent_clipped) / len(self._s.recent_clipped)
         if update_ratio <= limit or recent < before or clip_share > STALL_MAX_CLIP_SHARE:
             return None
         gain = None if update_norm is None else self.stall_gain(update_norm)
-        if gain is not None and gain <= STALL_MIN_GAIN and self._learned:
+        if gain is not None and gain <= STALL_MIN_GAIN and self._s.learned:
             return None  # the step follows the gradient of a run that has learned: clipping's case, not ours
-        if self._learned and not recent > RISEN_LOSS_RATIO * self._best_loss:
+        if self._s.learned and not recent > RISEN_LOSS_RATIO * self._s.best_loss:
             return None  # a run that learned and sits near its best loss has converged, not stalled
-        if self.max_reductions is not None and self._num_reductions >= self.max_reductions:
+        if self.max_reductions is not None and self._s.num_reductions >= self.max_reductions:
             return None
-        before_scale = self._lr_scale
+        before_scale = self._s.lr_scale
         if self._at_floor(before_scale * self.factor):
             return None
         old_lrs = tuple(self.effective_lrs()) if self._optimizer is not None else ()
         self.force_reduction()
-        self._num_reductions += 1
+        self._s.num_reductions += 1
         return LRReduction(
             step=int(step),
             reason="stall",
             lr_scale_before=before_scale,
-            lr_scale=self._lr_scale,
-            num_reductions=self._num_reductions,
-            norm=self._norms[-1] if self._norms else math.nan,
+            lr_scale=self._s.lr_scale,
+            num_reductions=self._s.num_reductions,
+            norm=self._s.norms[-1] if self._s.norms else math.nan,
             threshold=None,
             center=None,
-            recent_norms=tuple(self._norms),
-            level=math.exp(_median(self._window)) if self._window else math.nan,
-            reference=math.exp(self._reference),
+            recent_norms=tuple(self._s.norms),
+            level=math.exp(_median(self._s.window)) if self._s.window else math.nan,
+            reference=math.exp(self._s.reference),
             approaching_steps=0,
             risen_steps=0,
             patience=self.patience,
@@ -592,14 +558,6 @@ class LRGuard:
             update_gain=gain,
         )
 
-    def _at_floor(self, new_scale: float) -> bool:
-        """Every group already sits at its ``min_lr`` floor: scaling to ``new_scale`` would change no effective LR."""
-        if self._optimizer is None:
-            return False
-        return all(
-            self._effective(lr, self._lr_scale) <= self._effective(lr, new_scale) for lr in self._scheduler_lrs()
-        )
-
     def _loss_medians(self) -> tuple[float, float] | None:
         """(median loss at the start of the loss horizon, median loss now), once ``2 * patience`` exist.
 
@@ -607,10 +565,10 @@ class LRGuard:
         (at least ``patience`` steps each), so per-batch noise does not decide and a loss that fell over
         the last ~100 steps counts as improving.
         """
-        n = len(self._losses)
+        n = len(self._s.losses)
         if n < 2 * self.patience:
             return None
-        values = list(self._losses)
+        values = list(self._s.losses)
         k = max(self.patience, n // 4)
         return _median(values[:k]), _median(values[-k:])
 
@@ -623,34 +581,33 @@ class LRGuard:
         level: float,
         losses: tuple[float, float] | None = None,
     ) -> LRReduction | None:
-        n_approach = sum(1 for a, _ in self._streak if a)
-        n_risen = sum(1 for _, r in self._streak if r)
-        self._streak.clear()
+        n_approach = sum(1 for a, _ in self._s.streak if a)
+        n_risen = sum(1 for _, r in self._s.streak if r)
+        self._s.streak.clear()
         old_lrs = tuple(self.effective_lrs()) if self._optimizer is not None else ()
-        new_scale = self._lr_scale * self.factor
+        new_scale = self._s.lr_scale * self.factor
         if self._at_floor(new_scale):
-            self._cooldown_left = self.cooldown
+            self._s.cooldown_left = self.cooldown
             return None
-        before = self._lr_scale
-        self._lr_scale = new_scale
-        self._num_reductions += 1
-        self._cooldown_left = self.cooldown
-        reference = self._reference
+        before = self._s.lr_scale
+        self._s.lr_scale = new_scale
+        self._s.num_reductions += 1
+        self._s.cooldown_left = self.cooldown
+        reference = self._s.reference
         # Re-base the slow reference: the current level is the new normal after the reduction.
-        self._reference = level
-        if self._in_step:
-            self._apply_scale()
+        self._s.reference = level
+        self._scale_changed()
         new_lrs = tuple(self.effective_lrs()) if self._optimizer is not None else ()
         return LRReduction(
             step=int(step),
             reason="approach" if n_approach >= n_risen else "rise",
             lr_scale_before=before,
             lr_scale=new_scale,
-            num_reductions=self._num_reductions,
+            num_reductions=self._s.num_reductions,
             norm=norm,
             threshold=None if threshold is None else float(threshold),
             center=None if center is None else float(center),
-            recent_norms=tuple(self._norms),
+            recent_norms=tuple(self._s.norms),
             level=math.exp(level),
             reference=math.exp(reference),
             approaching_steps=n_approach,
@@ -682,123 +639,16 @@ class LRGuard:
             (1.0, 0.5)
         """
         factor = self.factor if factor is None else _check_float("factor", factor, 0.0, 1.0, True, True)
-        before = self._lr_scale
-        self._lr_scale = before * factor
-        self._cooldown_left = self.cooldown
-        self._streak.clear()
-        if self._in_step:
-            self._apply_scale()
-        return before, self._lr_scale
+        before = self._s.lr_scale
+        self._s.lr_scale = before * factor
+        self._s.cooldown_left = self.cooldown
+        self._s.streak.clear()
+        self._scale_changed()
+        return before, self._s.lr_scale
 
-    @contextlib.contextmanager
-    def scheduler_lrs(self) -> Iterator[None]:
-        """Within this block the param groups hold the scheduler's own LRs, even inside ``optimizer.step``.
-
-        Lightning runs its hooks inside ``optimizer.step``, where the groups hold the scaled LR. A
-        snapshot taken or restored in this block sees the scheduler's values; whatever the groups hold
-        at its end is the scheduler's value for the rest of the step (the scale is applied on top again).
-        Outside ``optimizer.step`` it changes nothing.
-        """
-        if not self._in_step or self._saved is None:
-            yield
-            return
-        self._restore()
-        try:
-            yield
-        finally:
-            self._in_step = True
-            self._apply_scale()
-
-    # ----------------------------------------------------------------- action
-
-    def _effective(self, lr: float, scale: float) -> float:
-        return max(lr * scale, min(self.min_lr, lr))
-
-    def _scheduler_lrs(self) -> list[float]:
-        assert self._optimizer is not None
-        if self._saved is not None:
-            values: list[float | Tensor] = self._saved
-        else:
-            values = [g["lr"] for g in self._optimizer.param_groups]
-        return [float(v) for v in values]
-
-    def effective_lrs(self) -> list[float]:
-        """The LR each param group of the attached optimizer steps with: ``lr_scale x`` its own LR.
-
-        Raises:
-            RuntimeError: no optimizer is attached.
-        """
-        if self._optimizer is None:
-            raise RuntimeError("LRGuard.effective_lrs() needs an optimizer: call `attach(optimizer)` first")
-        return [self._effective(lr, self._lr_scale) for lr in self._scheduler_lrs()]
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> LRGuard:
-        """Apply the LR scale to ``optimizer`` from now on (step pre/post hooks); returns ``self``.
-
-        Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
-            RuntimeError: the guard is already attached to another optimizer.
-        """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if self._optimizer is optimizer:
-            return self
-        if self._optimizer is not None:
-            raise RuntimeError("this LRGuard is already attached to another optimizer: call `detach()` first")
-        self._optimizer = optimizer
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
-        ]
-        return self
-
-    def detach(self) -> None:
-        """Remove the hooks (restoring the scheduler's LRs if a step is in flight)."""
-        self._restore()
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._optimizer = None
-
-    def _apply_scale(self) -> None:
-        """Make every group hold its effective LR, remembering the scheduler's values."""
-        opt = self._optimizer
-        assert opt is not None
-        if self._saved is None:
-            self._saved = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in opt.param_groups]
-        scale, floor = self._lr_scale, self.min_lr
-        for g, own in zip(opt.param_groups, self._saved, strict=True):
-            if isinstance(own, Tensor):
-                g["lr"].copy_(torch.maximum(own * scale, own.clamp(max=floor)))
-            else:
-                g["lr"] = self._effective(own, scale)
-
-    def _restore(self) -> None:
-        opt, saved = self._optimizer, self._saved
-        self._saved = None
-        self._in_step = False
-        if opt is None or saved is None:
-            return
-        for g, own in zip(opt.param_groups, saved, strict=False):
-            if isinstance(own, Tensor) and isinstance(g["lr"], Tensor):
-                g["lr"].copy_(own)
-            else:
-                g["lr"] = own
-
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # A step that raised never ran the post-hook: put the scheduler's values back first.
-        self._restore()
-        self._in_step = True
-        if self._lr_scale != 1.0:
-            self._apply_scale()
-
-    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._restore()
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments, as plain values: what the engine saves with the state and compares on load."""
+        return {name: getattr(self, name) for name in inspect.signature(LRGuard.__init__).parameters if name != "self"}
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(approach_ratio={self.approach_ratio}, patience={self.patience},"
-            f" factor={self.factor}, cooldown={self.cooldown}, min_lr={self.min_lr},"
-            f" max_reductions={self.max_reductions}, rise_ratio={self.rise_ratio},"
-            f" require_stalled_loss={self.require_stalled_loss}, stall_update_ratio={self.stall_update_ratio})"
-        )
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.config().items())})"

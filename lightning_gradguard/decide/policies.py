@@ -24,12 +24,14 @@ import math
 import statistics
 import warnings
 from collections import deque
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from lightning_gradguard._checks import CLIP_NAMES, check_int
 from lightning_gradguard._checks import check_open_unit as _check_open_unit
 from lightning_gradguard._checks import check_positive_real as _check_positive
 from lightning_gradguard._checks import check_real as _check_real
+from lightning_gradguard._state import state_from_dict
 
 __all__ = [
     "POLICY_NAMES",
@@ -43,6 +45,43 @@ __all__ = [
 
 POLICY_NAMES: tuple[str, ...] = CLIP_NAMES  # declared once, in _checks
 _STATE_VERSION = 1
+
+
+# -------------------------------------------------------------------------------------------------- state
+@dataclass
+class PercentileState:
+    """:class:`PercentilePolicy`'s saved state: the recent norms and the steps observed (``None``: as many as the
+    norms, in states that predate the count)."""
+
+    history: list[float] = field(default_factory=list, metadata={"item": float})
+    steps: int | None = None
+
+
+@dataclass
+class ZScoreState:
+    """:class:`ZScorePolicy`'s saved state: the EMA mean and variance (``None`` while warming up), the warmup norms
+    and the steps observed."""
+
+    mean: float | None = None
+    var: float | None = None
+    warmup: list[float] = field(default_factory=list, metadata={"item": float})
+    steps: int = 0
+
+
+@dataclass
+class AutoState:
+    """:class:`AutoPolicy`'s saved state: the robust level, variance and slope (``None`` while warming up), the
+    warmup norms, the steps observed, the ceiling, the recent norms that press it and the first norms that anchor
+    it."""
+
+    level: float | None = None
+    var: float | None = None
+    slope: float = 0.0
+    warmup: list[float] = field(default_factory=list, metadata={"item": float})
+    steps: int = 0
+    ceiling: float | None = None
+    recent: list[float] = field(default_factory=list, metadata={"item": float})
+    anchor: list[float] = field(default_factory=list, metadata={"item": float})
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -264,13 +303,14 @@ class PercentilePolicy(ThresholdPolicy):
         }
 
     def _state(self) -> dict[str, Any]:
-        return {"history": list(self._history), "steps": self._steps}
+        return asdict(PercentileState(history=list(self._history), steps=self._steps))
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        history = [float(x) for x in state.get("history", [])][-self.window :]
+        saved, _ = state_from_dict(PercentileState(), state)
+        history = saved.history[-self.window :]
         self._history = deque(history, maxlen=self.window)
         self._sorted = sorted(history)
-        self._steps = int(state.get("steps", len(history)))
+        self._steps = len(history) if saved.steps is None else saved.steps
 
 
 # ----------------------------------------------------------------------------------------------- zscore
@@ -360,14 +400,11 @@ class ZScorePolicy(ThresholdPolicy):
         }
 
     def _state(self) -> dict[str, Any]:
-        return {"mean": self._mean, "var": self._var, "warmup": list(self._warmup), "steps": self._steps}
+        return asdict(ZScoreState(mean=self._mean, var=self._var, warmup=list(self._warmup), steps=self._steps))
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        mean, var = state.get("mean"), state.get("var")
-        self._mean = None if mean is None else float(mean)
-        self._var = None if var is None else float(var)
-        self._warmup = [float(x) for x in state.get("warmup", [])]
-        self._steps = int(state.get("steps", 0))
+        saved, _ = state_from_dict(ZScoreState(), state)
+        self._mean, self._var, self._warmup, self._steps = saved.mean, saved.var, saved.warmup, saved.steps
 
 
 # ------------------------------------------------------------------------------------------------- auto
@@ -607,28 +644,26 @@ class AutoPolicy(ThresholdPolicy):
         }
 
     def _state(self) -> dict[str, Any]:
-        return {
-            "level": self._level,
-            "var": self._var,
-            "slope": self._slope,
-            "warmup": list(self._warmup),
-            "steps": self._steps,
-            "ceiling": self._ceiling,
-            "recent": list(self._recent),
-            "anchor": list(self._anchor),
-        }
+        return asdict(
+            AutoState(
+                level=self._level,
+                var=self._var,
+                slope=self._slope,
+                warmup=list(self._warmup),
+                steps=self._steps,
+                ceiling=self._ceiling,
+                recent=list(self._recent),
+                anchor=list(self._anchor),
+            )
+        )
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        level, var = state.get("level"), state.get("var")
-        self._level = None if level is None else float(level)
-        self._var = None if var is None else float(var)
-        self._slope = float(state.get("slope", 0.0))
-        self._warmup = [float(x) for x in state.get("warmup", [])]
-        self._steps = int(state.get("steps", 0))
-        ceiling = state.get("ceiling", self.prior_norm)
-        self._ceiling = None if ceiling is None or not self._has_ceiling else float(ceiling)
-        self._recent = deque((float(x) for x in state.get("recent", [])), maxlen=self._PRESS_WINDOW)
-        self._anchor = [float(x) for x in state.get("anchor", [])] if self.prior_ratio is not None else []
+        saved, _ = state_from_dict(AutoState(ceiling=self.prior_norm), state)
+        self._level, self._var, self._slope = saved.level, saved.var, saved.slope
+        self._warmup, self._steps = saved.warmup, saved.steps
+        self._ceiling = saved.ceiling if self._has_ceiling else None
+        self._recent = deque(saved.recent, maxlen=self._PRESS_WINDOW)
+        self._anchor = saved.anchor if self.prior_ratio is not None else []
         if self.prior_ratio is not None and "anchor" not in state:
             # A state saved before the relative ceiling existed: a ceiling it holds stands (the anchor is complete);
             # without one, the next norms anchor it.

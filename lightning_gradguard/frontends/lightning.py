@@ -31,7 +31,6 @@ from typing_extensions import override
 from lightning_gradguard._checks import ClipName, OnNonFinite
 from lightning_gradguard._compat import (
     drop_bound_log_methods,
-    legacy_state_key,
     scaler_scale,
     should_accumulate,
     steps_scaled_gradients,
@@ -174,6 +173,10 @@ class GradGuard(Callback):
         self._last_trainer: weakref.ref[Trainer] | None = None  # the Trainer of the last fit (never kept alive)
 
     # ------------------------------------------------------------------ public read-only views
+    #: Tells several GradGuards of one class in one Trainer apart in checkpoints (``docs/state.md``): set a
+    #: different one on each before building the Trainer.
+    name: str | None = None
+
     @property
     def options(self) -> GuardOptions:
         """The checked options this GradGuard was constructed with (read-only)."""
@@ -190,6 +193,13 @@ class GradGuard(Callback):
 
     @property
     def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: its identity, the class name, with ``[name]`` when
+        :attr:`name` is set (``"GradGuard"``, ``"GradMonitor"``, ``"GradGuard[fold-b]"``)."""
+        key = type(self).__qualname__
+        return key if self.name is None else f"{key}[{self.name}]"
+
+    def _version_2_state_key(self) -> str:
+        """The key checkpoints of state version 2 hold this callback's state under (built from the configuration)."""
         options = self._options
         return self._generate_state_key(
             clip=_describe_clip(options.clip), max_norm=options.max_norm, group_by=_describe(options.group_by)
@@ -463,19 +473,25 @@ class GradGuard(Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Say what happens when the checkpoint holds no state under this GradGuard's :attr:`state_key`.
 
-        Lightning loads a callback's state only under its exact key. If the key is missing, the only
-        GradGuard state no other callback of this Trainer claims is adopted (the configuration changed
-        between the runs: its differences are reported on load); otherwise this GradGuard starts fresh,
-        with an info message (GradGuard added to an existing run) or a warning naming the other states.
+        Lightning loads a callback's state only under its exact key. If the key is missing, the state saved under
+        this configuration's key of state version 2 is loaded; else the only GradGuard state no other callback of
+        this Trainer claims is adopted (the configuration changed between the runs: its differences are reported
+        on load); otherwise this GradGuard starts fresh, with an info message (GradGuard added to an existing run)
+        or a warning naming the other states.
         """
         states = checkpoint.get("callbacks") or {}
-        if self.state_key in states or legacy_state_key(self) in states:
+        if self.state_key in states:
+            return  # Lightning loads it
+        version_2_key = self._version_2_state_key()
+        if version_2_key in states:  # the same configuration, saved under the key of state version 2
+            self.load_state_dict(copy.deepcopy(states[version_2_key]))
             return
         ours = {str(k): v for k, v in states.items() if _is_gradguard_state(v)}
         callbacks: list[Callback] = list(getattr(trainer, "callbacks", []))
-        claimed = {cb.state_key for cb in callbacks} | {str(legacy_state_key(cb)) for cb in callbacks}
+        family = [cb for cb in callbacks if isinstance(cb, GradGuard)]
+        claimed = {cb.state_key for cb in family} | {cb._version_2_state_key() for cb in family}
         unclaimed = {k: v for k, v in ours.items() if k not in claimed}
-        homeless = [cb for cb in callbacks if isinstance(cb, GradGuard) and cb.state_key not in states]
+        homeless = [cb for cb in family if not {cb.state_key, cb._version_2_state_key()} & states.keys()]
         if len(unclaimed) == 1 and len(homeless) == 1:
             key, state = next(iter(unclaimed.items()))
             self._say(
@@ -512,7 +528,7 @@ class GradGuard(Callback):
             "max_norm": options.max_norm,
             "group_by": _describe(options.group_by),
             "on_nonfinite": options.on_nonfinite,
-            "lr_guard": None if lr_guard is None else repr(lr_guard),
+            "lr_guard": None if lr_guard is None else lr_guard.config(),
             "diagnostics": options.diagnostics_template is not None,
         }
 
