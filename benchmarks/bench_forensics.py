@@ -159,7 +159,7 @@ def run(arch: str, kind: str, seed: int, steps: int, inject_at: int, log_dir: Pa
     groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith(target_name + ".")]}]
     groups.append({"params": list(target.parameters())})
     opt = torch.optim.SGD(groups, lr=0.05)
-    guard = Guard(model, opt, replay=True, batch_ids=lambda b: b[2].tolist(), log_dir=str(log_dir))
+    guard = Guard(model, opt, replay=True, batch_ids=lambda b: b[2].tolist())
     loader = DataLoader(data, batch_size=BATCH, shuffle=False)
     corrupt = {"left": 0}
     if kind == "grad_corruption":

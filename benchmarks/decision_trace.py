@@ -325,12 +325,15 @@ def compare(old: dict[str, Trace], new: dict[str, Trace]) -> tuple[list[str], li
                 break
         if len(a["steps"]) != len(b["steps"]):
             decisions.append(f"{name}: {len(a['steps'])} vs {len(b['steps'])} step records")
-        ka = [(k, s) for k, s, _ in a["events"]]
-        kb = [(k, s) for k, s, _ in b["events"]]
+        # incident records tell the story of a decision; they are not decisions themselves
+        ea = [e for e in a["events"] if e[0] != "incident"]
+        eb = [e for e in b["events"] if e[0] != "incident"]
+        ka = [(k, s) for k, s, _ in ea]
+        kb = [(k, s) for k, s, _ in eb]
         if ka != kb:
             decisions.append(f"{name}: events differ: {ka} vs {kb}")
         else:
-            for (k, s, t1), (_, _, t2) in zip(a["events"], b["events"], strict=True):
+            for (k, s, t1), (_, _, t2) in zip(ea, eb, strict=True):
                 if t1 != t2:
                     texts.append(f"{name}: {k}@{s}: {t1!r} -> {t2!r}")
         for key in ("weights", "verdicts", "clipped", "skipped"):

@@ -25,6 +25,7 @@ EVENT_KINDS: Mapping[str, bool] = MappingProxyType(
         "state": True,  # saved state that does not fully match (another version, configuration or model)
         "summary": False,  # the end-of-training diagnostics summary
         "rollback": True,  # recovery restored the last good snapshot and lowered the LR
+        "incident": False,  # the story of an incident: which layer led, on which batch, whether it repeats
     }
 )
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -39,6 +39,7 @@ from lightning_gradguard.decide.engine import GuardEngine
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy, make_policy
 from lightning_gradguard.events import OnEvent
+from lightning_gradguard.forensics.tracker import Forensics
 from lightning_gradguard.measure.stats import GradStats, GroupBy
 from lightning_gradguard.measure.updates import UpdateTracker
 from lightning_gradguard.recovery.rollback import SNAPSHOT_EVERY_N_STEPS, Recovery, RollbackTrigger
@@ -50,6 +51,9 @@ __all__ = ["DEFAULT_LOG_EVERY_N_STEPS", "Checked", "GuardOptions", "option_names
 
 #: Log cadence, in optimizer steps, when neither the option nor the Trainer gives one.
 DEFAULT_LOG_EVERY_N_STEPS = 50
+
+BatchIds = Callable[[Any], Sequence[Any]]
+"""``batch -> sequence`` of the batch's sample identifiers (e.g. dataset indices), read at incidents only."""
 
 Check = Callable[[str, Any], Any]
 """An option's check: ``check(name, value)`` returns the value to keep (numpy scalars as Python ones) or raises."""
@@ -117,6 +121,12 @@ def _group_by(name: str, value: Any) -> Any:
     raise TypeError(f"{allowed}, got {value!r} ({type(value).__name__})")
 
 
+def _batch_ids(name: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be a callable batch -> sequence of sample ids, or None, got {value!r}")
+    return value
+
+
 def _hook(name: str, value: Any) -> Any:
     check_hook(name, value)
     return value
@@ -162,6 +172,9 @@ class GuardOptions:
     ] = True
     snapshot_every_n_steps: Annotated[int, Checked(_int_at_least(1))] = SNAPSHOT_EVERY_N_STEPS
     diagnose_every_n_steps: Annotated[int, Checked(_int_at_least(1))] = 50
+    incidents: Annotated[bool, Checked(_flag)] = True
+    replay: Annotated[bool, Checked(_flag)] = False
+    batch_ids: Annotated[BatchIds | None, Checked(_batch_ids)] = None
 
     def __post_init__(self) -> None:
         for name, checked in _declared().items():
@@ -212,6 +225,12 @@ class GuardOptions:
         if trigger is None:
             return None
         return Recovery(copy.deepcopy(trigger), self.snapshot_every_n_steps)
+
+    def forensics(self) -> Forensics | None:
+        """A fresh :class:`~lightning_gradguard.forensics.tracker.Forensics` (``None`` with ``incidents=False``)."""
+        if not self.incidents:
+            return None
+        return Forensics(replay=self.replay, batch_ids=self.batch_ids)
 
     def engine(self, index: int, named_parameters: Iterable[tuple[str, Tensor]], monitor_only: bool) -> GuardEngine:
         """A fresh :class:`~lightning_gradguard.decide.engine.GuardEngine` for one optimizer's parameters."""

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard.decide.engine import GuardEngine, NonFiniteGradientsError, StepOutcome, apply_outcome
+from lightning_gradguard.forensics.tracker import BatchContext, Forensics, skip_listed
 from lightning_gradguard.records import StepRecord, StepSink, UpdateRecord
 from lightning_gradguard.recovery.rollback import Recovery
 
@@ -63,6 +64,7 @@ class GuardStep:
         heatmap_every: int = 0,
         recovery: Recovery | None = None,
         scaler_enabled: bool = False,
+        forensics: Forensics | None = None,
     ) -> None:
         self.sink = sink
         self.log_every = log_every
@@ -71,6 +73,7 @@ class GuardStep:
         self.heatmap_every = heatmap_every
         self.recovery = recovery
         self.scaler_enabled = scaler_enabled
+        self.forensics = forensics
         self._pending: dict[int, tuple[int, bool, bool]] = {}  # index -> (global step, log step, diagnose step)
         self._hooks: dict[int, Any] = {}  # id(optimizer) -> step post-hook handle
 
@@ -85,6 +88,7 @@ class GuardStep:
         loss: Tensor | None = None,
         amp_scale: Tensor | None = None,
         on_applied: Callable[[StepOutcome], None] | None = None,
+        context: BatchContext | None = None,
     ) -> StepRecord:
         """One optimizer step of ``engine``; returns its record, or raises once it is written.
 
@@ -97,14 +101,22 @@ class GuardStep:
             loss: the step's mean unscaled loss, a scalar tensor still on the device.
             amp_scale: the GradScaler's scale when the gradients are still scaled.
             on_applied: called with the outcome once it is applied (before anything is written).
+            context: the batch of this step (epoch, index, the batch, a closure that re-runs it), for the
+                incident records, replays and the skip list.
         """
         # 1-2. sync and measure: one pass, one collective, one transfer
         engine.sync_parameters(optimizer, named_parameters)
         recovery = self.recovery
         check = recovery.state_check() if recovery is not None else None
         stats, loss_value, scale_value = engine.measure(loss=loss, amp_scale=amp_scale, state_check=check)
-        # 3. decide
+        # 3. decide (a batch on the skip list is dropped), and spot an incident while the weights are its own
         outcome = engine.decide(stats, loss=loss_value, amp_scale=scale_value, scaler_enabled=self.scaler_enabled)
+        forensics = self.forensics
+        if forensics is not None:
+            listed = forensics.listed(context)
+            if listed is not None and context is not None:
+                outcome = engine.last = skip_listed(engine, outcome, listed, context)
+            forensics.replay(engine, outcome, context)
         # 4. recover
         failure: Exception | None = None
         if recovery is not None:
@@ -127,6 +139,18 @@ class GuardStep:
             self._pending[engine.index] = (global_step, log_step, diagnose_step)
         if outcome.error is not None:
             failure = NonFiniteGradientsError(outcome.error)
+        if forensics is not None:
+            incident = forensics.record(
+                engine,
+                outcome,
+                optimizer,
+                global_step=global_step,
+                stopped=failure is not None,
+                context=context,
+                amp_scale=scale_value,
+            )
+            if incident is not None:
+                events += (incident,)
         # 7. write, then stop if training must
         record = StepRecord(
             index=engine.index,
@@ -156,6 +180,10 @@ class GuardStep:
         if closed is None or pending is None:
             return
         stats, events = closed
+        if self.forensics is not None:
+            incident = self.forensics.record_update(engine, events, pending[0])
+            if incident is not None:
+                events += (incident,)
         if self.sink is not None:
             record = UpdateRecord(engine.index, step, pending[0], pending[1], stats, events)
             self.sink.write_updates(engine, record)

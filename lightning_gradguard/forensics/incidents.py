@@ -319,6 +319,8 @@ class IncidentRecorder:
         batch_idx: int | None = None,
         batch: Any = None,
         message: str = "",
+        replay: str | None = None,
+        replay_evidence: Mapping[str, float] | None = None,
     ) -> Incident:
         """Build the incident of this step (before :meth:`observe` of the step), keep it and append it to the file."""
         finite_norms = [v for v in self._norms if math.isfinite(v)]
@@ -345,6 +347,8 @@ class IncidentRecorder:
             amp_scale=amp_scale,
             leading_layers=leading,
             message=message,
+            replay=replay,
+            replay_evidence=dict(replay_evidence or {}),
             window_steps=(*self._steps, int(step)),
             window_norms=(*self._norms, float(global_norm)),
             window_losses=(*self._window_losses, math.nan if loss is None else float(loss)),

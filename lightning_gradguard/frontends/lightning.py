@@ -49,9 +49,11 @@ from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy
 from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.events import GuardEvent, OnEvent
+from lightning_gradguard.forensics.incidents import Incident
+from lightning_gradguard.forensics.tracker import BatchContext
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.stats import GroupBy
-from lightning_gradguard.options import GuardOptions, option_names
+from lightning_gradguard.options import BatchIds, GuardOptions, option_names
 from lightning_gradguard.outputs.loggers import rich_writers
 from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.outputs.tensorboard import EventLog, dashboard_layout, find_writer
@@ -113,6 +115,16 @@ class GradGuard(Callback):
             scheduler state, GradGuard's own state) in host memory every this many optimizer steps.
         diagnose_every_n_steps: run the per-layer diagnostics and judge the update-to-weight ratios every this
             many optimizer steps (a cadence of its own: the log cadence only decides what is written).
+        incidents: record every incident (a skipped, rolled-back or stopped step, an LR cut, a norm or loss
+            spike): which layers led, on which epoch and batch, the window of steps before it; one JSON line each
+            in ``incidents.jsonl`` beside the logs, an ``"incident"`` event, and ``gradguard report`` tells the
+            story (``docs/forensics.md``). Costs no device work on steps without an incident.
+        replay: at a non-finite or spiking step, re-run the training step on the same batch from the same
+            weights and classify the incident as *reproducible* (the batch with this state; it goes on the skip
+            list, which a resumed run honours) or *transient*. Costs one forward and backward pass per incident;
+            not available under manual optimization or gradient accumulation.
+        batch_ids: ``batch -> sequence`` of sample identifiers (e.g. dataset indices returned by the dataset),
+            read at incidents; the incident and the skip list name the samples.
 
     Raises:
         TypeError: an argument of the wrong type (the message names it, the allowed values and what it got).
@@ -149,6 +161,9 @@ class GradGuard(Callback):
         rollback: bool | RollbackTrigger = True,
         snapshot_every_n_steps: int = 100,
         diagnose_every_n_steps: int = 50,
+        incidents: bool = True,
+        replay: bool = False,
+        batch_ids: BatchIds | None = None,
     ) -> None:
         super().__init__()
         self._options = GuardOptions.from_arguments(locals())  # checked; numpy scalars as Python numbers
@@ -162,6 +177,8 @@ class GradGuard(Callback):
         self._loss_sum: Tensor | None = None  # training loss since the last optimizer step (loss, LR guard)
         self._loss_count = 0
         self._recovery: Recovery | None = self._options.recovery()
+        self._forensics = self._options.forensics()
+        self._batch: tuple[int, int, Any] | None = None  # (epoch, batch index, batch) of the step in progress
         self._step = GuardStep(
             self._reporter,
             log_every=self._options.log_every(),
@@ -169,6 +186,7 @@ class GradGuard(Callback):
             histogram_every=self._options.histogram_every_n_steps,
             heatmap_every=self._options.heatmap_every_n_steps,
             recovery=self._recovery,
+            forensics=self._forensics,
         )
         self._last_trainer: weakref.ref[Trainer] | None = None  # the Trainer of the last fit (never kept alive)
 
@@ -275,6 +293,9 @@ class GradGuard(Callback):
                 f"max_norm={clip_val!r}) reproduces it), or pass GradGuard(clip=None) to only monitor."
             )
         self._step.log_every = self._options.log_every(getattr(trainer, "log_every_n_steps", 0))
+        if self._forensics is not None:  # incidents.jsonl and skip_list.json beside the logs, written on rank zero
+            zero = getattr(trainer, "is_global_zero", True)
+            self._forensics.set_log_dir(getattr(trainer, "log_dir", None) if zero else None)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         scaler_enabled = self._scaler is not None and self._scaler.is_enabled()
         self._reporter.scaler_enabled = self._step.scaler_enabled = scaler_enabled
@@ -395,6 +416,12 @@ class GradGuard(Callback):
         self._loss_count += 1
 
     @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Keep the batch of the step in progress (a reference) for the incident records and replays."""
+        if self._forensics is not None:
+            self._batch = (trainer.current_epoch, batch_idx, batch)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -412,7 +439,29 @@ class GradGuard(Callback):
             global_step=trainer.global_step,
             loss=loss,
             amp_scale=scaler_scale(self._scaler) if steps_scaled_gradients(optimizer) else None,
+            context=self._batch_context(trainer, pl_module) if self._forensics is not None else None,
         )
+
+    def _batch_context(self, trainer: Trainer, pl_module: LightningModule) -> BatchContext | None:
+        """The batch of this step and, with ``replay``, a closure that runs its training step again."""
+        if self._batch is None:
+            return None
+        epoch, batch_idx, batch = self._batch
+        closure, why = None, ""
+        if not self._options.replay:
+            why = "replay is off (GradGuard(replay=True) turns it on)"
+        elif not pl_module.automatic_optimization:
+            why = "manual optimization (the training step steps the optimizers itself)"
+        elif getattr(trainer, "accumulate_grad_batches", 1) > 1:
+            why = "gradient accumulation (the step's gradients span several batches)"
+        else:
+            closure = _replay_closure(trainer, batch, batch_idx)
+        return BatchContext(epoch, batch_idx, batch, closure, why_no_replay=why)
+
+    @property
+    def incidents(self) -> list[Incident]:
+        """The incidents recorded in this process so far (``docs/forensics.md``); empty with ``incidents=False``."""
+        return self._forensics.incidents if self._forensics is not None else []
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -438,6 +487,8 @@ class GradGuard(Callback):
         state = {"version": STATE_VERSION, "config": self._config_summary(), "guards": guards}
         if self._recovery is not None:
             state["recovery"] = self._recovery.trigger.state_dict()
+        if self._forensics is not None:
+            state["forensics"] = self._forensics.state_dict()
         return state
 
     @override
@@ -461,6 +512,9 @@ class GradGuard(Callback):
         recovery = state_dict.get("recovery")
         if self._recovery is not None and isinstance(recovery, Mapping):
             self._recovery.trigger.load_state_dict(recovery)
+        forensics = state_dict.get("forensics")
+        if self._forensics is not None and isinstance(forensics, Mapping):
+            self._forensics.load_state_dict(dict(forensics))  # the skip list a resumed run honours
         for key, state in (state_dict.get("guards") or {}).items():
             index = int(key)
             guard = next((g for g in self._guards.values() if g.index == index), None)
@@ -602,6 +656,20 @@ def _callback_state(trainer: Trainer, pl_module: LightningModule) -> tuple[list[
 
 
 @rank_zero_only
+def _replay_closure(trainer: Trainer, batch: Any, batch_idx: int) -> Callable[[], Tensor | None]:
+    """Forward and backward of ``batch`` through the strategy (precision context, DDP/FSDP wrapper included)."""
+
+    def closure() -> Tensor | None:
+        output = trainer.strategy.training_step(batch, batch_idx)
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if not isinstance(loss, Tensor):
+            return None  # the training step skipped this batch (returned None)
+        loss.backward()
+        return loss.detach()
+
+    return closure
+
+
 def _rank_zero_warn_at_caller(message: str) -> None:
     """Rank-zero warning shown at the user's line (``trainer.fit``), not at a line of GradGuard's source."""
     warn_at_caller(message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -38,8 +38,11 @@ from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy
 from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.events import GuardEvent, OnEvent
+from lightning_gradguard.forensics.incidents import Incident
+from lightning_gradguard.forensics.skiplist import SkipList
+from lightning_gradguard.forensics.tracker import BatchContext
 from lightning_gradguard.measure.stats import GroupBy
-from lightning_gradguard.options import GuardOptions
+from lightning_gradguard.options import BatchIds, GuardOptions
 from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
 from lightning_gradguard.step import GuardStep
@@ -81,7 +84,8 @@ class Guard:
         clip: the clip policy; this and every other argument (``max_norm``, ``on_nonfinite``,
             ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``, ``histogram_every_n_steps``,
             ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``, ``log_update_ratios``, ``on_event``,
-            ``rollback``, ``snapshot_every_n_steps``, ``diagnose_every_n_steps``) as for
+            ``rollback``, ``snapshot_every_n_steps``, ``diagnose_every_n_steps``, ``incidents``, ``replay``,
+            ``batch_ids``) as for
             :class:`~lightning_gradguard.GradGuard`. Recovery snapshots ``model``, ``optimizer`` (param-group LRs
             included) and ``scheduler``.
 
@@ -130,6 +134,9 @@ class Guard:
         snapshot_every_n_steps: int = 100,
         scheduler: Any | None = None,
         diagnose_every_n_steps: int = 50,
+        incidents: bool = True,
+        replay: bool = False,
+        batch_ids: BatchIds | None = None,
     ) -> None:
         model, optimizer = _checked_model(model), _checked_optimizer(optimizer)
         _check_writer(writer)
@@ -146,6 +153,9 @@ class Guard:
             self.engine.lr_guard.attach(self.optimizer)
         self.reporter = self._make_reporter(writer, scaler, on_event)
         self.recovery: Recovery | None = self._options.recovery()
+        self._forensics = self._options.forensics()
+        if self._forensics is not None and _rank_zero():
+            self._forensics.set_log_dir(_log_dir(writer))  # incidents.jsonl beside the writer's event files
         self._step = GuardStep(
             self.reporter,
             log_every=self._options.log_every(),
@@ -154,6 +164,7 @@ class Guard:
             heatmap_every=self._options.heatmap_every_n_steps,
             recovery=self.recovery,
             scaler_enabled=self.reporter.scaler_enabled,
+            forensics=self._forensics,
         )
         self._step.attach(self.engine, self.optimizer)  # update-to-weight ratios after optimizer.step()
         if self.recovery is not None:
@@ -195,13 +206,27 @@ class Guard:
         return log_metrics
 
     # ------------------------------------------------------------------ the step
-    def before_optimizer_step(self, loss: Tensor | None = None) -> StepOutcome:
+    def before_optimizer_step(
+        self,
+        loss: Tensor | None = None,
+        *,
+        closure: Callable[[], Tensor | None] | None = None,
+        batch: Any = None,
+        batch_idx: int | None = None,
+        epoch: int | None = None,
+    ) -> StepOutcome:
         """Measure, decide and act on this step's gradients; returns what was decided.
 
         Args:
             loss: the step's (unscaled) training loss, logged as ``loss`` and evidence for the LR guard; it
                 travels to the host with the gradient statistics (no extra synchronisation). ``None`` judges
                 by norms alone.
+            closure: with ``replay=True``: forward and backward of this step's batch (``loss.backward()``
+                inside), returning the loss; called only at an incident, to tell a reproducible incident from
+                a transient one (``docs/forensics.md``).
+            batch: the step's batch, read by ``batch_ids`` at an incident.
+            batch_idx: the batch's index within the epoch: named by incidents, matched by the skip list.
+            epoch: the epoch.
 
         Returns:
             The :class:`~lightning_gradguard.decide.engine.StepOutcome` (threshold, coefficient, clipped, skipped...).
@@ -224,8 +249,27 @@ class Guard:
             loss=None if loss is None else loss.detach().float().reshape(()),
             amp_scale=scaler_scale(self.scaler) if still_scaled else None,
             on_applied=record_inf_checks,
+            context=None
+            if self._forensics is None
+            else BatchContext(
+                epoch,
+                batch_idx,
+                batch,
+                closure if self._options.replay else None,
+                why_no_replay="" if closure is not None else "no closure given to before_optimizer_step",
+            ),
         )
         return record.outcome
+
+    @property
+    def incidents(self) -> list[Incident]:
+        """The incidents recorded so far (``docs/forensics.md``); empty with ``incidents=False``."""
+        return self._forensics.incidents if self._forensics is not None else []
+
+    @property
+    def skip_list(self) -> SkipList | None:
+        """The batches to skip (reproducible incidents); :meth:`SkipList.skips` tells a loop to leave one out."""
+        return self._forensics.skip_list if self._forensics is not None else None
 
     def close(self) -> None:
         """End of training: log the last interval, write the heatmap, remove the LR guard's hooks."""
@@ -284,6 +328,8 @@ class Guard:
         }
         if self.recovery is not None:
             state["recovery"] = self.recovery.trigger.state_dict()
+        if self._forensics is not None:
+            state["forensics"] = self._forensics.state_dict()
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -291,12 +337,23 @@ class Guard:
         recovery = state_dict.get("recovery")
         if self.recovery is not None and isinstance(recovery, Mapping):
             self.recovery.trigger.load_state_dict(recovery)
+        forensics = state_dict.get("forensics")
+        if self._forensics is not None and isinstance(forensics, Mapping):
+            self._forensics.load_state_dict(dict(forensics))
         state = (state_dict.get("guards") or {}).get("0")
         if isinstance(state, Mapping):
             differences = self.engine.load_state_dict(state)
             if differences:
                 message = "the saved state does not fully match this Guard:\n- " + "\n- ".join(differences)
                 self.reporter.emit(GuardEvent("state", self.engine.counters.steps, message), index=None)
+
+
+def _log_dir(writer: Any | None) -> str | None:
+    """The directory a ``SummaryWriter`` writes its event files to (``None`` without a writer)."""
+    if writer is None:
+        return None
+    get = getattr(writer, "get_logdir", None)
+    return str(get()) if callable(get) else getattr(writer, "log_dir", None)
 
 
 #: What :class:`Guard` calls on a ``writer`` (``torch.utils.tensorboard.SummaryWriter`` and tensorboardX have them).
