@@ -5,17 +5,18 @@
 Each run trains one of three small models (an MLP, a CNN, an LSTM) with the plain-PyTorch ``Guard``
 (``replay=True``, ``batch_ids`` = the dataset indices of the batch) and injects one incident at a known step:
 
-* ``poisoned_sample`` (cause: data): one sample of the data set holds a huge value; the batch that carries it
-  makes the gradients non-finite. Expected: the batch index and the sample id, verdict *reproducible*.
+* ``poisoned_sample`` (cause: data): one sample of the data set holds NaN features; the batch that carries it
+  makes the gradients non-finite. Expected: the batch index, the sample id and the input layer (where the
+  forward pass first goes non-finite), verdict *reproducible*.
 * ``grad_corruption`` (cause: transient): a gradient hook multiplies one layer's gradient by 1e6 in one
   backward pass only. Expected: that layer leads, verdict *transient*.
-* ``layer_lr`` (cause: one layer's LR): one layer's param group gets a 1000x LR for one step; its weights jump
-  and the next step's gradients spike. Expected: the layer leads (or the layer right after it, whose input
-  jumped), verdict *reproducible* (the state, not the batch, is the cause).
-* ``bad_init`` (cause: one layer's initialisation): one layer's weights are multiplied by 1e3 in place.
+* ``layer_lr`` (cause: one layer's LR): the output layer's param group gets a 1000x LR for one step; its
+  weights jump and the next step's gradients spike. Expected: the layer or its neighbour leads (the layer
+  before it receives the jumped weights' backward signal), verdict *reproducible* (the state is the cause).
+* ``bad_init`` (cause: one layer's initialisation): the output layer's weights are multiplied by 1e3 in place.
   Expected: the layer or its neighbour leads, verdict *reproducible*.
-* ``fp16_overflow`` (cause: numerics): one layer runs in float16 and its activations overflow on one batch.
-  Expected: the batch, the layer leads, verdict *reproducible*.
+* ``fp16_overflow`` (cause: numerics): the input layer runs in float16 and one sample's features are 1e5x too
+  large, which overflows float16 (fine in float32). Expected: the batch, the layer leads, *reproducible*.
 
 For every injected incident the first incident GradGuard recorded at or after the injection step is scored:
 the leading layer (the expected layer, or for ``layer_lr``/``bad_init`` its direct neighbour), the batch
@@ -84,7 +85,7 @@ def make(arch: str, seed: int) -> tuple[nn.Module, Indexed]:
     if arch == "mlp":
         x = torch.randn(N, 16, generator=g)
         y = (x[:, :4].sum(1) > 0).long()
-        model: nn.Module = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), Half(32, 32), nn.Tanh(), nn.Linear(32, 2))
+        model: nn.Module = nn.Sequential(Half(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2))
     elif arch == "cnn":
         x = torch.randn(N, 1, 8, 8, generator=g)
         y = (x.mean((1, 2, 3)) > 0).long()
@@ -103,13 +104,13 @@ def make(arch: str, seed: int) -> tuple[nn.Module, Indexed]:
         class Seq(nn.Module):
             def __init__(self) -> None:
                 super().__init__()
-                self.lstm = nn.LSTM(4, 16, batch_first=True)
-                self.mid = Half(16, 16)
+                self.inp = Half(4, 8)
+                self.lstm = nn.LSTM(8, 16, batch_first=True)
                 self.head = nn.Linear(16, 2)
 
             def forward(self, t: torch.Tensor) -> torch.Tensor:
-                out, _ = self.lstm(t)
-                return self.head(torch.tanh(self.mid(out[:, -1])))
+                out, _ = self.lstm(self.inp(t))
+                return self.head(out[:, -1])
 
         model = Seq()
     return model, Indexed(x, y)
@@ -121,7 +122,7 @@ def layer_of(model: nn.Module, kind: str) -> tuple[str, nn.Module]:
     if kind == "fp16_overflow":
         name, half = next((n, m) for n, m in model.named_modules() if isinstance(m, Half))
         return f"{name}.lin", half.lin
-    return names[0] if kind != "layer_lr" else names[-1]
+    return names[-1] if kind in ("layer_lr", "bad_init") else names[0]
 
 
 def neighbours(model: nn.Module, name: str) -> set[str]:
@@ -152,7 +153,7 @@ def run(arch: str, kind: str, seed: int, steps: int, inject_at: int, log_dir: Pa
     poisoned = None
     if kind == "poisoned_sample":
         poisoned = (inject_at * BATCH + 5) % N  # lands in the batch of step inject_at (shuffle off)
-        data.x[poisoned].fill_(1e30)
+        data.x[poisoned].fill_(float("nan"))
     if kind == "fp16_overflow":
         overflow = (inject_at * BATCH + 3) % N
         data.x[overflow].mul_(1e5)  # fine in float32, overflows float16 in the Half layer

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -39,6 +40,7 @@ from lightning_gradguard.decide.engine import GuardEngine
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy, make_policy
 from lightning_gradguard.events import OnEvent
+from lightning_gradguard.forensics.skiplist import SkipList
 from lightning_gradguard.forensics.tracker import Forensics
 from lightning_gradguard.measure.stats import GradStats, GroupBy
 from lightning_gradguard.measure.updates import UpdateTracker
@@ -127,6 +129,19 @@ def _batch_ids(name: str, value: Any) -> Any:
     return value
 
 
+def _skip_list(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be the path of a skip list (skip_list.json) or None, got {value!r}")
+    if not os.path.isfile(value):
+        raise ValueError(
+            f"`{name}` must be the path of an existing file (the skip_list.json an earlier run wrote beside its "
+            f"logs), got {value!r}"
+        )
+    return value
+
+
 def _hook(name: str, value: Any) -> Any:
     check_hook(name, value)
     return value
@@ -175,6 +190,7 @@ class GuardOptions:
     incidents: Annotated[bool, Checked(_flag)] = True
     replay: Annotated[bool, Checked(_flag)] = False
     batch_ids: Annotated[BatchIds | None, Checked(_batch_ids)] = None
+    skip_list: Annotated[str | os.PathLike[str] | None, Checked(_skip_list, changes_training=True)] = None
 
     def __post_init__(self) -> None:
         for name, checked in _declared().items():
@@ -230,7 +246,8 @@ class GuardOptions:
         """A fresh :class:`~lightning_gradguard.forensics.tracker.Forensics` (``None`` with ``incidents=False``)."""
         if not self.incidents:
             return None
-        return Forensics(replay=self.replay, batch_ids=self.batch_ids)
+        entries = SkipList(self.skip_list).entries if self.skip_list is not None else ()
+        return Forensics(replay=self.replay, batch_ids=self.batch_ids, skip_entries=entries)
 
     def engine(self, index: int, named_parameters: Iterable[tuple[str, Tensor]], monitor_only: bool) -> GuardEngine:
         """A fresh :class:`~lightning_gradguard.decide.engine.GuardEngine` for one optimizer's parameters."""

@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
     out = tmp_path_factory.mktemp("plain_dist")
     port = str(_free_port())
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
@@ -64,7 +64,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, A
     for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log[-4000:]
     names = ("ddp", "fsdp2", "ddp_noise", "fsdp2_noise")
-    return {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)] for name in names}
+    loaded: dict[str, list[Any]] = {
+        name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)] for name in names
+    }
+    loaded["_out"] = [out]
+    return loaded
 
 
 def _reference() -> dict[str, Any]:
@@ -109,3 +113,22 @@ def test_the_stall_channel_cuts_at_the_same_step_on_every_rank(
     for ours, ref in zip(rank0["cuts"], reference["cuts"], strict=True):
         assert math.isclose(ours[2], ref[2], rel_tol=1e-4)  # the same update ratio (up to float rounding)
     assert rank0["records"][-1][2] == reference["records"][-1][2] < 1.0
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2"])
+def test_incidents_are_identical_on_every_rank_and_written_once(
+    runs: dict[str, list[dict[str, Any]]], name: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Rank 1's poisoned loss is one incident on both ranks: the same step, batch, leader and replay verdict
+    (the replay re-runs the unpoisoned batch share on every rank: transient); rank zero alone writes it."""
+    rank0, rank1 = runs[name]
+    assert repr(rank0["incidents"]) == repr(rank1["incidents"])  # bit for bit (a NaN norm included)
+    skipped = [i for i in rank0["incidents"] if i[0] == "skipped"]
+    assert [(i[1], i[2], i[3]) for i in skipped] == [(plain_worker.POISONED, plain_worker.POISONED, "transient")]
+    if name == "ddp":
+        (logs,) = {p.parent for p in runs["_out"][0].glob("ddp_logs/incidents.jsonl")}  # type: ignore[union-attr]
+        from lightning_gradguard.forensics.incidents import read_incidents
+
+        written = read_incidents(logs / "incidents.jsonl")
+        assert [(i.kind, i.step, i.replay) for i in written] == [(k, s, r) for k, s, _, r, _, _ in rank0["incidents"]]
+        assert not list(runs["_out"][0].glob("**/incidents.jsonl"))[1:]  # one file: rank zero's

@@ -68,7 +68,8 @@ def test_every_front_end_takes_every_option_by_name() -> None:
     clip_options = {**defaults, "histogram_every_n_steps": 7}
     assert GradClip(**clip_options).options.histogram_every_n_steps == 7
     changes_training = option_names(changes_training=True)
-    assert changes_training == ("clip", "max_norm", "on_nonfinite", "max_consecutive_skips", "lr_guard", "rollback")
+    expected = ("clip", "max_norm", "on_nonfinite", "max_consecutive_skips", "lr_guard", "rollback", "skip_list")
+    assert changes_training == expected
     monitor = GradMonitor(**{k: v for k, v in defaults.items() if k not in changes_training})
     assert monitor.options.clip is None and monitor.options.lr_guard is False
     for name in changes_training:
@@ -118,6 +119,10 @@ CHECKS: list[tuple[str, Any, Any]] = [
     ("rollback", "yes", None),
     ("snapshot_every_n_steps", np.float64(10.0), 0),
     ("diagnose_every_n_steps", None, 0),
+    ("incidents", "yes", None),
+    ("replay", 1, None),
+    ("batch_ids", 3, None),
+    ("skip_list", 3, "no/such/skip_list.json"),
 ]
 
 

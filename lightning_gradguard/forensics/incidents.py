@@ -107,6 +107,8 @@ class Incident:
         window_layers: the layers of ``window_layer_norms`` (at most ``MAX_WINDOW_LAYERS``, model order, the
             leading layers always among them).
         window_layer_norms: per layer of ``window_layers``, its gradient norm at each of ``window_steps``.
+        origin: the layer whose forward output first went non-finite in the replay, when one did (it leads a
+            non-finite incident: every layer's gradient is non-finite then, so the norms cannot say).
     """
 
     kind: str
@@ -132,6 +134,7 @@ class Incident:
     window_losses: tuple[float, ...] = ()
     window_layers: tuple[str, ...] = ()
     window_layer_norms: tuple[tuple[float, ...], ...] = ()
+    origin: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in INCIDENT_KINDS:
@@ -141,7 +144,9 @@ class Incident:
 
     @property
     def leader(self) -> str | None:
-        """The layer that led (largest jump), if any layer jumped."""
+        """The layer that led: where the replay's forward pass first went non-finite, else the largest jump."""
+        if self.origin is not None:
+            return self.origin
         return self.leading_layers[0].name if self.leading_layers else None
 
     def summary(self) -> str:
@@ -152,6 +157,8 @@ class Incident:
         lead = ", ".join(f"{layer.name} x{_fmt(layer.factor)}" for layer in self.leading_layers) or "no layer jumped"
         norm = f"global norm {_fmt(self.global_norm)} (median {_fmt(self.norm_baseline)})"
         text = f"{self.kind} at {where}: {norm}; led by {lead}"
+        if self.origin is not None:
+            text += f"; the forward pass first went non-finite in {self.origin}"
         if self.sample_ids:
             text += f"; samples {list(self.sample_ids)[:8]}"
         if self.replay is not None:
@@ -321,6 +328,7 @@ class IncidentRecorder:
         message: str = "",
         replay: str | None = None,
         replay_evidence: Mapping[str, float] | None = None,
+        origin: str | None = None,
     ) -> Incident:
         """Build the incident of this step (before :meth:`observe` of the step), keep it and append it to the file."""
         finite_norms = [v for v in self._norms if math.isfinite(v)]
@@ -349,6 +357,7 @@ class IncidentRecorder:
             message=message,
             replay=replay,
             replay_evidence=dict(replay_evidence or {}),
+            origin=origin,
             window_steps=(*self._steps, int(step)),
             window_norms=(*self._norms, float(global_norm)),
             window_losses=(*self._window_losses, math.nan if loss is None else float(loss)),

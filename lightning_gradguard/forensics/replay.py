@@ -40,15 +40,18 @@ class ReplayResult:
         norm: the replayed global gradient norm.
         loss: the replayed loss, when the closure returned one.
         seconds: the wall time of the replay.
+        first_nonfinite: the first module whose forward output was non-finite in the replay (in the order the
+            modules finished: the innermost that produced it), when a ``module`` was given and one was.
     """
 
     verdict: str
     norm: float
     loss: float | None
     seconds: float
+    first_nonfinite: str | None = None
 
     def evidence(self) -> dict[str, float]:
-        out = {"replay_norm": self.norm, "replay_seconds": self.seconds}
+        out: dict[str, float] = {"replay_norm": self.norm, "replay_seconds": self.seconds}
         if self.loss is not None:
             out["replay_loss"] = self.loss
         return out
@@ -62,6 +65,7 @@ def replay(
     norm: float,
     loss: float | None = None,
     kind: str = "norm_spike",
+    module: torch.nn.Module | None = None,
 ) -> ReplayResult:
     """Replay one step and classify the incident (see the module docstring).
 
@@ -72,10 +76,17 @@ def replay(
         norm: the incident's global gradient norm.
         loss: the incident's loss.
         kind: the incident's kind; a ``"loss_spike"`` is judged on the loss, everything else on the norm.
+        module: the model; its modules' forward outputs are watched during the replay for the first non-finite
+            one (forward hooks, removed after).
     """
     saved = [p.grad for p in params]
     for p in params:
         p.grad = None
+    first: list[str] = []
+    handles = []
+    if module is not None:
+        for name, sub in module.named_modules():
+            handles.append(sub.register_forward_hook(_watch(name, first)))
     start = time.perf_counter()
     try:
         with torch.enable_grad():
@@ -85,6 +96,8 @@ def replay(
             float(value.detach().float()) if isinstance(value, Tensor) else (None if value is None else float(value))
         )
     finally:
+        for handle in handles:
+            handle.remove()
         for p, g in zip(params, saved, strict=True):
             p.grad = g
     seconds = time.perf_counter() - start
@@ -94,4 +107,26 @@ def replay(
         reproduced = not math.isfinite(new_loss) or new_loss >= REPRODUCED_SHARE * loss
     else:
         reproduced = not math.isfinite(new_norm) or new_norm >= REPRODUCED_SHARE * norm
-    return ReplayResult("reproducible" if reproduced else "transient", new_norm, new_loss, seconds)
+    verdict = "reproducible" if reproduced else "transient"
+    return ReplayResult(verdict, new_norm, new_loss, seconds, first[0] if first else None)
+
+
+def _watch(name: str, first: list[str]) -> Callable[..., None]:
+    def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        if first:
+            return
+        tensors = [output] if isinstance(output, Tensor) else [t for t in _flat(output) if isinstance(t, Tensor)]
+        for t in tensors:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                first.append(name)
+                return
+
+    return hook
+
+
+def _flat(value: object) -> list[object]:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flat(v)]
+    return [value]

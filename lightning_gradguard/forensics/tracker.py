@@ -46,6 +46,7 @@ class BatchContext:
         closure: forward and backward of this batch from the current weights, returning the loss (a replay);
             ``None`` where the front-end cannot re-run the step.
         params: every parameter the closure writes gradients to (they are put back after a replay).
+        module: the model, watched during a replay for the first module whose output goes non-finite.
         why_no_replay: why ``closure`` is ``None``, for the incident record.
     """
 
@@ -54,6 +55,7 @@ class BatchContext:
     batch: Any = None
     closure: Callable[[], Any] | None = None
     params: Sequence[Tensor] = ()
+    module: torch.nn.Module | None = None
     why_no_replay: str = ""
 
 
@@ -138,6 +140,7 @@ class Forensics:
                 norm=outcome.global_norm,
                 loss=outcome.loss,
                 kind=kind,
+                module=context.module if not outcome.stats.finite else None,
             )
         self._replays[engine.index] = (kind, result)
 
@@ -190,6 +193,7 @@ class Forensics:
                 message=message,
                 replay=None if result is None else result.verdict,
                 replay_evidence={} if result is None else result.evidence(),
+                origin=_layer_of(result.first_nonfinite, stats.layers) if result is not None else None,
             )
             event = _event(incident, context)
             if incident.replay == "reproducible" and incident.batch_idx is not None:
@@ -272,6 +276,16 @@ def _event(incident: Incident, context: BatchContext | None) -> GuardEvent:
         evidence["replay"] = f"not replayed: {context.why_no_replay}"
     layers = tuple(x.name for x in incident.leading_layers)
     return GuardEvent("incident", incident.step, f"incident: {incident.summary()}", layers, evidence)
+
+
+def _layer_of(module: str | None, layers: Sequence[str]) -> str | None:
+    """The first layer that is ``module`` or lies inside it (``None`` when none does)."""
+    if module is None:
+        return None
+    for layer in layers:
+        if layer == module or layer.startswith(f"{module}.") or (module == "" and layer):
+            return layer
+    return module or None
 
 
 def _global_norm(engine: GuardEngine) -> float:

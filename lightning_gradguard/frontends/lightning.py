@@ -16,6 +16,7 @@ setup checks, and hooks that call the per-optimizer :class:`~lightning_gradguard
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -125,6 +126,9 @@ class GradGuard(Callback):
             not available under manual optimization or gradient accumulation.
         batch_ids: ``batch -> sequence`` of sample identifiers (e.g. dataset indices returned by the dataset),
             read at incidents; the incident and the skip list name the samples.
+        skip_list: the ``skip_list.json`` an earlier run wrote beside its logs: this run drops the optimizer
+            step of every batch listed there (by epoch and batch index), e.g. when it restarts from a checkpoint
+            taken before the incident. A run resumed from a later checkpoint honours its own list without it.
 
     Raises:
         TypeError: an argument of the wrong type (the message names it, the allowed values and what it got).
@@ -164,6 +168,7 @@ class GradGuard(Callback):
         incidents: bool = True,
         replay: bool = False,
         batch_ids: BatchIds | None = None,
+        skip_list: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         self._options = GuardOptions.from_arguments(locals())  # checked; numpy scalars as Python numbers
@@ -456,7 +461,7 @@ class GradGuard(Callback):
             why = "gradient accumulation (the step's gradients span several batches)"
         else:
             closure = _replay_closure(trainer, batch, batch_idx)
-        return BatchContext(epoch, batch_idx, batch, closure, why_no_replay=why)
+        return BatchContext(epoch, batch_idx, batch, closure, module=pl_module, why_no_replay=why)
 
     @property
     def incidents(self) -> list[Incident]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -85,7 +86,7 @@ class Guard:
             ``max_consecutive_skips``, ``lr_guard``, ``group_by``, ``log_layer_norms``, ``histogram_every_n_steps``,
             ``histogram_bins``, ``diagnostics``, ``heatmap_every_n_steps``, ``log_update_ratios``, ``on_event``,
             ``rollback``, ``snapshot_every_n_steps``, ``diagnose_every_n_steps``, ``incidents``, ``replay``,
-            ``batch_ids``) as for
+            ``batch_ids``, ``skip_list``) as for
             :class:`~lightning_gradguard.GradGuard`. Recovery snapshots ``model``, ``optimizer`` (param-group LRs
             included) and ``scheduler``.
 
@@ -137,6 +138,7 @@ class Guard:
         incidents: bool = True,
         replay: bool = False,
         batch_ids: BatchIds | None = None,
+        skip_list: str | os.PathLike[str] | None = None,
     ) -> None:
         model, optimizer = _checked_model(model), _checked_optimizer(optimizer)
         _check_writer(writer)
@@ -256,6 +258,7 @@ class Guard:
                 batch_idx,
                 batch,
                 closure if self._options.replay else None,
+                module=self._module,
                 why_no_replay="" if closure is not None else "no closure given to before_optimizer_step",
             ),
         )

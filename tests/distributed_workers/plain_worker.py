@@ -39,19 +39,37 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.sin(x.sum(dim=1, keepdim=True))
 
 
-def run_loop(model: nn.Module, params_of: nn.Module, rank: int, world: int) -> dict[str, Any]:
-    """Train ``STEPS`` steps on this rank's share of each batch; the guard's decisions and final weights."""
+def run_loop(
+    model: nn.Module, params_of: nn.Module, rank: int, world: int, log_dir: Path | None = None
+) -> dict[str, Any]:
+    """Train ``STEPS`` steps on this rank's share of each batch; the guard's decisions and final weights.
+
+    The guard replays incidents (``replay=True``): the poisoned loss of rank 1 is a one-off fault, so its
+    replay (the same batch share, unpoisoned, on every rank) classifies it transient. With ``log_dir`` (rank
+    zero), the guard writes its events and ``incidents.jsonl`` there.
+    """
     optimizer = torch.optim.SGD(params_of.parameters(), lr=LR)
-    guard = Guard(model, optimizer, max_norm=1.0, lr_guard=LRGuard(patience=3, cooldown=5))
+    writer = None
+    if log_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(log_dir))
+    guard = Guard(model, optimizer, writer=writer, max_norm=1.0, lr_guard=LRGuard(patience=3, cooldown=5), replay=True)
     records = []
     for step in range(STEPS):
         x, y = batch(step)
         share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+
+        def closure(xs: torch.Tensor = x[share], ys: torch.Tensor = y[share]) -> torch.Tensor:
+            loss = nn.functional.mse_loss(model(xs), ys)
+            loss.backward()
+            return loss
+
         loss = nn.functional.mse_loss(model(x[share]), y[share])
         if step == POISONED and rank == world - 1 and world > 1:
             loss = loss * math.nan
         loss.backward()
-        o = guard.before_optimizer_step(loss)
+        o = guard.before_optimizer_step(loss, closure=closure, batch_idx=step, epoch=0)
         optimizer.step()
         optimizer.zero_grad()
         records.append([o.global_norm, o.threshold, o.coefficient, o.clipped, o.skipped, guard.lr_scale])
@@ -59,7 +77,11 @@ def run_loop(model: nn.Module, params_of: nn.Module, rank: int, world: int) -> d
     for key, value in params_of.state_dict().items():
         full = value.full_tensor() if hasattr(value, "full_tensor") else value
         weights[key] = full.detach().clone()
-    return {"records": records, "weights": weights}
+    guard.close()
+    if writer is not None:
+        writer.close()
+    incidents = [[i.kind, i.step, i.batch_idx, i.replay, i.leader, i.global_norm] for i in guard.incidents]
+    return {"records": records, "weights": weights, "incidents": incidents}
 
 
 NOISE_STEPS, NOISE_BATCH = 160, 128
@@ -104,7 +126,8 @@ def main(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     module = make_model()
     ddp = nn.parallel.DistributedDataParallel(module)
-    torch.save(run_loop(ddp, module, rank, world), out / f"ddp_rank{rank}.pt")
+    logs = out / "ddp_logs" if rank == 0 else None
+    torch.save(run_loop(ddp, module, rank, world, logs), out / f"ddp_rank{rank}.pt")
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
