@@ -106,13 +106,29 @@ class Forensics:
 
     # ------------------------------------------------------------------ before deciding
     def listed(self, context: BatchContext | None) -> SkipEntry | None:
-        """The skip-list entry of this batch, if it is listed."""
-        if context is None or not self.skip_list.entries or context.batch_idx is None:
+        """The skip-list entry of this batch, if it is listed: by its samples when ``batch_ids`` is given and the
+        list names samples (robust to reordered or resumed data; ``batch_ids`` is then called every step), else
+        by epoch and batch index."""
+        entries = self.skip_list.entries
+        if context is None or not entries:
             return None
-        for entry in self.skip_list.entries:
+        if self.batch_ids is not None and context.batch is not None and self._listed_samples:
+            ids = {_plain_id(i) for i in self.batch_ids(context.batch)}
+            for entry in entries:
+                hit = ids.intersection(entry.sample_ids)
+                if hit:
+                    return replace(entry, reason=f"it holds sample(s) {sorted(hit, key=str)[:8]}; {entry.reason}")
+            return None
+        if context.batch_idx is None:
+            return None
+        for entry in entries:
             if entry.batch_idx == context.batch_idx and (entry.epoch is None or entry.epoch == context.epoch):
                 return entry
         return None
+
+    @property
+    def _listed_samples(self) -> bool:
+        return any(e.sample_ids for e in self.skip_list.entries)
 
     # ------------------------------------------------------------------ after deciding, before recovery
     def replay(self, engine: GuardEngine, outcome: StepOutcome, context: BatchContext | None) -> None:
@@ -236,7 +252,7 @@ class Forensics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         entries = state.get("skip_list") or []
-        self.skip_list.entries = [
+        saved = [
             SkipEntry(
                 epoch=e.get("epoch"),
                 batch_idx=e.get("batch_idx"),
@@ -246,6 +262,9 @@ class Forensics:
             )
             for e in entries
         ]
+        # the saved list joins the one given (`skip_list=`): a checkpoint from before the incident holds none
+        known = {(e.epoch, e.batch_idx, e.sample_ids) for e in self.skip_list.entries}
+        self.skip_list.entries += [e for e in saved if (e.epoch, e.batch_idx, e.sample_ids) not in known]
 
 
 def skip_listed(engine: GuardEngine, outcome: StepOutcome, entry: SkipEntry, context: BatchContext) -> StepOutcome:
@@ -276,6 +295,11 @@ def _event(incident: Incident, context: BatchContext | None) -> GuardEvent:
         evidence["replay"] = f"not replayed: {context.why_no_replay}"
     layers = tuple(x.name for x in incident.leading_layers)
     return GuardEvent("incident", incident.step, f"incident: {incident.summary()}", layers, evidence)
+
+
+def _plain_id(value: Any) -> Any:
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
 
 
 def _layer_of(module: str | None, layers: Sequence[str]) -> str | None:
