@@ -78,6 +78,22 @@ class CallbackState:
         """A message about the saved state, as a :class:`GuardEvent` (console only, not TensorBoard text)."""
         self._reporter.emit(GuardEvent(kind, 0, message), index=None)
 
+    def start_fit(self, engines: Iterable[GuardEngine], continued: bool) -> bool:
+        """At the start of a fit, keep the state its engines start from; returns whether there is any.
+
+        A new fit starts fresh, or from the checkpoint Lightning loads after ``setup`` (or from a state
+        loaded by hand before the first fit). The same Trainer fitted again (``continued``: ``global_step > 0``)
+        continues from the end of the last fit, as it would from a checkpoint saved there.
+        """
+        engines = list(engines)
+        carried: dict[int, dict[str, Any]] = {}
+        if continued and (engines or self.final):
+            carried = {int(k): v for k, v in self.state_dict(engines, {}, None)["guards"].items()}
+        elif not engines and self.final is None:
+            carried = self.pending  # loaded by hand (``load_state_dict``) before the first fit
+        self.pending, self.final = carried, None
+        return bool(carried)
+
     def state_dict(
         self, engines: Iterable[GuardEngine], config: dict[str, Any], recovery: Recovery | None
     ) -> dict[str, Any]:

@@ -236,30 +236,18 @@ class GradGuard(GuardViews, Callback):
             self._reporter.writer.add_custom_scalars(dashboard_layout([e.index for e in self._engine_list()]))
 
     def _start_fit(self, trainer: Trainer) -> None:
-        """Forget the previous fit: its engines are keyed by optimizers (and hold parameters) that are gone.
-
-        A new fit starts fresh, or from the checkpoint Lightning loads after ``setup`` (or from a state
-        loaded by hand before the first fit). The same Trainer fitted again (``global_step > 0``: training
-        continues) continues from the end of the last fit, as it would from a checkpoint saved there.
-        """
+        """Forget the previous fit: its engines are keyed by optimizers (and hold parameters) that are gone."""
         previous = self._last_trainer() if self._last_trainer is not None else None
-        carried: dict[int, dict[str, Any]] = {}
-        if previous is trainer and trainer.global_step > 0 and (self._engines or self._state.final):
-            carried = {int(k): v for k, v in self.state_dict()["guards"].items()}
-        elif not self._engines and self._state.final is None:
-            carried = self._state.pending  # loaded by hand (``load_state_dict``) before the first fit
+        carried = self._state.start_fit(
+            self._engines.values(), continued=previous is trainer and trainer.global_step > 0
+        )
         self._engines = {}
-        self._state.pending = carried
-        self._state.final = None
         self._loss_sum, self._loss_count = None, 0
         self._reporter.events = EventLog()
         self._reporter.last_global_step = {}
         if not carried:  # rollback counters belong to one run, like the engines
             self._recovery = self._step.recovery = self._options.recovery()
-        try:
-            self._last_trainer = weakref.ref(trainer)
-        except TypeError:  # a stand-in without weak references (tests)
-            self._last_trainer = None
+        self._last_trainer = _weak_ref(trainer)
 
     def _engine_for(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
@@ -454,6 +442,14 @@ def _callback_state(trainer: Trainer, pl_module: LightningModule) -> tuple[list[
         if type(callback).state_dict is not Callback.state_dict:
             stateful.append(callback)
     return modules, stateful
+
+
+def _weak_ref(trainer: Trainer) -> weakref.ref[Trainer] | None:
+    """A weak reference to the Trainer of this fit (never kept alive by GradGuard); ``None`` for stand-ins without."""
+    try:
+        return weakref.ref(trainer)
+    except TypeError:  # a stand-in without weak references (tests)
+        return None
 
 
 @rank_zero_only
