@@ -626,7 +626,7 @@ def run_one(workload: str, lr: float, seed: int, method: str, steps: int | None 
         reductions = round(-math.log2(method_cb.lr_scale)) if method_cb.lr_scale > 0 else 0
         exploding = sorted({v.layer for v in method_cb.verdicts if v.kind == "exploding"})
         rollbacks, steps_lost = method_cb.rollbacks_total, method_cb.steps_lost
-        engines = sorted(method_cb._guards.values(), key=lambda g: g.index)  # bench-only peek at the engines
+        engines = sorted(method_cb._engines.values(), key=lambda e: e.index)  # bench-only peek at the engines
         update_verdicts = sorted({f"{v.kind}:{v.layer}" for g in engines for v in g.update_verdicts})
     elif method_cb is not None:
         clipped = method_cb.clipped

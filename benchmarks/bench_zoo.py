@@ -525,7 +525,7 @@ def run_one(name: str, seed: int, method: str, steps: int | None = None) -> dict
         result["clip_share"] = guard.clipped_steps / max(len(recorder.norms), 1)
         result["cuts"] = [[e.step, str(e.evidence.get("reason", "?"))] for e in events if e.kind == "lr_reduction"]
         result["rollbacks"] = [[e.step, str(e.evidence.get("trigger", "?"))] for e in events if e.kind == "rollback"]
-        engines = sorted(guard._guards.values(), key=lambda g: g.index)  # bench-only peek at the update verdicts
+        engines = sorted(guard._engines.values(), key=lambda e: e.index)  # bench-only peek at the update verdicts
         found = [(v.step, v.kind, v.layer) for v in guard.verdicts]
         found += [(v.step, v.kind, v.layer) for g in engines for v in g.update_verdicts]
         result["verdicts"] = [f"{kind}:{layer}@{step}" for step, kind, layer in sorted(found)]

@@ -208,10 +208,10 @@ def test_update_ratios_can_be_switched_off(tmp_path: Path) -> None:
     tags = read_events(trainer.logger.log_dir).Tags()["scalars"]  # type: ignore[union-attr]
     assert "gradguard/loss" in tags and "gradguard/layer_norm_median" in tags
     assert not [t for t in tags if "update_ratio" in t or "weight_norm" in t]
-    assert all(g.updates is not None and not g.log_updates and not g.update_ratios for g in guard._guards.values())
+    assert all(e.updates is not None and not e.log_updates and not e.update_ratios for e in guard._engines.values())
     quiet = GradGuard(log_update_ratios=False, lr_guard=LRGuard(stall_update_ratio=None), histogram_every_n_steps=0)
     make_trainer(tmp_path / "quiet", [quiet], max_steps=4).fit(TinyRegressor())
-    assert all(g.updates is None for g in quiet._guards.values())
+    assert all(e.updates is None for e in quiet._engines.values())
     with pytest.raises(TypeError, match="log_update_ratios"):
         GradGuard(log_update_ratios=1)  # type: ignore[arg-type]
 

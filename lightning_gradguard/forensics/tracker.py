@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -250,7 +250,7 @@ class Forensics:
     def state_dict(self) -> dict[str, Any]:
         return {"skip_list": [_entry_dict(e) for e in self.skip_list.entries]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         entries = state.get("skip_list") or []
         saved = [
             SkipEntry(

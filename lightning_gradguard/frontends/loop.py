@@ -27,7 +27,7 @@ from lightning_gradguard._compat import (
     unwrap_optimizer,
     warn_at_caller,
 )
-from lightning_gradguard.decide.diagnostics import GradientDiagnostics, Verdict
+from lightning_gradguard.decide.diagnostics import GradientDiagnostics
 from lightning_gradguard.decide.engine import (
     STATE_VERSION,
     GuardEngine,
@@ -39,9 +39,8 @@ from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy
 from lightning_gradguard.errors import GradGuardError
 from lightning_gradguard.events import GuardEvent, OnEvent
-from lightning_gradguard.forensics.incidents import Incident
-from lightning_gradguard.forensics.skiplist import SkipList
 from lightning_gradguard.forensics.tracker import BatchContext
+from lightning_gradguard.frontends._views import GuardViews
 from lightning_gradguard.measure.stats import GroupBy
 from lightning_gradguard.options import BatchIds, GuardOptions
 from lightning_gradguard.outputs.sink import Reporter
@@ -57,7 +56,7 @@ def _rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class Guard:
+class Guard(GuardViews):
     r"""GradGuard for one model and one optimizer in a plain PyTorch loop: clip, skip, LR guard, outputs.
 
     Call :meth:`before_optimizer_step` once per optimizer step, after ``loss.backward()`` (after the
@@ -264,16 +263,6 @@ class Guard:
         )
         return record.outcome
 
-    @property
-    def incidents(self) -> list[Incident]:
-        """The incidents recorded so far (``docs/forensics.md``); empty with ``incidents=False``."""
-        return self._forensics.incidents if self._forensics is not None else []
-
-    @property
-    def skip_list(self) -> SkipList | None:
-        """The batches to skip (reproducible incidents); :meth:`SkipList.skips` tells a loop to leave one out."""
-        return self._forensics.skip_list if self._forensics is not None else None
-
     def close(self) -> None:
         """End of training: log the last interval, write the heatmap, remove the LR guard's hooks."""
         self._step.end(self.engine, self.engine.counters.steps)
@@ -287,40 +276,11 @@ class Guard:
         """The checked options this guard was constructed with (read-only)."""
         return self._options
 
-    @property
-    def threshold(self) -> float | None:
-        """Clip threshold in force at the last step (``None`` if not clipping)."""
-        return self.engine.last.threshold if self.engine.last else None
+    def _engine_list(self) -> list[GuardEngine]:
+        return [self.engine]
 
-    @property
-    def last_outcome(self) -> StepOutcome | None:
-        """What was decided at the last step (``None`` before the first step)."""
-        return self.engine.last
-
-    @property
-    def lr_scale(self) -> float:
-        """Factor the LR guard applies to the learning rates (1.0 when it never acted)."""
-        return self.engine.lr_guard.lr_scale if self.engine.lr_guard else 1.0
-
-    @property
-    def rollbacks_total(self) -> int:
-        """Rollbacks to the last good snapshot so far (0 when recovery is off)."""
-        return self.recovery.trigger.rollbacks_total if self.recovery is not None else 0
-
-    @property
-    def clipped_steps(self) -> int:
-        """Steps clipped so far."""
-        return self.engine.counters.clipped_total
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients so far."""
-        return self.engine.counters.skipped_total
-
-    @property
-    def verdicts(self) -> list[Verdict]:
-        """Diagnostic verdicts reported so far, in order."""
-        return list(self.engine.verdicts)
+    def _recovery_in_use(self) -> Recovery | None:
+        return self.recovery
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's state, in the same format as the callback's (``docs/state.md``)."""
