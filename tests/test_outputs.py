@@ -239,9 +239,11 @@ def test_events_of_one_step_are_one_text_entry(tmp_path: Path) -> None:
     texts = read_events(trainer.logger.log_dir).Tensors(f"{tag('events')}/text_summary")  # type: ignore[union-attr]
     entries = {e.step: e.tensor_proto.string_val[0].decode() for e in texts}
     assert [e.step for e in texts] == [1, 3]  # one entry per step; the last one written at the end of fit
-    assert entries[1].startswith("**3 events**")  # the skip and the two layers' non-finite verdicts, together
+    # the skip, the two layers' non-finite verdicts and the incident's story, together
+    assert entries[1].startswith("**4 events**")
     assert "skipped optimizer step 1" in entries[1] and "'net.0'" in entries[1] and "'net.2'" in entries[1]
-    assert entries[3].startswith("skipped optimizer step 3")
+    assert "incident: skipped at step 1 (epoch 0, batch 1)" in entries[1]
+    assert entries[3].startswith("**2 events**") and "skipped optimizer step 3" in entries[3]
 
 
 def test_gradguard_and_gradmonitor_in_one_trainer_are_refused(tmp_path: Path) -> None:
