@@ -15,7 +15,7 @@ Printed: per kind, the number of steps and the median hook (+ post-hook) millise
 amortised mean per step over bench_e2e's timed window (steps ``warmup .. warmup + steps``), over
 ``--rounds`` fits, median across rounds.
 
-Run: ``.venv/bin/python benchmarks/bench_hook.py [--rounds N] [--threads N]``.
+Run: ``.venv/bin/python benchmarks/bench_hook.py [--quick] [--rounds N] [--threads N] [--show]``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 
-from bench_e2e import FULL, TinyLM, _quiet, make_data  # noqa: E402
+from bench_e2e import FULL, QUICK, TinyLM, _quiet, make_data  # noqa: E402
 
 from lightning_gradguard import GradGuard  # noqa: E402
 from lightning_gradguard.decide.engine import GuardEngine  # noqa: E402
@@ -99,9 +99,8 @@ def _timed_after(self: GuardStep, engine: GuardEngine, optimizer: torch.optim.Op
 GuardStep.after_optimizer_step = _timed_after  # type: ignore[method-assign]
 
 
-def fit(total: int, logdir: str) -> TimedGuard:
+def fit(total: int, logdir: str, cfg: dict[str, int] = FULL) -> TimedGuard:
     torch.manual_seed(0)
-    cfg = FULL
     model = TinyLM(cfg["vocab"], cfg["width"], cfg["layers"], cfg["ffn"], cfg["seq"])
     guard = TimedGuard()
     _current[:] = [guard]
@@ -121,6 +120,7 @@ def fit(total: int, logdir: str) -> TimedGuard:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="bench_e2e's tiny model, one round (smoke test)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100, help="bench_e2e's timed steps (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="bench_e2e's untimed steps (default 10)")
@@ -130,14 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     _quiet()
+    cfg = QUICK if args.quick else FULL
+    rounds = 1 if args.quick else args.rounds
     total = args.warmup + args.steps + args.extra
     per_kind: dict[str, list[float]] = defaultdict(list)
     per_kind_post: dict[str, list[float]] = defaultdict(list)
     amortised: list[float] = []
     amortised_post: list[float] = []
     with tempfile.TemporaryDirectory() as logdir:
-        for r in range(args.rounds):
-            guard = fit(total, logdir)
+        for r in range(rounds):
+            guard = fit(total, logdir, cfg)
             for hook, post, kinds in zip(guard.hook, guard.post, guard.kinds, strict=True):
                 for kind in kinds:
                     per_kind[kind].append(hook)
@@ -145,14 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             window = slice(args.warmup, args.warmup + args.steps)
             amortised.append(statistics.fmean(guard.hook[window]))
             amortised_post.append(statistics.fmean(guard.post[window]))
-            print(f"round {r + 1}/{args.rounds}: hook {amortised[-1] * 1e3:.3f} ms/step amortised", flush=True)
+            print(f"round {r + 1}/{rounds}: hook {amortised[-1] * 1e3:.3f} ms/step amortised", flush=True)
     if args.show:
         for i, (hook, post, kinds) in enumerate(zip(guard.hook, guard.post, guard.kinds, strict=True)):
             if kinds != ("ordinary",):
                 print(
                     f"  step {i:>4d} {'+'.join(kinds):<26s} hook {hook * 1e3:7.2f} ms  post-hook {post * 1e3:6.2f} ms"
                 )
-    print(f"\nGradGuard hook CPU ms per step, torch threads {torch.get_num_threads()}, {args.rounds} rounds")
+    print(f"\nGradGuard hook CPU ms per step, torch threads {torch.get_num_threads()}, {rounds} rounds")
     print(f"{'kind':<10s} {'steps':>6s} {'hook median':>12s} {'post-hook median':>17s}")
     for kind in KINDS:
         if per_kind[kind]:
