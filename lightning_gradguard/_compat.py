@@ -82,9 +82,12 @@ def foreach_mul_(tensors: list[Tensor], factor: float) -> None:
     torch._foreach_mul_(tensors, factor)
 
 
-def foreach_copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
-    """Copy each source into the target at the same position, in place (``torch._foreach_copy_``)."""
-    torch._foreach_copy_(targets, sources)
+def foreach_copy_(targets: list[Tensor], sources: list[Tensor], non_blocking: bool = False) -> None:
+    """Copy each source into the target at the same position, in place (``torch._foreach_copy_``).
+
+    ``non_blocking``: queue device-to-host copies into pinned targets without waiting for them.
+    """
+    torch._foreach_copy_(targets, sources, non_blocking=non_blocking)
 
 
 def foreach_sub_(tensors: list[Tensor], others: list[Tensor]) -> None:

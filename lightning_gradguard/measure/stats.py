@@ -424,7 +424,9 @@ class GradStats:
         # costs more than the arithmetic on CPU), and bin indices take one byte each for <= 256 bins.
         largest = max(flat.numel() for _, flat, _ in pieces)
         index_dtype = torch.uint8 if bins <= 256 else torch.int64
-        scratch: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        scratch: dict[
+            tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]
+        ] = {}
         layers: list[int] = []
         weights: list[float] = []
         numels: list[float] = []
@@ -438,12 +440,14 @@ class GradStats:
                     scratch[key] = (
                         torch.empty(largest, dtype=values.dtype, device=values.device),
                         torch.empty(largest, dtype=index_dtype, device=values.device),
-                        lo_all.to(values.device, values.dtype),
-                        scale_all.to(values.device, values.dtype),
+                        lo_all.to(values.device, values.dtype).unbind(),
+                        scale_all.to(values.device, values.dtype).unbind(),
                     )
                 buf, idx, lo, scale = scratch[key]
                 n = values.numel()
-                pos = torch.sub(values, lo[layer], out=buf[:n]).mul_(scale[layer]).floor_()
+                # Positions are >= 0 (every value is >= its layer's minimum), so the integer conversion
+                # truncates them to their bin: no separate floor pass.
+                pos = torch.sub(values, lo[layer], out=buf[:n]).mul_(scale[layer])
                 pos.nan_to_num_(nan=0.0, posinf=bins - 1, neginf=0.0).clamp_(0, bins - 1)
                 index = idx[:n]
                 index.copy_(pos)

@@ -45,8 +45,13 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined,no-any-return]
 
 
+_ATOMS = (int, float, str, bool, bytes, type(None))  # immutable: shared, not copied
+
+
 def _copy_tree(value: Any) -> Any:
     """A deep copy of ``value`` whose tensors are detached host copies."""
+    if type(value) in _ATOMS:
+        return value
     if isinstance(value, Tensor):
         return _local(value).detach().to("cpu", copy=True)
     if isinstance(value, Mapping):
@@ -56,6 +61,10 @@ def _copy_tree(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_copy_tree(v) for v in value)
     return copy.deepcopy(value)
+
+
+# Copies a capture queues: (host targets, their sources) copied blocking, then (pinned targets, sources) non-blocking.
+_Copies = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 
 
 @dataclass
@@ -188,16 +197,24 @@ class Snapshot:
             raise TypeError(f"`extra` must be a mapping or None, got {type(extra).__name__}")
         self._events.clear()
         devices: set[torch.device] = set()
+        # Slots are matched (allocated where needed) first; the copies then go in one fused call per kind
+        # (blocking host copies, non-blocking copies into pinned buffers) instead of one call per tensor.
+        copies: _Copies = ([], [], [], [])
         with torch.no_grad():
             tensors = list(self._model_tensors())
             if len(self._model_slots) != len(tensors):
                 self._model_slots = []
             for i, t in enumerate(tensors):
                 old = self._model_slots[i] if i < len(self._model_slots) else None
-                slot = self._copy_out(t, old, devices)
+                slot = self._copy_out(t, old, devices, copies)
                 if old is None:
                     self._model_slots.append(slot)
-            self._capture_optimizers(devices)
+            self._capture_optimizers(devices, copies)
+            targets, sources, pinned_targets, pinned_sources = copies
+            if targets:
+                foreach_copy_(targets, sources)
+            if pinned_targets:
+                foreach_copy_(pinned_targets, pinned_sources, non_blocking=True)
         self._sched_states = [_copy_tree(s.state_dict()) for s in self.schedulers]
         self._stateful_states = [_copy_tree(s.state_dict()) for s in self.stateful]
         self._extra = _copy_tree(dict(extra)) if extra is not None else {}
@@ -271,24 +288,30 @@ class Snapshot:
             return self.pin_memory
         return torch.cuda.is_available() if t.device.type == "cuda" else False
 
-    def _copy_out(self, t: Tensor, slot: _Slot | None, devices: set[torch.device]) -> _Slot:
-        """Copy ``t`` (its local shard) into ``slot``'s buffer, allocating a new slot if it does not fit."""
-        local = _local(t).detach()
+    def _copy_out(self, t: Tensor, slot: _Slot | None, devices: set[torch.device], copies: _Copies) -> _Slot:
+        """Queue a copy of ``t`` (its local shard) into ``slot``'s buffer on ``copies``, allocating a new slot if it
+        does not fit."""
         spec = None
         if _is_dtensor(t):
             spec = (t.device_mesh, tuple(t.placements), t.shape, tuple(t.stride()))  # type: ignore[attr-defined]
+            t = t.to_local()  # type: ignore[attr-defined]
+        local = t.detach()
         if slot is None or slot.buffer.shape != local.shape or slot.buffer.dtype != local.dtype:
             pin = self._pin(local)
             slot = _Slot(torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=pin), local.device)
         slot.device = local.device
         slot.dtensor_spec = spec
-        non_blocking = slot.buffer.is_pinned() and local.device.type != "cpu"
-        slot.buffer.copy_(local, non_blocking=non_blocking)
-        if local.device.type != "cpu":
-            devices.add(local.device)
+        if local.device.type == "cpu":
+            copies[0].append(slot.buffer)
+            copies[1].append(local)
+            return slot
+        devices.add(local.device)
+        pinned = slot.buffer.is_pinned()
+        copies[2 if pinned else 0].append(slot.buffer)
+        copies[3 if pinned else 1].append(local)
         return slot
 
-    def _capture_optimizers(self, devices: set[torch.device]) -> None:
+    def _capture_optimizers(self, devices: set[torch.device], copies: _Copies) -> None:
         layout = self._layout()
         if layout != self._opt_layout:
             self._opt_state = {}
@@ -310,7 +333,9 @@ class Snapshot:
                     for name, value in state.items():
                         if isinstance(value, Tensor):
                             prev = old.get(name)
-                            entries[name] = self._copy_out(value, prev if isinstance(prev, _Slot) else None, devices)
+                            entries[name] = self._copy_out(
+                                value, prev if isinstance(prev, _Slot) else None, devices, copies
+                            )
                         else:
                             entries[name] = copy.deepcopy(value)
                     self._opt_state[key] = entries
