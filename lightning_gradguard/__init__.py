@@ -24,6 +24,10 @@ _EXPORTS = {
     "GradClip": "frontends.lightning",
     "Guard": "frontends.loop",
     "FabricGuard": "frontends.loop",
+    "Incident": "forensics.incidents",
+    "read_incidents": "forensics.incidents",
+    "SkipList": "forensics.skiplist",
+    "SkipSamples": "forensics.skiplist",
     "ThresholdPolicy": "decide.policies",
     "AutoPolicy": "decide.policies",
     "FixedPolicy": "decide.policies",
@@ -52,17 +56,21 @@ __all__ = [
     "GradientDiagnostics",
     "Guard",
     "GuardEvent",
+    "Incident",
     "LRGuard",
     "NonFiniteGradientsError",
     "PercentilePolicy",
     "RecoveryError",
     "RollbackTrigger",
+    "SkipList",
+    "SkipSamples",
     "StepOutcome",
     "ThresholdPolicy",
     "Verdict",
     "ZScorePolicy",
     "__version__",
     "make_policy",
+    "read_incidents",
 ]
 
 if TYPE_CHECKING:
@@ -79,6 +87,8 @@ if TYPE_CHECKING:
     )
     from lightning_gradguard.errors import GradGuardError, NonFiniteGradientsError, RecoveryError
     from lightning_gradguard.events import GuardEvent
+    from lightning_gradguard.forensics.incidents import Incident, read_incidents
+    from lightning_gradguard.forensics.skiplist import SkipList, SkipSamples
     from lightning_gradguard.frontends.lightning import GradClip, GradGuard, GradMonitor
     from lightning_gradguard.frontends.loop import FabricGuard, Guard
     from lightning_gradguard.recovery.rollback import RollbackTrigger

@@ -222,3 +222,15 @@ def test_printed_follow_up_commands_run_as_printed(
     done = subprocess.run(shlex.split(report_line), cwd=user_dir, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("== ") and "global norm" in done.stdout
+
+
+def test_forensics_tells_data_from_a_transient_fault_and_skips_on_restart(tmp_path: Path) -> None:
+    result = load("forensics").main(["--logdir", str(tmp_path)])
+    poisoned, fault = result["guard"].incidents
+    assert (poisoned.kind, poisoned.replay, poisoned.origin) == ("skipped", "reproducible", "net.0")
+    assert 300 in (poisoned.sample_ids or ())
+    assert (fault.kind, fault.step, fault.replay, fault.leader) == ("norm_spike", 40, "transient", "net.4")
+    (dropped,) = result["dropped"]
+    assert "is on the skip list (it holds 32 samples (288, 289, 290, ..., 319) of the list" in dropped
+    assert result["restarted"].skip_list is not None and 300 in result["restarted"].skip_list.sample_ids
+    assert (result["run_dir"] / "incidents.jsonl").is_file()

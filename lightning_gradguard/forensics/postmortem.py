@@ -64,10 +64,12 @@ def render_postmortem(incident: Incident, path: str | Path, width: int = 1000) -
     if not steps:
         raise ValueError(f"incident at step {incident.step} has no window to draw (recorded without history)")
     rows = max(1, len(incident.window_layers))
-    height = 420 + min(900, 16 * rows) + 160
+    wrapped = "\n".join(textwrap.fill(line, width=int(width / 8.5)) for line in describe(incident))
+    text_height = 30 + 13 * wrapped.count("\n")
+    height = 330 + min(900, 16 * rows) + 60 + text_height
     fig = Figure(figsize=(width / 100, height / 100), dpi=100)
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(3, 1, height_ratios=[300, min(900, 16 * rows) + 60, 160], hspace=0.35)
+    grid = fig.add_gridspec(3, 1, height_ratios=[300, min(900, 16 * rows) + 60, text_height], hspace=0.45)
 
     ax = fig.add_subplot(grid[0])
     norms = np.array([_finite_or_nan(v) for v in incident.window_norms], dtype=float)
@@ -110,7 +112,6 @@ def render_postmortem(incident: Incident, path: str | Path, width: int = 1000) -
 
     text = fig.add_subplot(grid[2])
     text.set_axis_off()
-    wrapped = "\n".join(textwrap.fill(line, width=int(width / 7.5)) for line in describe(incident))
     text.text(0.0, 1.0, wrapped, va="top", ha="left", fontsize=8, family="monospace")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

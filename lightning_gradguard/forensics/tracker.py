@@ -117,7 +117,7 @@ class Forensics:
             for entry in entries:
                 hit = ids.intersection(entry.sample_ids)
                 if hit:
-                    return replace(entry, reason=f"it holds sample(s) {sorted(hit, key=str)[:8]}; {entry.reason}")
+                    return replace(entry, reason=f"it holds {_ids_text(hit)} of the list; {entry.reason}")
             return None
         if context.batch_idx is None:
             return None
@@ -295,6 +295,15 @@ def _event(incident: Incident, context: BatchContext | None) -> GuardEvent:
         evidence["replay"] = f"not replayed: {context.why_no_replay}"
     layers = tuple(x.name for x in incident.leading_layers)
     return GuardEvent("incident", incident.step, f"incident: {incident.summary()}", layers, evidence)
+
+
+def _ids_text(ids: set[Any]) -> str:
+    """``sample 7`` or ``32 samples (288, 289, 290, ..., 319)``."""
+    ordered = sorted(ids, key=lambda i: (str(type(i)), i))
+    if len(ordered) == 1:
+        return f"sample {ordered[0]}"
+    shown = ", ".join(map(str, ordered[:3])) + (f", ..., {ordered[-1]}" if len(ordered) > 3 else "")
+    return f"{len(ordered)} samples ({shown})"
 
 
 def _plain_id(value: Any) -> Any:
