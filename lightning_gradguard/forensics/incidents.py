@@ -335,6 +335,7 @@ class IncidentRecorder:
         finite_losses = [v for v in self._losses if math.isfinite(v)]
         leading = self.leading_layers(layers, sq_norms)
         shown = _shown_layers(list(layers), {x.name for x in leading})
+        same = list(layers) == list(self._layers)  # regrouped (a layer unfrozen) at this step: no per-layer history
         sample_ids = None
         if self.batch_ids is not None and batch is not None:
             sample_ids = tuple(_plain(x) for x in self.batch_ids(batch))
@@ -362,15 +363,16 @@ class IncidentRecorder:
             window_norms=(*self._norms, float(global_norm)),
             window_losses=(*self._window_losses, math.nan if loss is None else float(loss)),
             window_layers=tuple(layers[i] for i in shown),
-            window_layer_norms=tuple(self._layer_row(i, sq_norms) for i in shown),
+            window_layer_norms=tuple(self._layer_row(i, sq_norms, same) for i in shown),
         )
         self.add(incident)
         return incident
 
-    def _layer_row(self, i: int, sq_norms: Sequence[float]) -> tuple[float, ...]:
+    def _layer_row(self, i: int, sq_norms: Sequence[float], same: bool) -> tuple[float, ...]:
         """Layer ``i``'s norms over :attr:`window_steps` (``nan`` before a regrouping: no history)."""
-        missing = len(self._steps) - len(self._sq)
-        values = [math.nan] * missing + [_norm(row[i]) for row in self._sq]
+        rows = self._sq if same else ()
+        missing = len(self._steps) - len(rows)
+        values = [math.nan] * missing + [_norm(row[i]) for row in rows]
         return (*values, _norm(sq_norms[i]))
 
     def add(self, incident: Incident) -> None:
