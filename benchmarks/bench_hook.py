@@ -40,10 +40,10 @@ sys.path[:0] = [str(_HERE.parent), str(_HERE)]
 from bench_e2e import FULL, QUICK, TinyLM, _quiet, make_data  # noqa: E402
 
 from lightning_gradguard import GradGuard  # noqa: E402
-from lightning_gradguard.decide.engine import GuardEngine  # noqa: E402
+from lightning_gradguard.decide.engine import Engine  # noqa: E402
 from lightning_gradguard.outputs.sink import Reporter  # noqa: E402
 from lightning_gradguard.recovery.snapshot import Snapshot  # noqa: E402
-from lightning_gradguard.step import GuardStep  # noqa: E402
+from lightning_gradguard.step import OptimizerStep  # noqa: E402
 
 KINDS = ("ordinary", "snapshot", "histogram", "updates")
 _calls: dict[str, int] = defaultdict(int)
@@ -61,7 +61,7 @@ def _counting(cls: type, name: str, kind: str) -> None:
 
 _counting(Snapshot, "capture", "snapshot")
 _counting(Reporter, "histograms", "histogram")
-_counting(GuardEngine, "snapshot_updates", "updates")
+_counting(Engine, "snapshot_updates", "updates")
 
 
 class TimedGuard(GradGuard):
@@ -85,18 +85,18 @@ class TimedGuard(GradGuard):
         self.kinds.append(kinds or ("ordinary",))
 
 
-_original_after = GuardStep.after_optimizer_step
+_original_after = OptimizerStep.after_optimizer_step
 _current: list[TimedGuard] = []
 
 
-def _timed_after(self: GuardStep, engine: GuardEngine, optimizer: torch.optim.Optimizer | None = None) -> None:
+def _timed_after(self: OptimizerStep, engine: Engine, optimizer: torch.optim.Optimizer | None = None) -> None:
     c0 = time.process_time()
     _original_after(self, engine, optimizer)
     if _current and _current[0].post:
         _current[0].post[-1] += time.process_time() - c0
 
 
-GuardStep.after_optimizer_step = _timed_after  # type: ignore[method-assign]
+OptimizerStep.after_optimizer_step = _timed_after  # type: ignore[method-assign]
 
 
 def fit(total: int, logdir: str, cfg: dict[str, int] = FULL) -> TimedGuard:

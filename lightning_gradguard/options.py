@@ -7,7 +7,7 @@ them out as keyword parameters, so that IDEs and ``LightningCLI`` see a typed si
 that those signatures have the names, defaults and annotations declared here, and each front-end passes them on
 with :meth:`GuardOptions.from_arguments` (nothing is copied onto the front-end).
 
-Also the factory of what the options configure: one :class:`~lightning_gradguard.decide.engine.GuardEngine`
+Also the factory of what the options configure: one :class:`~lightning_gradguard.decide.engine.Engine`
 per optimizer (:meth:`GuardOptions.engine`) and the :class:`~lightning_gradguard.recovery.rollback.Recovery`
 (:meth:`GuardOptions.recovery`).
 """
@@ -36,7 +36,7 @@ from lightning_gradguard._checks import (
     python_scalar,
 )
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics
-from lightning_gradguard.decide.engine import GuardEngine
+from lightning_gradguard.decide.engine import Engine
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy, make_policy
 from lightning_gradguard.events import OnEvent
@@ -249,13 +249,13 @@ class GuardOptions:
         entries = SkipList(self.skip_list).entries if self.skip_list is not None else ()
         return Forensics(replay=self.replay, batch_ids=self.batch_ids, skip_entries=entries)
 
-    def engine(self, index: int, named_parameters: Iterable[tuple[str, Tensor]], monitor_only: bool) -> GuardEngine:
-        """A fresh :class:`~lightning_gradguard.decide.engine.GuardEngine` for one optimizer's parameters."""
+    def engine(self, index: int, named_parameters: Iterable[tuple[str, Tensor]], monitor_only: bool) -> Engine:
+        """A fresh :class:`~lightning_gradguard.decide.engine.Engine` for one optimizer's parameters."""
         policy = None if monitor_only else make_policy(copy.deepcopy(self.clip), self.max_norm)
         stats = GradStats(named_parameters, self.group_by)
         lr_guard = None if monitor_only or policy is None else copy.deepcopy(self.lr_guard_template)
         stall = lr_guard is not None and lr_guard.stall_update_ratio is not None
-        return GuardEngine(
+        return Engine(
             index=index,
             stats=stats,
             policy=policy,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from lightning_gradguard.decide.engine import GuardEngine, StepOutcome
+from lightning_gradguard.decide.engine import Engine, StepOutcome
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.measure.updates import UpdateStats
 
@@ -28,7 +28,7 @@ class StepRecord:
         diagnose_step: the per-layer diagnostics judged this step.
         histogram_step: per-layer histograms are written at this step.
         heatmap_step: the heatmap image is written at this step.
-        updates_pending: the weights were copied: :meth:`GuardStep.after_optimizer_step` reads the update.
+        updates_pending: the weights were copied: :meth:`OptimizerStep.after_optimizer_step` reads the update.
         events: everything reported about the step, in order (the decision's, recovery's, the verdicts).
         recovery_metrics: recovery's counters, logged with the first optimizer's scalars at log steps.
         error: what stops training after the record is written, else ``None``.
@@ -49,7 +49,7 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class UpdateRecord:
-    """The update of one optimizer step, read after ``optimizer.step()`` (see :meth:`GuardStep.after_optimizer_step`).
+    """The update of one optimizer step, read after ``optimizer.step()`` (:meth:`OptimizerStep.after_optimizer_step`).
 
     Attributes:
         index: the optimizer's index.
@@ -71,10 +71,10 @@ class UpdateRecord:
 class StepSink(Protocol):
     """Where records go: formats and writes them, never decides, raises or changes decision state."""
 
-    def write(self, engine: GuardEngine, record: StepRecord) -> None: ...
+    def write(self, engine: Engine, record: StepRecord) -> None: ...
 
-    def write_updates(self, engine: GuardEngine, record: UpdateRecord) -> None: ...
+    def write_updates(self, engine: Engine, record: UpdateRecord) -> None: ...
 
     def end(
-        self, engine: GuardEngine, global_step: int, events: tuple[GuardEvent, ...], extra: dict[str, float] | None
+        self, engine: Engine, global_step: int, events: tuple[GuardEvent, ...], extra: dict[str, float] | None
     ) -> None: ...

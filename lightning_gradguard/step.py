@@ -1,14 +1,14 @@
 """One optimizer step of any front-end, in order: measure, decide, recover, apply, bookkeep, write.
 
-:class:`GuardStep` owns the sequence; the Lightning callback, :class:`~lightning_gradguard.Guard` and
+:class:`OptimizerStep` owns the sequence; the Lightning callback, :class:`~lightning_gradguard.Guard` and
 :class:`~lightning_gradguard.FabricGuard` translate their hooks into its two calls:
 
-- :meth:`GuardStep.run`, between the backward pass and ``optimizer.step()``:
+- :meth:`OptimizerStep.run`, between the backward pass and ``optimizer.step()``:
 
   1. sync the parameters (a layer unfrozen or a param group added regroups the statistics);
   2. measure: one fused pass over the gradients, at most one collective, one device-to-host transfer
      (the loss, the AMP scale and recovery's buffer check ride in the same vector);
-  3. decide (:meth:`GuardEngine.decide`): threshold, clip coefficient, skip / raise / warn, LR guard;
+  3. decide (:meth:`Engine.decide`): threshold, clip coefficient, skip / raise / warn, LR guard;
   4. recover (:meth:`Recovery.after_decide`): roll back, fall back, or take a snapshot;
   5. apply (:func:`apply_outcome`): scale or drop the gradients;
   6. bookkeep the decisions that are not the gradients': the per-layer diagnostics at diagnose steps,
@@ -17,7 +17,7 @@
      ``RecoveryError`` if training must stop (on every rank at the same step: decided from the reduced
      vector).
 
-- :meth:`GuardStep.after_optimizer_step`, from an optimizer step post-hook (:meth:`GuardStep.attach`):
+- :meth:`OptimizerStep.after_optimizer_step`, from an optimizer step post-hook (:meth:`OptimizerStep.attach`):
   close the weight copy into update ratios, let the LR guard's stall channel judge the global ratio and
   the diagnostics the per-layer ratios, and hand the result to the sink.
 
@@ -33,15 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard.decide.engine import GuardEngine, NonFiniteGradientsError, StepOutcome, apply_outcome
+from lightning_gradguard.decide.engine import Engine, NonFiniteGradientsError, StepOutcome, apply_outcome
 from lightning_gradguard.forensics.tracker import BatchContext, Forensics, skip_listed
 from lightning_gradguard.records import StepRecord, StepSink, UpdateRecord
 from lightning_gradguard.recovery.rollback import Recovery
 
-__all__ = ["GuardStep", "StepRecord", "StepSink", "UpdateRecord"]
+__all__ = ["OptimizerStep", "StepRecord", "StepSink", "UpdateRecord"]
 
 
-class GuardStep:
+class OptimizerStep:
     """The optimizer step of every front-end (see the module docstring for the sequence).
 
     Args:
@@ -79,10 +79,10 @@ class GuardStep:
 
     def run(
         self,
-        engine: GuardEngine,
+        engine: Engine,
         optimizer: torch.optim.Optimizer,
         named_parameters: Callable[[], Iterable[tuple[str, Tensor]]],
-        engines: Sequence[GuardEngine],
+        engines: Sequence[Engine],
         *,
         global_step: int,
         loss: Tensor | None = None,
@@ -171,7 +171,7 @@ class GuardStep:
             raise failure
         return record
 
-    def after_optimizer_step(self, engine: GuardEngine, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def after_optimizer_step(self, engine: Engine, optimizer: torch.optim.Optimizer | None = None) -> None:
         """After ``optimizer.step()``: the update since the weight copy, the stall check and the update verdicts."""
         pending = self._pending.pop(engine.index, None)
         step = engine.last.step if engine.last is not None else 0
@@ -188,7 +188,7 @@ class GuardStep:
             record = UpdateRecord(engine.index, step, pending[0], pending[1], stats, events)
             self.sink.write_updates(engine, record)
 
-    def end(self, engine: GuardEngine, global_step: int) -> None:
+    def end(self, engine: Engine, global_step: int) -> None:
         """End of training: the diagnostics judge the last step if it was not a diagnose step; the sink writes
         the unfinished interval, those verdicts, the heatmap and the summary."""
         last = engine.last
@@ -196,7 +196,7 @@ class GuardStep:
         if self.sink is not None:
             self.sink.end(engine, global_step, events, self._recovery_metrics(engine))
 
-    def attach(self, engine: GuardEngine, optimizer: torch.optim.Optimizer) -> None:
+    def attach(self, engine: Engine, optimizer: torch.optim.Optimizer) -> None:
         """Read the update after each step of ``optimizer`` (a step post-hook), where updates are tracked."""
         if engine.updates is None or id(optimizer) in self._hooks:
             return
@@ -213,7 +213,7 @@ class GuardStep:
         self._hooks.clear()
         self._pending.clear()
 
-    def _recovery_metrics(self, engine: GuardEngine) -> dict[str, float] | None:
+    def _recovery_metrics(self, engine: Engine) -> dict[str, float] | None:
         if self.recovery is None or engine.index != 0:
             return None
         return self.recovery.metrics()

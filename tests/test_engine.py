@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard._checks import CLIP_NAMES
-from lightning_gradguard.decide.engine import GuardEngine, StepOutcome, apply_outcome
+from lightning_gradguard.decide.engine import Engine, StepOutcome, apply_outcome
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import POLICY_NAMES, FixedPolicy
 from lightning_gradguard.events import GuardEvent
@@ -29,16 +29,16 @@ def _model() -> nn.Module:
     return model
 
 
-def _engine(policy: FixedPolicy | None = None, **kwargs: object) -> GuardEngine:
+def _engine(policy: FixedPolicy | None = None, **kwargs: object) -> Engine:
     model = _model()
-    return GuardEngine(0, GradStats(model.named_parameters()), policy, None, None, **kwargs)  # type: ignore[arg-type]
+    return Engine(0, GradStats(model.named_parameters()), policy, None, None, **kwargs)  # type: ignore[arg-type]
 
 
 def _stats(*sq: float) -> StepStats:
     return StepStats(LAYERS[: len(sq)], list(sq))
 
 
-def _set_grads(engine: GuardEngine, *grads: Sequence[float]) -> None:
+def _set_grads(engine: Engine, *grads: Sequence[float]) -> None:
     for param, values in zip(engine.stats.params, grads, strict=True):
         param.grad = torch.tensor(values, dtype=torch.float32).reshape(param.shape)
 
@@ -97,7 +97,7 @@ def test_interval_aggregates_and_close_interval() -> None:
 
 def test_lr_reduction_becomes_a_warning_event_with_its_evidence() -> None:
     model = _model()
-    engine = GuardEngine(
+    engine = Engine(
         0, GradStats(model.named_parameters()), FixedPolicy(max_norm=1.0), LRGuard(patience=2, cooldown=0), None
     )
     outcomes = [engine.decide(_stats(1.0, 0.0)) for _ in range(2)]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard.decide.engine import GuardEngine, NonFiniteGradientsError
+from lightning_gradguard.decide.engine import Engine, NonFiniteGradientsError
 from lightning_gradguard.options import GuardOptions
 from lightning_gradguard.outputs.sink import Reporter
-from lightning_gradguard.step import GuardStep, StepRecord, UpdateRecord
+from lightning_gradguard.step import OptimizerStep, StepRecord, UpdateRecord
 
 
 class RecordingSink:
@@ -22,18 +22,18 @@ class RecordingSink:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    def write(self, engine: GuardEngine, record: StepRecord) -> None:
+    def write(self, engine: Engine, record: StepRecord) -> None:
         self.calls.append(("write", record))
 
-    def write_updates(self, engine: GuardEngine, record: UpdateRecord) -> None:
+    def write_updates(self, engine: Engine, record: UpdateRecord) -> None:
         self.calls.append(("write_updates", record))
 
-    def end(self, engine: GuardEngine, global_step: int, events: Any, extra: Any) -> None:
+    def end(self, engine: Engine, global_step: int, events: Any, extra: Any) -> None:
         self.calls.append(("end", events))
 
 
 def _run(sink: Any, steps: int = 60, nan_at: tuple[int, ...] = (7, 8), **options: Any) -> tuple[list[Any], nn.Module]:
-    """A small regression trained through a GuardStep; returns each step's decision and the model."""
+    """A small regression trained through a OptimizerStep; returns each step's decision and the model."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
@@ -41,7 +41,7 @@ def _run(sink: Any, steps: int = 60, nan_at: tuple[int, ...] = (7, 8), **options
     engine = opts.engine(0, list(model.named_parameters()), monitor_only=False)
     if engine.lr_guard is not None:
         engine.lr_guard.attach(optimizer)
-    step = GuardStep(sink, log_every=5, diagnose_every=opts.diagnose_every_n_steps, histogram_every=0)
+    step = OptimizerStep(sink, log_every=5, diagnose_every=opts.diagnose_every_n_steps, histogram_every=0)
     step.attach(engine, optimizer)
     x, y = torch.randn(64, 4), torch.randn(64, 1)
     decisions = []

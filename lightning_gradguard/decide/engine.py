@@ -1,18 +1,18 @@
 """The guard itself, free of Lightning: per-optimizer decisions from one step's reduced statistics.
 
-A :class:`GuardEngine` owns everything GradGuard keeps for one optimizer: the gradient statistics, the
+A :class:`Engine` owns everything GradGuard keeps for one optimizer: the gradient statistics, the
 clip policy, the LR guard, the diagnostics, the counters, the aggregates since the last log step and
 the heatmap buffer. One optimizer step is three calls:
 
-1. :meth:`GuardEngine.measure` - one pass over the gradients, at most one collective, one
+1. :meth:`Engine.measure` - one pass over the gradients, at most one collective, one
    device-to-host transfer (the loss and the AMP scale ride in the same vector);
-2. :meth:`GuardEngine.decide` - host only: threshold, clip coefficient, skip / raise / warn, streaks,
+2. :meth:`Engine.decide` - host only: threshold, clip coefficient, skip / raise / warn, streaks,
    LR guard, counters; returns an immutable :class:`StepOutcome`;
 3. :func:`apply_outcome` - scale the gradients or drop them (the LR scale is applied by the LR guard's
    optimizer hooks).
 
-:class:`~lightning_gradguard.step.GuardStep` sequences these calls (with recovery, the diagnostics of
-:meth:`GuardEngine.diagnose` and the update ratios) for every front-end, so the Lightning callback, the
+:class:`~lightning_gradguard.step.OptimizerStep` sequences these calls (with recovery, the diagnostics of
+:meth:`Engine.diagnose` and the update ratios) for every front-end, so the Lightning callback, the
 Fabric adapter and the plain PyTorch :class:`~lightning_gradguard.Guard` take bit-identical decisions on
 the same gradients.
 """
@@ -49,8 +49,8 @@ from lightning_gradguard.measure.updates import UpdateStats, UpdateTracker, log1
 __all__ = [
     "STATE_VERSION",
     "Counters",
+    "Engine",
     "GradGuardError",
-    "GuardEngine",
     "Interval",
     "NonFiniteGradientsError",
     "StepOutcome",
@@ -59,7 +59,7 @@ __all__ = [
     "parameter_signature",
 ]
 
-#: Version of the state format (:meth:`GuardEngine.state_dict`, wrapped by every front-end).
+#: Version of the state format (:meth:`Engine.state_dict`, wrapped by every front-end).
 STATE_VERSION = 3
 _HEATMAP_COLUMNS = 512  # bounded memory: past this, keep every other column
 #: Diagnose steps of update-to-weight ratios kept per layer for the update verdicts (their medians), and the
@@ -141,7 +141,7 @@ def _shown(layers: list[str], limit: int = 5) -> str:
 
 
 @dataclass
-class GuardEngine:
+class Engine:
     """Everything GradGuard keeps for one optimizer, and the decisions it takes from it.
 
     Args:
@@ -156,7 +156,7 @@ class GuardEngine:
 
     Example::
 
-        engine = GuardEngine(0, GradStats(model.named_parameters()), make_policy("auto"), None, None)
+        engine = Engine(0, GradStats(model.named_parameters()), make_policy("auto"), None, None)
         stats, loss, scale = engine.measure(loss=loss.detach())
         outcome = engine.decide(stats, loss=loss)
         apply_outcome(engine, outcome)
@@ -691,7 +691,7 @@ class GuardEngine:
         return []
 
 
-def apply_outcome(engine: GuardEngine, outcome: StepOutcome) -> None:
+def apply_outcome(engine: Engine, outcome: StepOutcome) -> None:
     """Act on the gradients as decided: scale them by the clip coefficient, or drop them (skip)."""
     if outcome.skipped:
         for param in engine.stats.params:

@@ -1,6 +1,6 @@
 """The forensics of one front-end: per-optimizer incident recorders, replays and the skip list, driven by the step.
 
-:class:`Forensics` is what :class:`~lightning_gradguard.step.GuardStep` calls at three points of an optimizer
+:class:`Forensics` is what :class:`~lightning_gradguard.step.OptimizerStep` calls at three points of an optimizer
 step: :meth:`Forensics.listed` before deciding (a batch on the skip list is dropped), :meth:`Forensics.replay`
 after deciding and before recovery (the weights are still the ones the incident's gradients came from), and
 :meth:`Forensics.record` once the step's outcome is final. On a step without an incident it costs two float
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard.decide.engine import GuardEngine, StepOutcome
+from lightning_gradguard.decide.engine import Engine, StepOutcome
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.forensics.incidents import INCIDENTS_FILE, Incident, IncidentRecorder
 from lightning_gradguard.forensics.replay import ReplayResult, replay
@@ -131,7 +131,7 @@ class Forensics:
         return any(e.sample_ids for e in self.skip_list.entries)
 
     # ------------------------------------------------------------------ after deciding, before recovery
-    def replay(self, engine: GuardEngine, outcome: StepOutcome, context: BatchContext | None) -> None:
+    def replay(self, engine: Engine, outcome: StepOutcome, context: BatchContext | None) -> None:
         """Spot this step's spike, and replay its batch when it is an incident a replay can classify.
 
         Called on every rank (the outcome is decided from reduced statistics, so every rank replays together:
@@ -163,7 +163,7 @@ class Forensics:
     # ------------------------------------------------------------------ once the outcome is final
     def record(
         self,
-        engine: GuardEngine,
+        engine: Engine,
         outcome: StepOutcome,
         optimizer: torch.optim.Optimizer,
         *,
@@ -225,7 +225,7 @@ class Forensics:
         recorder.observe(outcome.step, stats.layers, stats.sq_norms, outcome.global_norm, outcome.loss, lrs)
         return event
 
-    def record_update(self, engine: GuardEngine, events: Sequence[GuardEvent], global_step: int) -> GuardEvent | None:
+    def record_update(self, engine: Engine, events: Sequence[GuardEvent], global_step: int) -> GuardEvent | None:
         """An LR cut decided after ``optimizer.step()`` (the stall channel): its incident, from the last step."""
         cut = [e for e in events if e.kind == "lr_reduction"]
         last = engine.last
@@ -267,7 +267,7 @@ class Forensics:
         self.skip_list.entries += [e for e in saved if (e.epoch, e.batch_idx, e.sample_ids) not in known]
 
 
-def skip_listed(engine: GuardEngine, outcome: StepOutcome, entry: SkipEntry, context: BatchContext) -> StepOutcome:
+def skip_listed(engine: Engine, outcome: StepOutcome, entry: SkipEntry, context: BatchContext) -> StepOutcome:
     """``outcome`` turned into a skipped step: its batch is on the skip list (the gradients are dropped)."""
     text = (
         f"skipped optimizer step {outcome.step}: batch {context.batch_idx} of epoch {context.epoch} is on the skip "
@@ -321,7 +321,7 @@ def _layer_of(module: str | None, layers: Sequence[str]) -> str | None:
     return module or None
 
 
-def _global_norm(engine: GuardEngine) -> float:
+def _global_norm(engine: Engine) -> float:
     """The global norm of the gradients now (one pass, one collective where distributed)."""
     vector = engine.stats.squared_norms(extras=[])
     vector = reduce_stats(vector, engine.stats.sharded_layers)

@@ -1,6 +1,6 @@
 """The callback's checkpoint state: saving, loading, adopting a state saved under another key, and the messages.
 
-The per-optimizer state is each engine's own (:meth:`~lightning_gradguard.decide.engine.GuardEngine.state_dict`);
+The per-optimizer state is each engine's own (:meth:`~lightning_gradguard.decide.engine.Engine.state_dict`);
 this module keeps what the callback adds around it: state loaded before its optimizer exists, the state frozen
 at the end of a fit, the saved configuration (for messages only) and the keys of state version 2.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_gradguard.decide.engine import STATE_VERSION, GuardEngine
+from lightning_gradguard.decide.engine import STATE_VERSION, Engine
 from lightning_gradguard.decide.policies import ThresholdPolicy
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.options import GuardOptions
@@ -78,7 +78,7 @@ class CallbackState:
         """A message about the saved state, as a :class:`GuardEvent` (console only, not TensorBoard text)."""
         self._reporter.emit(GuardEvent(kind, 0, message), index=None)
 
-    def start_fit(self, engines: Iterable[GuardEngine], continued: bool) -> bool:
+    def start_fit(self, engines: Iterable[Engine], continued: bool) -> bool:
         """At the start of a fit, keep the state its engines start from; returns whether there is any.
 
         A new fit starts fresh, or from the checkpoint Lightning loads after ``setup`` (or from a state
@@ -95,7 +95,7 @@ class CallbackState:
         return bool(carried)
 
     def state_dict(
-        self, engines: Iterable[GuardEngine], config: dict[str, Any], recovery: Recovery | None
+        self, engines: Iterable[Engine], config: dict[str, Any], recovery: Recovery | None
     ) -> dict[str, Any]:
         """Everything that affects future decisions, as Python primitives (see ``docs/state.md``).
 
@@ -114,7 +114,7 @@ class CallbackState:
         return state
 
     def load_state_dict(
-        self, state_dict: Mapping[str, Any], engines: Iterable[GuardEngine], recovery: Recovery | None
+        self, state_dict: Mapping[str, Any], engines: Iterable[Engine], recovery: Recovery | None
     ) -> None:
         """Restore :meth:`state_dict` output, also from earlier versions (missing keys start fresh).
 
@@ -144,13 +144,13 @@ class CallbackState:
             else:
                 self.report_differences(engine, engine.load_state_dict(state))
 
-    def apply_pending(self, engine: GuardEngine) -> None:
+    def apply_pending(self, engine: Engine) -> None:
         """Load the state waiting for this engine's optimizer, if any."""
         pending = self.pending.pop(engine.index, None)
         if pending is not None:
             self.report_differences(engine, engine.load_state_dict(pending))
 
-    def report_differences(self, engine: GuardEngine, differences: list[str]) -> None:
+    def report_differences(self, engine: Engine, differences: list[str]) -> None:
         if not differences:
             return
         saved = self.saved_config
@@ -161,7 +161,7 @@ class CallbackState:
             f"{origin}:\n- " + "\n- ".join(differences),
         )
 
-    def report_unused(self, engines: Iterable[GuardEngine]) -> None:
+    def report_unused(self, engines: Iterable[Engine]) -> None:
         """Warn about state saved for optimizers this run does not have (called once the engines exist)."""
         if not self.pending:
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lightning_gradguard.decide.diagnostics import Verdict
-from lightning_gradguard.decide.engine import GuardEngine, StepOutcome
+from lightning_gradguard.decide.engine import Engine, StepOutcome
 from lightning_gradguard.forensics.incidents import Incident
 from lightning_gradguard.forensics.skiplist import SkipList
 from lightning_gradguard.forensics.tracker import Forensics
@@ -13,7 +13,7 @@ from lightning_gradguard.recovery.rollback import Recovery
 class GuardViews:
     """Views on a front-end's engines (one per optimizer) and recovery; the front-end says where they are."""
 
-    def _engine_list(self) -> list[GuardEngine]:
+    def _engine_list(self) -> list[Engine]:
         """The engines, one per optimizer seen so far, in optimizer order."""
         raise NotImplementedError
 
@@ -23,7 +23,7 @@ class GuardViews:
 
     _forensics: Forensics | None = None
 
-    def _first_engine(self) -> GuardEngine | None:
+    def _first_engine(self) -> Engine | None:
         return next(iter(self._engine_list()), None)
 
     @property

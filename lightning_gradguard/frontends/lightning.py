@@ -9,8 +9,8 @@ at most one collective (:func:`~lightning_gradguard.measure.distributed.reduce_s
 transfer; every decision is then taken on the host from that one vector, identically on every rank.
 
 This module is the Lightning glue only: the options (declared and checked in :mod:`lightning_gradguard.options`),
-setup checks, and hooks that hand each optimizer step to :class:`~lightning_gradguard.step.GuardStep` (decisions
-by the per-optimizer :class:`~lightning_gradguard.decide.engine.GuardEngine`, outputs by the
+setup checks, and hooks that hand each optimizer step to :class:`~lightning_gradguard.step.OptimizerStep` (decisions
+by the per-optimizer :class:`~lightning_gradguard.decide.engine.Engine`, outputs by the
 :class:`~lightning_gradguard.outputs.sink.Reporter`). The read-only views it shares with ``Guard`` are in
 ``frontends/_views.py``; the checkpoint state around the engines (loading, adopting, messages) in
 ``frontends/_checkpoint.py``.
@@ -41,7 +41,7 @@ from lightning_gradguard._compat import (
     warn_at_caller,
 )
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics
-from lightning_gradguard.decide.engine import GuardEngine, optimizer_parameters, parameter_signature
+from lightning_gradguard.decide.engine import Engine, optimizer_parameters, parameter_signature
 from lightning_gradguard.decide.lr_guard import LRGuard
 from lightning_gradguard.decide.policies import ThresholdPolicy
 from lightning_gradguard.errors import GradGuardError
@@ -63,7 +63,7 @@ from lightning_gradguard.outputs.loggers import rich_writers
 from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.outputs.tensorboard import EventLog, dashboard_layout, find_writer
 from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
-from lightning_gradguard.step import GuardStep
+from lightning_gradguard.step import OptimizerStep
 
 __all__ = ["GradClip", "GradGuard", "GradMonitor"]
 
@@ -162,7 +162,7 @@ class GradGuard(GuardViews, Callback):
     ) -> None:
         super().__init__()
         self._options = GuardOptions.from_arguments(locals())  # checked; numpy scalars as Python numbers
-        self._engines: dict[int, GuardEngine] = {}  # id(optimizer) -> engine
+        self._engines: dict[int, Engine] = {}  # id(optimizer) -> engine
         self._reporter = Reporter(self._options, warn=_rank_zero_warn_at_caller, info=rank_zero_info)
         self._state = CallbackState(self._reporter)
         self._scaler: Any | None = None
@@ -172,7 +172,7 @@ class GradGuard(GuardViews, Callback):
         self._recovery: Recovery | None = self._options.recovery()
         self._forensics = self._options.forensics()
         self._batch: tuple[int, int, Any] | None = None  # (epoch, batch index, batch) of the step in progress
-        self._step = GuardStep(
+        self._step = OptimizerStep(
             self._reporter,
             log_every=self._options.log_every(),
             diagnose_every=self._options.diagnose_every_n_steps,
@@ -209,7 +209,7 @@ class GradGuard(GuardViews, Callback):
         key = type(self).__qualname__
         return key if self.name is None else f"{key}[{self.name}]"
 
-    def _engine_list(self) -> list[GuardEngine]:
+    def _engine_list(self) -> list[Engine]:
         return sorted(self._engines.values(), key=lambda e: e.index)
 
     def _recovery_in_use(self) -> Recovery | None:
@@ -260,9 +260,7 @@ class GradGuard(GuardViews, Callback):
             self._recovery = self._step.recovery = self._options.recovery()
         self._last_trainer = _weak_ref(trainer)
 
-    def _engine_for(
-        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
-    ) -> GuardEngine:
+    def _engine_for(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> Engine:
         engine = self._engines.get(id(optimizer))
         if engine is not None:
             return engine

@@ -1,7 +1,7 @@
 """GradGuard for a plain PyTorch training loop (and, through :class:`FabricGuard`, for Lightning Fabric).
 
 ``Guard(model, optimizer)`` takes the same options as :class:`~lightning_gradguard.GradGuard` and makes
-the same decisions through the same :class:`~lightning_gradguard.decide.engine.GuardEngine`; call
+the same decisions through the same :class:`~lightning_gradguard.decide.engine.Engine`; call
 :meth:`Guard.before_optimizer_step` between ``loss.backward()`` and ``optimizer.step()``. See
 ``docs/plain-pytorch.md``.
 """
@@ -30,7 +30,7 @@ from lightning_gradguard._compat import (
 from lightning_gradguard.decide.diagnostics import GradientDiagnostics
 from lightning_gradguard.decide.engine import (
     STATE_VERSION,
-    GuardEngine,
+    Engine,
     StepOutcome,
     optimizer_parameters,
     parameter_signature,
@@ -45,7 +45,7 @@ from lightning_gradguard.measure.stats import GroupBy
 from lightning_gradguard.options import BatchIds, GuardOptions
 from lightning_gradguard.outputs.sink import Reporter
 from lightning_gradguard.recovery.rollback import Recovery, RollbackTrigger
-from lightning_gradguard.step import GuardStep
+from lightning_gradguard.step import OptimizerStep
 
 __all__ = ["FabricGuard", "Guard"]
 
@@ -148,7 +148,7 @@ class Guard(GuardViews):
         self.schedulers: list[Any] = _schedulers(scheduler)
         self._module = unwrap_model(model)
         named = optimizer_parameters(self._module, self.optimizer)
-        self.engine: GuardEngine = self._options.engine(0, named, monitor_only=False)
+        self.engine: Engine = self._options.engine(0, named, monitor_only=False)
         self.engine.signature = parameter_signature(self.optimizer)
         if self.engine.lr_guard is not None:
             self.engine.lr_guard.attach(self.optimizer)
@@ -157,7 +157,7 @@ class Guard(GuardViews):
         self._forensics = self._options.forensics()
         if self._forensics is not None and _rank_zero():
             self._forensics.set_log_dir(_log_dir(writer))  # incidents.jsonl beside the writer's event files
-        self._step = GuardStep(
+        self._step = OptimizerStep(
             self.reporter,
             log_every=self._options.log_every(),
             diagnose_every=self._options.diagnose_every_n_steps,
@@ -276,7 +276,7 @@ class Guard(GuardViews):
         """The checked options this guard was constructed with (read-only)."""
         return self._options
 
-    def _engine_list(self) -> list[GuardEngine]:
+    def _engine_list(self) -> list[Engine]:
         return [self.engine]
 
     def _recovery_in_use(self) -> Recovery | None:

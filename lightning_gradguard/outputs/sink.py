@@ -1,6 +1,6 @@
 """Outputs of every front-end: the logged metrics, TensorBoard histograms, heatmap and text events.
 
-A :class:`Reporter` is the write-only end of :class:`~lightning_gradguard.step.GuardStep`: it takes each
+A :class:`Reporter` is the write-only end of :class:`~lightning_gradguard.step.OptimizerStep`: it takes each
 step's :class:`~lightning_gradguard.step.StepRecord` (and, after the optimizer step, its
 :class:`~lightning_gradguard.step.UpdateRecord`) and writes what the record says is due: scalars through
 ``log_metrics`` (every Lightning logger, or a ``SummaryWriter``), histograms and the heatmap through the rich
@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from lightning_gradguard.decide.engine import GuardEngine, StepOutcome
+from lightning_gradguard.decide.engine import Engine, StepOutcome
 from lightning_gradguard.events import GuardEvent, OnEvent
 from lightning_gradguard.keys import tag
 from lightning_gradguard.measure.updates import update_metrics
@@ -37,9 +37,7 @@ LogMetrics = Callable[[dict[str, float], int], None]
 Say = Callable[[str], None]
 
 
-def step_metrics(
-    engine: GuardEngine, outcome: StepOutcome, scaler_enabled: bool, layer_norms: bool
-) -> dict[str, float]:
+def step_metrics(engine: Engine, outcome: StepOutcome, scaler_enabled: bool, layer_norms: bool) -> dict[str, float]:
     """The scalars logged at a log step (see ``docs/logged-keys.md``), from the outcome and the aggregates."""
     i, interval, counters = engine.index, engine.interval, engine.counters
     metrics = {
@@ -70,7 +68,7 @@ def step_metrics(
     return metrics
 
 
-def dashboard_metrics(engine: GuardEngine, outcome: StepOutcome) -> dict[str, float]:
+def dashboard_metrics(engine: Engine, outcome: StepOutcome) -> dict[str, float]:
     """The dashboard's extra scalars of a log step: ``loss``, the ``band/*`` triple, the layer-norm extremes."""
     i, metrics = engine.index, {}
     if outcome.loss is not None:
@@ -165,7 +163,7 @@ class Reporter:
                     f"step {event.step}); training continues, and further errors of the hook are not reported."
                 )
 
-    def write(self, engine: GuardEngine, record: StepRecord) -> None:
+    def write(self, engine: Engine, record: StepRecord) -> None:
         """The events of a step, then the outputs its record says are due; flushes when training stops."""
         self.last_global_step[engine.index] = record.global_step
         for event in record.events:
@@ -179,7 +177,7 @@ class Reporter:
         if record.error is not None:
             self.flush_events()
 
-    def write_updates(self, engine: GuardEngine, record: UpdateRecord) -> None:
+    def write_updates(self, engine: Engine, record: UpdateRecord) -> None:
         """After the optimizer step: ``weight_norm/*`` and ``update_ratio/*`` at log steps, and the events."""
         if self.log_metrics is not None and record.log_step and engine.log_updates:
             self.log_metrics(update_metrics(record.stats, engine.index), record.global_step)
@@ -187,7 +185,7 @@ class Reporter:
             self.emit(event, engine.index)
 
     def scalars(
-        self, engine: GuardEngine, outcome: StepOutcome, global_step: int, extra: dict[str, float] | None = None
+        self, engine: Engine, outcome: StepOutcome, global_step: int, extra: dict[str, float] | None = None
     ) -> None:
         """Log the scalars (``extra``: recovery's counters), then start the next interval and heatmap column."""
         if self.log_metrics is not None:
@@ -197,7 +195,7 @@ class Reporter:
             self.log_metrics(metrics, global_step)
         engine.close_interval(outcome, global_step, heatmap=bool(self.options.heatmap_every_n_steps))
 
-    def histograms(self, engine: GuardEngine, global_step: int) -> None:
+    def histograms(self, engine: Engine, global_step: int) -> None:
         """Per-layer histograms (every rank computes them: sharded layers need collectives)."""
         histograms = engine.histograms(self.options.histogram_bins)
         if self.rich_writers is not None:
@@ -206,7 +204,7 @@ class Reporter:
         elif self.writer is not None:
             write_histograms(self.writer, engine.index, global_step, histograms)
 
-    def heatmap(self, engine: GuardEngine, global_step: int) -> None:
+    def heatmap(self, engine: Engine, global_step: int) -> None:
         """The layer x step heatmap image, once there are two columns."""
         if (self.writer is None and not self.rich_writers) or len(engine.heatmap_steps) < 2:
             return
@@ -227,7 +225,7 @@ class Reporter:
 
     def end(
         self,
-        engine: GuardEngine,
+        engine: Engine,
         global_step: int,
         events: tuple[GuardEvent, ...] = (),
         extra: dict[str, float] | None = None,

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard._checks import check_int
-from lightning_gradguard.decide.engine import GuardEngine, StepOutcome
+from lightning_gradguard.decide.engine import Engine, StepOutcome
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.recovery.snapshot import Snapshot, _BufferGuard
 from lightning_gradguard.recovery.trigger import (
@@ -66,9 +66,9 @@ class Recovery:
     """A :class:`RollbackTrigger` and two alternating :class:`Snapshot` slots wired to GradGuard's engines.
 
     The front-end calls :meth:`attach` once the model, optimizers and schedulers exist, passes
-    :meth:`state_check` to :meth:`GuardEngine.measure <lightning_gradguard.decide.engine.GuardEngine.measure>`,
-    then calls :meth:`after_decide` at every optimizer step, right after :meth:`GuardEngine.decide
-    <lightning_gradguard.decide.engine.GuardEngine.decide>` and before
+    :meth:`state_check` to :meth:`Engine.measure <lightning_gradguard.decide.engine.Engine.measure>`,
+    then calls :meth:`after_decide` at every optimizer step, right after :meth:`Engine.decide
+    <lightning_gradguard.decide.engine.Engine.decide>` and before
     :func:`~lightning_gradguard.decide.engine.apply_outcome`. Decisions are taken from reduced values (the loss,
     the non-finite flags, the buffer check), so every rank acts at the same step.
 
@@ -225,7 +225,7 @@ class Recovery:
         return candidates[0]
 
     def after_decide(
-        self, engine: GuardEngine, outcome: StepOutcome, engines: Sequence[GuardEngine]
+        self, engine: Engine, outcome: StepOutcome, engines: Sequence[Engine]
     ) -> tuple[StepOutcome, RecoveryError | None]:
         """Feed the trigger; roll back, fall back, snapshot, or do nothing; returns the outcome to apply and any error.
 
@@ -308,12 +308,12 @@ class Recovery:
             self.buffers.finite_now = finite
             self.buffers.save()
 
-    def _lower_lr(self, engines: Sequence[GuardEngine]) -> tuple[float, float] | None:
+    def _lower_lr(self, engines: Sequence[Engine]) -> tuple[float, float] | None:
         scales = [e.lr_guard.force_reduction() for e in engines if e.lr_guard is not None]
         return scales[0] if scales else None
 
     def _roll_back(
-        self, decision: RollbackDecision, outcome: StepOutcome, engines: Sequence[GuardEngine], slot: int
+        self, decision: RollbackDecision, outcome: StepOutcome, engines: Sequence[Engine], slot: int
     ) -> StepOutcome:
         snapshot = self.snapshots[slot]
         assert snapshot.step is not None
@@ -367,7 +367,7 @@ class Recovery:
         )
 
     def _fall_back(
-        self, decision: RollbackDecision, outcome: StepOutcome, engines: Sequence[GuardEngine]
+        self, decision: RollbackDecision, outcome: StepOutcome, engines: Sequence[Engine]
     ) -> tuple[StepOutcome, RecoveryError | None]:
         """No rollback: skip (non-finite) or clip (runaway) and go on; raise only when the run cannot continue."""
         step = decision.step
@@ -405,7 +405,7 @@ def _stops_by_skipping(outcome: StepOutcome) -> bool:
 
 
 @contextlib.contextmanager
-def _scheduler_lrs(engines: Sequence[GuardEngine]) -> Iterator[None]:
+def _scheduler_lrs(engines: Sequence[Engine]) -> Iterator[None]:
     """The param groups hold the schedulers' own LRs (not the LR guard's scaled ones) within the block."""
     with contextlib.ExitStack() as stack:
         for e in engines:
@@ -414,7 +414,7 @@ def _scheduler_lrs(engines: Sequence[GuardEngine]) -> Iterator[None]:
         yield
 
 
-def _own_state(engine: GuardEngine) -> dict[str, Any]:
+def _own_state(engine: Engine) -> dict[str, Any]:
     """The parts of an engine's state a rollback puts back (the clip policy, LR guard and diagnostics)."""
     state: dict[str, Any] = {}
     if engine.policy is not None:
@@ -426,7 +426,7 @@ def _own_state(engine: GuardEngine) -> dict[str, Any]:
     return state
 
 
-def _load_own_state(engine: GuardEngine, state: Mapping[str, Any] | None) -> None:
+def _load_own_state(engine: Engine, state: Mapping[str, Any] | None) -> None:
     if not state:
         return
     if engine.policy is not None and "policy" in state:
