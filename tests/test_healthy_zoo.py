@@ -38,6 +38,7 @@ class Actions:
     cuts: list[str] = field(default_factory=list)
     rollbacks: list[str] = field(default_factory=list)
     verdicts: list[str] = field(default_factory=list)
+    incidents: list[str] = field(default_factory=list)
     lr_scale: float = 1.0
     first_loss: float = math.nan
     last_loss: float = math.nan
@@ -77,6 +78,7 @@ def run_guarded(name: str, steps: int = STEPS, seed: int = 0) -> Actions:
         cuts=[f"step {e.step}: {e.evidence.get('reason')}" for e in events if e.kind == "lr_reduction"],
         rollbacks=[f"step {e.step}: {e.evidence.get('trigger')}" for e in events if e.kind == "rollback"],
         verdicts=[f"step {step}: {kind} {layer}" for step, kind, layer in sorted(found)],
+        incidents=[i.summary() for i in guard.incidents],
         lr_scale=guard.lr_scale,
         first_loss=sum(losses[:10]) / 10,
         last_loss=sum(losses[-20:]) / 20,
@@ -107,6 +109,7 @@ def test_defaults_take_no_action_on_a_healthy_run(name: str) -> None:
     assert acted.cuts == [] and acted.lr_scale == 1.0, f"LR cuts: {acted.cuts}"
     assert acted.rollbacks == [], f"rollbacks: {acted.rollbacks}"
     assert acted.verdicts == [], f"verdicts: {acted.verdicts}"
+    assert acted.incidents == [], f"incidents (spikes included): {acted.incidents}"
 
 
 def test_the_check_sees_a_cut_when_the_guard_acts() -> None:
