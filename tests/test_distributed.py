@@ -208,6 +208,18 @@ def test_nan_on_one_rank_only_is_skipped_on_every_rank(ddp_run: Path) -> None:
     assert _skipped(n0) == _skipped(n1) == [2]
 
 
+def test_incidents_and_replay_verdicts_are_identical_on_every_rank(ddp_run: Path) -> None:
+    """Every rank replays the incident's batch together (the replay's backward is DDP's all-reduce): the NaN
+    put into rank 1's gradients after the all-reduce does not come back (transient); the NaN loss of rank 1 at
+    step 2 does (its training step makes it again: reproducible). The records agree rank for rank."""
+    r0, r1 = _load(ddp_run, "nan_after_allreduce")
+    assert repr(r0["incidents"]) == repr(r1["incidents"])
+    assert [(k, s, b, v) for k, s, b, v, _ in r0["incidents"] if k == "skipped"] == [("skipped", 3, 3, "transient")]
+    n0, n1 = _load(ddp_run, "nan_loss_one_rank")
+    assert repr(n0["incidents"]) == repr(n1["incidents"])
+    assert [(k, s, b, v) for k, s, b, v, _ in n0["incidents"] if k == "skipped"] == [("skipped", 2, 2, "reproducible")]
+
+
 def test_raise_on_one_rank_raises_on_every_rank_and_the_job_exits(ddp_run: Path) -> None:
     # ddp_run asserted the launch exited (code 3) within the timeout; both ranks wrote their marker.
     for rank in (0, 1):

@@ -226,7 +226,7 @@ class GradGuard(GuardViews, Callback):
         self._monitor_only = _monitor_only(trainer, self._options, self._reporter)
         self._step.log_every = self._options.log_every(getattr(trainer, "log_every_n_steps", 0))
         if self._forensics is not None:  # incidents.jsonl and skip_list.json beside the logs, on rank zero
-            log_dir = trainer.log_dir  # a broadcast: every rank asks
+            log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast: every rank asks
             self._forensics.set_log_dir(log_dir if getattr(trainer, "is_global_zero", True) else None)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         scaler_enabled = self._scaler is not None and self._scaler.is_enabled()
@@ -466,7 +466,6 @@ def _weak_ref(trainer: Trainer) -> weakref.ref[Trainer] | None:
         return None
 
 
-@rank_zero_only
 def _batch_context(
     kept: tuple[int, int, Any] | None, replay: bool, trainer: Trainer, pl_module: LightningModule
 ) -> BatchContext | None:
@@ -500,6 +499,7 @@ def _replay_closure(trainer: Trainer, batch: Any, batch_idx: int) -> Callable[[]
     return closure
 
 
+@rank_zero_only
 def _rank_zero_warn_at_caller(message: str) -> None:
     """Rank-zero warning shown at the user's line (``trainer.fit``), not at a line of GradGuard's source."""
     warn_at_caller(message)

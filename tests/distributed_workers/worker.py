@@ -241,6 +241,7 @@ class Dump(Callback):
             "num_nodes": trainer.num_nodes,
             "steps": self.recorder.steps,
             "guard_state": self.guard.state_dict(),
+            "incidents": [[i.kind, i.step, i.batch_idx, i.replay, i.leader] for i in self.guard.incidents],
             "weights": full_weights(pl_module),
         }
         torch.save(payload, self.path(trainer.global_rank))
@@ -317,7 +318,15 @@ def run_ddp(out: Path) -> None:
     common: dict[str, Any] = {"strategy": ddp(), "devices": 2}
     fit(out, "decisions", Net(growth=1.3), decision_guard(), steps=12, **common)
     common["strategy"] = ddp()
-    fit(out, "nan_after_allreduce", Net(), GradGuard(lr_guard=False), 8, before=[PoisonGrad(1, 3)], **common)
+    fit(
+        out,
+        "nan_after_allreduce",
+        Net(),
+        GradGuard(lr_guard=False, replay=True),
+        8,
+        before=[PoisonGrad(1, 3)],
+        **common,
+    )
     # Control: the same fault with GradGuard's reduction switched off -- the ranks must then disagree.
     import lightning_gradguard.decide.engine as callbacks_module  # where the engine reads the statistics
 
@@ -329,7 +338,7 @@ def run_ddp(out: Path) -> None:
     finally:
         callbacks_module.reduce_stats = real
     common["strategy"] = ddp()
-    fit(out, "nan_loss_one_rank", Net(nan_loss_at=(1, 2)), GradGuard(lr_guard=False), 6, **common)
+    fit(out, "nan_loss_one_rank", Net(nan_loss_at=(1, 2)), GradGuard(lr_guard=False, replay=True), 6, **common)
     common["strategy"] = ddp()
     fit(out, "equivalence", Net(batch_size=8), equivalence_guard(), 10, **common)
     common["strategy"] = ddp()
