@@ -168,3 +168,32 @@ def test_the_plain_loop_front_ends_tell_the_same_story(tmp_path: Path, guard_cls
     restored = Guard(nn.Linear(4, 1), torch.optim.SGD(nn.Linear(4, 1).parameters(), lr=0.1))
     restored.load_state_dict(guard.state_dict())  # the skip list travels with the state
     assert restored.skip_list is not None and restored.skip_list.skips(0, 2)
+
+
+def test_nothing_is_written_to_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logger without a directory of its own (W&B, MLflow, a custom one): the incidents stay in memory and in
+    the events; no file appears where the user happens to run (Trainer.log_dir would fall back to it)."""
+    from lightning.pytorch.loggers import Logger
+
+    class NoDir(Logger):
+        name, version = "nodir", 0
+
+        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: Any, step: Any = None) -> None:
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    guard = GradGuard()
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=NoDir(),
+        callbacks=[guard],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(Net(), DataLoader(Indexed(), batch_size=BATCH))
+    assert [i.kind for i in guard.incidents] == ["skipped"]
+    assert not list(tmp_path.rglob("incidents.jsonl")) and not list(tmp_path.rglob("skip_list.json"))

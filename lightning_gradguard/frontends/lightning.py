@@ -226,8 +226,7 @@ class GradGuard(GuardViews, Callback):
         self._monitor_only = _monitor_only(trainer, self._options, self._reporter)
         self._step.log_every = self._options.log_every(getattr(trainer, "log_every_n_steps", 0))
         if self._forensics is not None:  # incidents.jsonl and skip_list.json beside the logs, on rank zero
-            log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast: every rank asks
-            self._forensics.set_log_dir(log_dir if getattr(trainer, "is_global_zero", True) else None)
+            self._forensics.set_log_dir(_log_dir(trainer) if getattr(trainer, "is_global_zero", True) else None)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         scaler_enabled = self._scaler is not None and self._scaler.is_enabled()
         self._reporter.scaler_enabled = self._step.scaler_enabled = scaler_enabled
@@ -483,6 +482,16 @@ def _batch_context(
     else:
         closure = _replay_closure(trainer, batch, batch_idx)
     return BatchContext(epoch, batch_idx, batch, closure, module=pl_module, why_no_replay=why)
+
+
+def _log_dir(trainer: Trainer) -> str | None:
+    """The directory of the first logger that has one (TensorBoard's, CSV's), else ``None``: nothing is written
+    to the working directory (``Trainer.log_dir`` falls back to it, and is a collective)."""
+    for logger in getattr(trainer, "loggers", []):
+        log_dir = getattr(logger, "log_dir", None)
+        if isinstance(log_dir, (str, os.PathLike)):
+            return str(log_dir)
+    return None
 
 
 def _replay_closure(trainer: Trainer, batch: Any, batch_idx: int) -> Callable[[], Tensor | None]:
