@@ -23,6 +23,16 @@ def _feed(rec: IncidentRecorder, steps: int, sq: tuple[float, ...] = (1.0, 4.0, 
         rec.observe(step, LAYERS, list(sq), math.sqrt(sum(sq)), 1.0, [0.1])
 
 
+def _record(rec: IncidentRecorder, kind: str, step: int, sq_norms: list[float], **kwargs: Any) -> Incident:
+    """``rec.record`` of optimizer 0 at ``step`` over ``LAYERS`` (unless ``layers`` is given), LR 0.1, loss 1.0
+    and the global norm of ``sq_norms`` unless given."""
+    finite = all(math.isfinite(v) for v in sq_norms)
+    kwargs.setdefault("global_norm", math.sqrt(sum(sq_norms)) if finite else math.nan)
+    kwargs.setdefault("loss", 1.0)
+    kwargs.setdefault("layers", LAYERS)
+    return rec.record(kind, step=step, global_step=step, optimizer=0, sq_norms=sq_norms, lrs=[0.1], **kwargs)
+
+
 def test_spikes_are_relative_to_the_window_and_need_history() -> None:
     rec = IncidentRecorder(min_history=8)
     _feed(rec, 7)
@@ -49,19 +59,7 @@ def test_leading_layers_rank_by_jump_against_own_history(tmp_path: Path) -> None
     rec = IncidentRecorder(min_history=4, top_k=2, path=tmp_path / "incidents.jsonl")
     _feed(rec, 10)
     # layer c jumps x40 (its own baseline 0.5), layer b x3; b is largest in absolute terms
-    incident = rec.record(
-        "norm_spike",
-        step=10,
-        global_step=10,
-        optimizer=0,
-        layers=LAYERS,
-        sq_norms=[1.0, 36.0, 400.0],
-        global_norm=math.sqrt(437.0),
-        loss=1.0,
-        lrs=[0.1],
-        epoch=0,
-        batch_idx=3,
-    )
+    incident = _record(rec, "norm_spike", 10, [1.0, 36.0, 400.0], epoch=0, batch_idx=3)
     assert [x.name for x in incident.leading_layers] == ["c", "b"]
     assert incident.leading_layers[0].factor == pytest.approx(40.0)
     assert incident.leading_layers[1].factor == pytest.approx(3.0)
@@ -73,16 +71,12 @@ def test_leading_layers_rank_by_jump_against_own_history(tmp_path: Path) -> None
 def test_nonfinite_layers_lead_and_round_trip_through_json(tmp_path: Path) -> None:
     rec = IncidentRecorder(min_history=4, path=tmp_path / "i.jsonl", batch_ids=lambda batch: batch["id"])
     _feed(rec, 5)
-    incident = rec.record(
+    incident = _record(
+        rec,
         "skipped",
-        step=5,
-        global_step=5,
-        optimizer=0,
-        layers=LAYERS,
-        sq_norms=[100.0, math.nan, 0.25],
-        global_norm=math.nan,
+        5,
+        [100.0, math.nan, 0.25],
         loss=math.nan,
-        lrs=[0.1],
         batch={"id": torch.tensor([7, 11])},
         message="skipped optimizer step 5",
     )
@@ -197,19 +191,8 @@ def test_the_window_travels_with_the_record_and_draws_a_post_mortem(tmp_path: Pa
 
     rec = IncidentRecorder(window=8, min_history=4, path=tmp_path / "incidents.jsonl")
     _feed(rec, 12)
-    incident = rec.record(
-        "norm_spike",
-        step=12,
-        global_step=12,
-        optimizer=0,
-        layers=LAYERS,
-        sq_norms=[1.0, 4.0, 400.0],
-        global_norm=math.sqrt(405.0),
-        loss=1.0,
-        lrs=[0.1],
-        epoch=1,
-        batch_idx=2,
-        message="LR guard: step 12: LR scale 1 -> 0.5",
+    incident = _record(
+        rec, "norm_spike", 12, [1.0, 4.0, 400.0], epoch=1, batch_idx=2, message="LR guard: step 12: LR scale 1 -> 0.5"
     )
     assert incident.window_steps == (4, 5, 6, 7, 8, 9, 10, 11, 12)  # the 8 steps before, then its own
     assert incident.window_layers == LAYERS
@@ -237,16 +220,13 @@ def test_report_tells_the_story_of_each_incident_and_draws_its_post_mortem(tmp_p
     writer.close()
     rec = IncidentRecorder(window=16, min_history=4, path=run / "incidents.jsonl")
     _feed(rec, 20)
-    rec.record(
+    _record(
+        rec,
         "skipped",
-        step=20,
-        global_step=20,
-        optimizer=0,
-        layers=LAYERS,
-        sq_norms=[1.0, math.inf, 0.25],
+        20,
+        [1.0, math.inf, 0.25],
         global_norm=math.inf,
         loss=math.nan,
-        lrs=[0.1],
         epoch=0,
         batch_idx=20,
         message="skipped optimizer step 20: non-finite gradients",
@@ -270,17 +250,7 @@ def test_an_incident_at_a_regrouping_has_no_per_layer_history() -> None:
     rec = IncidentRecorder(min_history=4)
     _feed(rec, 6)
     wider = (*LAYERS, "d")  # a layer unfrozen at this step
-    incident = rec.record(
-        "skipped",
-        step=6,
-        global_step=6,
-        optimizer=0,
-        layers=wider,
-        sq_norms=[1.0, 4.0, 0.25, math.nan],
-        global_norm=math.nan,
-        loss=None,
-        lrs=[0.1],
-    )
+    incident = _record(rec, "skipped", 6, [1.0, 4.0, 0.25, math.nan], layers=wider, loss=None)
     assert incident.window_layers == wider and len(incident.window_layer_norms) == 4
     assert all(math.isnan(v) for row in incident.window_layer_norms for v in row[:-1])  # no history of the new layout
     assert incident.leader == "d"  # the non-finite layer leads

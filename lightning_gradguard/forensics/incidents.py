@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_gradguard._checks import check_float, check_int
+
 __all__ = [
     "INCIDENTS_FILE",
     "INCIDENT_KINDS",
@@ -206,22 +208,18 @@ class IncidentRecorder:
         path: str | Path | None = None,
         batch_ids: Callable[[Any], Sequence[Any]] | None = None,
     ) -> None:
-        for name, value in (("window", window), ("min_history", min_history), ("top_k", top_k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        window, min_history, top_k = (
+            check_int("window", window, 1),
+            check_int("min_history", min_history, 1),
+            check_int("top_k", top_k, 1),
+        )
         if min_history > window:
             raise ValueError(f"`min_history` ({min_history}) must not exceed `window` ({window})")
-        for name, ratio in (("norm_spike", norm_spike), ("loss_spike", loss_spike)):
-            if (
-                isinstance(ratio, bool)
-                or not isinstance(ratio, (int, float))
-                or not ratio > 1.0
-                or not math.isfinite(ratio)
-            ):
-                raise ValueError(f"`{name}` must be a finite number above 1 (a multiple of the median), got {ratio!r}")
+        norm_spike = check_float("norm_spike", norm_spike, 1.0, math.inf, lo_open=True, hi_open=True)
+        loss_spike = check_float("loss_spike", loss_spike, 1.0, math.inf, lo_open=True, hi_open=True)
         if batch_ids is not None and not callable(batch_ids):
             raise TypeError(f"`batch_ids` must be a callable batch -> sequence of ids, got {type(batch_ids).__name__}")
-        self.window, self.norm_spike, self.loss_spike = window, float(norm_spike), float(loss_spike)
+        self.window, self.norm_spike, self.loss_spike = window, norm_spike, loss_spike
         self.min_history, self.top_k = min_history, top_k
         self.path = Path(path) if path is not None else None
         self.batch_ids = batch_ids
@@ -338,7 +336,7 @@ class IncidentRecorder:
         same = list(layers) == list(self._layers)  # regrouped (a layer unfrozen) at this step: no per-layer history
         sample_ids = None
         if self.batch_ids is not None and batch is not None:
-            sample_ids = tuple(_plain(x) for x in self.batch_ids(batch))
+            sample_ids = tuple(plain_id(x) for x in self.batch_ids(batch))
         incident = Incident(
             kind=kind,
             step=int(step),
@@ -423,7 +421,7 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if math.isfinite(value) else str(value)
 
 
-def _plain(value: Any) -> Any:
+def plain_id(value: Any) -> Any:
     """A sample id as a JSON type (tensors and numpy scalars via ``item()``)."""
     item = getattr(value, "item", None)
     if callable(item):

@@ -44,6 +44,26 @@ class SkipEntry:
     reason: str = ""
     step: int | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (the file's and the checkpoint state's form)."""
+        return {**asdict(self), "sample_ids": list(self.sample_ids)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> SkipEntry:
+        """The inverse of :meth:`to_dict` (missing keys: ``None`` / empty)."""
+        return cls(
+            epoch=raw.get("epoch"),
+            batch_idx=raw.get("batch_idx"),
+            sample_ids=tuple(raw.get("sample_ids") or ()),
+            reason=str(raw.get("reason", "")),
+            step=raw.get("step"),
+        )
+
+    @property
+    def key(self) -> tuple[int | None, int | None, tuple[Any, ...]]:
+        """What makes two entries the same batch."""
+        return self.epoch, self.batch_idx, self.sample_ids
+
 
 class SkipList:
     """The batches and samples to leave out, persisted as JSON.
@@ -66,30 +86,37 @@ class SkipList:
 
     def add(self, entry: SkipEntry) -> bool:
         """Add ``entry`` (unless the same batch is already listed) and save; returns whether it was new."""
-        if any(
-            e.epoch == entry.epoch and e.batch_idx == entry.batch_idx and e.sample_ids == entry.sample_ids
-            for e in self.entries
-        ):
+        if not self.merge([entry]):
             return False
-        self.entries.append(entry)
         self.save()
         return True
+
+    def merge(self, entries: Iterable[SkipEntry]) -> int:
+        """Add the entries not listed yet, without saving; returns how many were new."""
+        known = {e.key for e in self.entries}
+        new = [e for e in entries if e.key not in known]
+        self.entries += new
+        return len(new)
 
     def save(self) -> None:
         """Write the file atomically (a crash mid-write leaves the previous version)."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"version": SKIP_LIST_VERSION, "entries": [asdict(e) for e in self.entries]}
+        data = {"version": SKIP_LIST_VERSION, "entries": [e.to_dict() for e in self.entries]}
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, self.path)
 
     def skips(self, epoch: int | None, batch_idx: int | None) -> bool:
         """Whether the batch ``batch_idx`` of ``epoch`` is listed (an entry without an epoch matches every epoch)."""
+        return self.entry_for(epoch, batch_idx) is not None
+
+    def entry_for(self, epoch: int | None, batch_idx: int | None) -> SkipEntry | None:
+        """The entry that lists the batch ``batch_idx`` of ``epoch``, if one does."""
         if batch_idx is None:
-            return False
-        return any(e.batch_idx == batch_idx and (e.epoch is None or e.epoch == epoch) for e in self.entries)
+            return None
+        return next((e for e in self.entries if e.batch_idx == batch_idx and e.epoch in (None, epoch)), None)
 
     @property
     def sample_ids(self) -> set[Any]:
@@ -129,18 +156,7 @@ def _read(path: Path) -> list[SkipEntry]:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, Mapping) or not isinstance(data.get("entries"), Sequence):
             raise ValueError("no 'entries' list")
-        entries = []
-        for raw in data["entries"]:
-            entries.append(
-                SkipEntry(
-                    epoch=raw.get("epoch"),
-                    batch_idx=raw.get("batch_idx"),
-                    sample_ids=tuple(raw.get("sample_ids") or ()),
-                    reason=str(raw.get("reason", "")),
-                    step=raw.get("step"),
-                )
-            )
-        return entries
+        return [SkipEntry.from_dict(raw) for raw in data["entries"]]
     except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(
             f"{path} is not a GradGuard skip list ({exc}); move it away or pass another path (nothing was overwritten)"

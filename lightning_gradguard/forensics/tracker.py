@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_gradguard.decide.engine import Engine, StepOutcome
 from lightning_gradguard.events import GuardEvent
-from lightning_gradguard.forensics.incidents import INCIDENTS_FILE, Incident, IncidentRecorder
+from lightning_gradguard.forensics.incidents import INCIDENTS_FILE, Incident, IncidentRecorder, plain_id
 from lightning_gradguard.forensics.replay import ReplayResult, replay
 from lightning_gradguard.forensics.skiplist import SkipEntry, SkipList
 from lightning_gradguard.measure.distributed import reduce_stats
@@ -112,23 +112,14 @@ class Forensics:
         entries = self.skip_list.entries
         if context is None or not entries:
             return None
-        if self.batch_ids is not None and context.batch is not None and self._listed_samples:
-            ids = {_plain_id(i) for i in self.batch_ids(context.batch)}
+        if self.batch_ids is not None and context.batch is not None and any(e.sample_ids for e in entries):
+            ids = {plain_id(i) for i in self.batch_ids(context.batch)}
             for entry in entries:
                 hit = ids.intersection(entry.sample_ids)
                 if hit:
                     return replace(entry, reason=f"it holds {_ids_text(hit)} of the list; {entry.reason}")
             return None
-        if context.batch_idx is None:
-            return None
-        for entry in entries:
-            if entry.batch_idx == context.batch_idx and (entry.epoch is None or entry.epoch == context.epoch):
-                return entry
-        return None
-
-    @property
-    def _listed_samples(self) -> bool:
-        return any(e.sample_ids for e in self.skip_list.entries)
+        return self.skip_list.entry_for(context.epoch, context.batch_idx)
 
     # ------------------------------------------------------------------ after deciding, before recovery
     def replay(self, engine: Engine, outcome: StepOutcome, context: BatchContext | None) -> None:
@@ -248,23 +239,11 @@ class Forensics:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"skip_list": [_entry_dict(e) for e in self.skip_list.entries]}
+        return {"skip_list": [e.to_dict() for e in self.skip_list.entries]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        entries = state.get("skip_list") or []
-        saved = [
-            SkipEntry(
-                epoch=e.get("epoch"),
-                batch_idx=e.get("batch_idx"),
-                sample_ids=tuple(e.get("sample_ids") or ()),
-                reason=str(e.get("reason", "")),
-                step=e.get("step"),
-            )
-            for e in entries
-        ]
         # the saved list joins the one given (`skip_list=`): a checkpoint from before the incident holds none
-        known = {(e.epoch, e.batch_idx, e.sample_ids) for e in self.skip_list.entries}
-        self.skip_list.entries += [e for e in saved if (e.epoch, e.batch_idx, e.sample_ids) not in known]
+        self.skip_list.merge(SkipEntry.from_dict(e) for e in state.get("skip_list") or [])
 
 
 def skip_listed(engine: Engine, outcome: StepOutcome, entry: SkipEntry, context: BatchContext) -> StepOutcome:
@@ -306,11 +285,6 @@ def _ids_text(ids: set[Any]) -> str:
     return f"{len(ordered)} samples ({shown})"
 
 
-def _plain_id(value: Any) -> Any:
-    item = getattr(value, "item", None)
-    return item() if callable(item) else value
-
-
 def _layer_of(module: str | None, layers: Sequence[str]) -> str | None:
     """The first layer that is ``module`` or lies inside it (``None`` when none does)."""
     if module is None:
@@ -327,13 +301,3 @@ def _global_norm(engine: Engine) -> float:
     vector = reduce_stats(vector, engine.stats.sharded_layers)
     value = engine.stats.read(vector, num_extras=0).global_norm
     return value if isinstance(value, float) else math.nan
-
-
-def _entry_dict(entry: SkipEntry) -> dict[str, Any]:
-    return {
-        "epoch": entry.epoch,
-        "batch_idx": entry.batch_idx,
-        "sample_ids": list(entry.sample_ids),
-        "reason": entry.reason,
-        "step": entry.step,
-    }
