@@ -13,13 +13,21 @@ read as ``str``). Nothing here imports from the package.
 from __future__ import annotations
 
 import ast
+import inspect
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import Field, fields
 from typing import Any, TypeVar
 
-__all__ = ["config_differs", "config_text", "state_from_dict", "state_to_dict", "version_2_config"]
+__all__ = [
+    "config_differs",
+    "config_text",
+    "constructor_config",
+    "state_from_dict",
+    "state_to_dict",
+    "version_2_config",
+]
 
 T = TypeVar("T")
 
@@ -79,6 +87,12 @@ def config_differs(saved: Mapping[str, Any], now: Mapping[str, Any], default: Ma
     """Whether a saved configuration differs from the current one. An option the saved one lacks (added after the
     checkpoint was written) counts only if it is set to something else than its default now."""
     return any(k not in now for k in saved) or any(saved.get(k, default.get(k)) != v for k, v in now.items())
+
+
+def constructor_config(obj: Any, cls: type) -> dict[str, Any]:
+    """``cls``'s constructor arguments as ``obj`` holds them (an attribute per argument), as plain values."""
+    parameters = inspect.signature(cls).parameters  # the constructor's, without self
+    return {name: getattr(obj, name) for name in parameters}
 
 
 def config_text(name: str, config: Mapping[str, Any]) -> str:

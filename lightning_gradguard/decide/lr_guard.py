@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
 from collections import deque
@@ -35,7 +34,7 @@ from typing import Any, Literal
 
 from lightning_gradguard._checks import check_bool, check_int
 from lightning_gradguard._checks import check_float as _check_float
-from lightning_gradguard._state import state_from_dict, state_to_dict
+from lightning_gradguard._state import config_text, constructor_config, state_from_dict, state_to_dict
 from lightning_gradguard.decide.lr_apply import ScaledLR
 
 __all__ = ["LRGuard", "LRGuardState", "LRReduction"]
@@ -648,7 +647,7 @@ class LRGuard(ScaledLR):
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments, as plain values: what the engine saves with the state and compares on load."""
-        return {name: getattr(self, name) for name in inspect.signature(LRGuard.__init__).parameters if name != "self"}
+        return constructor_config(self, LRGuard)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.config().items())})"
+        return config_text(type(self).__name__, self.config())

@@ -12,7 +12,6 @@ Nothing here imports Lightning.
 from __future__ import annotations
 
 import bisect
-import inspect
 import math
 import statistics
 from collections import deque
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lightning_gradguard._checks import check_int, is_number, python_scalar
+from lightning_gradguard._state import config_text, constructor_config
 from lightning_gradguard.errors import RecoveryError
 
 __all__ = ["TRIGGERS", "RecoveryError", "RollbackDecision", "RollbackRecord", "RollbackTrigger", "TriggerState"]
@@ -498,14 +498,10 @@ class RollbackTrigger:
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments, as plain values."""
-        return {
-            name: getattr(self, name)
-            for name in inspect.signature(RollbackTrigger.__init__).parameters
-            if name != "self"
-        }
+        return constructor_config(self, RollbackTrigger)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.config().items())})"
+        return config_text(type(self).__name__, self.config())
 
 
 def _fmt(value: float | None) -> str:
