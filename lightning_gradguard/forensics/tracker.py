@@ -10,7 +10,6 @@ comparisons and a few deque appends; no device work, no collective.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -286,18 +285,16 @@ def _ids_text(ids: set[Any]) -> str:
 
 
 def _layer_of(module: str | None, layers: Sequence[str]) -> str | None:
-    """The first layer that is ``module`` or lies inside it (``None`` when none does)."""
+    """The first layer that is ``module`` or lies inside it (the root module ``""`` holds them all); the module's
+    own name when it holds no layer (a parameter-free module such as an activation)."""
     if module is None:
         return None
-    for layer in layers:
-        if layer == module or layer.startswith(f"{module}.") or (module == "" and layer):
-            return layer
-    return module or None
+    inside = f"{module}." if module else ""
+    return next((layer for layer in layers if layer == module or layer.startswith(inside)), module or None)
 
 
 def _global_norm(engine: Engine) -> float:
-    """The global norm of the gradients now (one pass, one collective where distributed)."""
-    vector = engine.stats.squared_norms(extras=[])
-    vector = reduce_stats(vector, engine.stats.sharded_layers)
-    value = engine.stats.read(vector, num_extras=0).global_norm
-    return value if isinstance(value, float) else math.nan
+    """The global norm of the gradients now (one pass, one collective where distributed). Not ``Engine.measure``:
+    that would overwrite the step's own module-buffer check, which recovery reads next."""
+    vector = reduce_stats(engine.stats.squared_norms(extras=[]), engine.stats.sharded_layers)
+    return engine.stats.read(vector, num_extras=0).global_norm
