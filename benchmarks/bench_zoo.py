@@ -74,7 +74,8 @@ class ZooConfig:
         name: cache and CLI name.
         title: what the table shows.
         data: ``friedman`` (raw targets, mean ~14), ``linreg`` (standardised, nearly noise-free linear targets),
-            ``digits`` (8x8 images, flat or as images), ``char`` (stdlib source bytes), ``cancer``.
+            ``digits`` (8x8 images, flat or as images), ``char`` (stdlib source bytes), ``cancer``, ``sine``
+            (``sin(x.w)`` of Gaussian inputs plus 10 % noise: a tanh MLP sits at its first loss before it learns).
         model: the architecture (see :func:`build`).
         optimizer: ``sgd``, ``momentum`` (SGD, 0.9), ``adam``, ``adamw`` (weight decay 0.01) or ``rmsprop``.
         lr: the learning rate (an everyday one for this model and optimizer).
@@ -227,6 +228,26 @@ _CONFIGS = (
         32,
     ),
     ZooConfig("digits_sgd_long", "digits 2x64 ReLU MLP, SGD", "digits", "mlp_cls", "sgd", 0.1, 3000, 64),
+    ZooConfig(
+        "sine_tanh_sgd",
+        "tanh MLP regressing a sine, SGD (sits at its first loss for ~100 steps, then learns)",
+        "sine",
+        "tanh_mlp",
+        "sgd",
+        0.1,
+        600,
+        16,
+    ),
+    ZooConfig(
+        "sine_tanh_momentum",
+        "tanh MLP regressing a sine, SGD momentum (a plateau at its first loss, then learns)",
+        "sine",
+        "tanh_mlp",
+        "momentum",
+        0.01,
+        600,
+        16,
+    ),
 )
 CONFIGS: dict[str, ZooConfig] = {c.name: c for c in _CONFIGS}
 
@@ -236,10 +257,15 @@ CONFIGS: dict[str, ZooConfig] = {c.name: c for c in _CONFIGS}
 def _regression(kind: str) -> tuple[Any, Any, Any, Any]:
     """(x_train, y_train, x_val, y_val): sklearn's Friedman #1 generator with its raw targets (mean ~14, noise
     1), or a linear ``make_regression`` problem with standardised targets and 1 % noise (near-converged runs
-    have tiny gradients)."""
+    have tiny gradients), or a sine of a random projection of Gaussian inputs plus noise."""
     import torch
     from sklearn.datasets import make_friedman1, make_regression
 
+    if kind == "sine":
+        gen = torch.Generator().manual_seed(0)
+        xs = torch.randn(2500, 8, generator=gen)
+        ys = torch.sin(xs @ torch.randn(8, 1, generator=gen)) + 0.1 * torch.randn(2500, 1, generator=gen)
+        return xs[:2000], ys[:2000], xs[2000:], ys[2000:]
     if kind == "friedman":
         x, y = make_friedman1(n_samples=2500, n_features=10, noise=1.0, random_state=0)
     else:
@@ -250,7 +276,7 @@ def _regression(kind: str) -> tuple[Any, Any, Any, Any]:
 
 
 def _arrays(c: ZooConfig) -> tuple[Any, Any, Any, Any]:
-    if c.data in ("friedman", "linreg"):
+    if c.data in ("friedman", "linreg", "sine"):
         return _regression(c.data)
     if c.data == "cancer":
         return _tabular("breast_cancer")
@@ -318,6 +344,9 @@ def build(c: ZooConfig, seed: int) -> tuple[Any, Callable[[Any, Any], Any]]:
         logits = m(b[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1))
 
+    if c.model == "tanh_mlp":
+        tanh = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+        return tanh, lambda m, b: F.mse_loss(m(b[0]), b[1])
     if c.model in ("mlp_reg", "linear"):
         net: nn.Module = (
             nn.Linear(10, 1)

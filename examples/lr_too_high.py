@@ -7,8 +7,8 @@ rate just past what the problem's curvature tolerates. Two runs from the same we
 ``GradGuard()`` (LR guard on, the default) and with ``GradGuard(lr_guard=False)`` (clipping only). At this LR
 the steps overshoot more and more. Clipping alone cannot fix that: the default clip threshold is relative to
 the run's own norms, and the step size is wrong from the first step, so the clipping-only run diverges. The LR
-guard sees a loss that never improves while every step moves the weights by several percent of their norm (its
-stall channel), halves the LR, checks again 25 steps later, and training settles.
+guard sees the loss climb to twice its best level while step after step presses the clip threshold, halves the
+LR, and training settles.
 """
 
 from __future__ import annotations

@@ -138,6 +138,23 @@ def test_a_converged_layer_whose_norm_jumps_far_below_its_first_is_not_exploding
     assert kinds(verdicts) == [("a", "exploding")]
 
 
+def test_a_jump_while_the_loss_is_far_below_its_first_value_is_a_hard_batch_not_an_explosion() -> None:
+    """A classifier that fits its training set (loss 0.69 -> 1e-4, norms 1e-5) meets a batch it gets wrong: the
+    layer's norm jumps past its first norm while the loss (0.03) stays far below where it started. With the loss
+    at its first level the same jump is exploding."""
+    numels = {"a": 10}
+
+    def fed(last_loss: float) -> list[Verdict]:
+        diag = GradientDiagnostics()
+        for step, (value, loss) in enumerate([(0.2, 0.69), (1e-3, 0.05), (1e-5, 1e-4), (1e-5, 1e-4), (1e-5, 1e-4)]):
+            assert diag.observe(step, {"a": value}, numels, loss=loss) == []
+        return diag.observe(5, {"a": 1.0}, numels, loss=last_loss)
+
+    assert fed(0.03) == []  # below a tenth of the first loss: settled
+    assert kinds(fed(0.069)) == [("a", "exploding")]  # at a tenth of it: the jump counts
+    assert kinds(fed(0.7)) == [("a", "exploding")]
+
+
 def test_jump_rule_needs_three_previous_observations_and_a_nonzero_baseline() -> None:
     diag = GradientDiagnostics()
     assert diag.observe(0, {"a": 1e-3}, {"a": 1}) == []

@@ -72,6 +72,14 @@ STALL_MAX_CLIP_SHARE = 0.5
 #: last ``STALL_EVERY`` post-clip gradient norms (SGD: 1; momentum 0.9: at most 10); the stall channel then needs
 #: a run that has not learned yet (see :meth:`LRGuard.stall_check`).
 STALL_MIN_GAIN = 10.0
+#: ... and, before it has learned, a run whose loss once rose above this many times where it started: its running
+#: level (median of ``RISE_LOSS_WINDOW`` steps) above the median of its first ``START_LOSS_STEPS`` losses. A run
+#: that sits at its first loss before it learns (a plateau: tanh and sigmoid MLPs under SGD peak at 0.8-1.3x) has
+#: not started yet, and a cut would keep it there; an SGD LR that is too high first throws the loss up (the
+#: digits MLP at 10x and 30x its LR and the RNN at 30x, at their stall cuts: 3.3-15x).
+STALL_OVERSHOOT_RATIO = 2.0
+#: The losses whose median is where a run started.
+START_LOSS_STEPS = 3
 
 # sd of the median of n normal samples ~ 1.2533 * sigma / sqrt(n); sigma ~ 1.4826 * MAD.
 _MEDIAN_SE = 1.2533 / math.sqrt(LEVEL_WINDOW)
@@ -150,7 +158,8 @@ class LRReduction:
                     + (
                         ": the optimizer's step size does not follow the gradient, so clipping cannot bound it."
                         if self.update_gain > STALL_MIN_GAIN
-                        else ", on a run that has not learned yet."
+                        else ", on a run that has not learned yet and whose loss once rose above"
+                        f" {STALL_OVERSHOOT_RATIO:g}x where it started."
                     )
                 )
         else:
@@ -209,6 +218,8 @@ class LRGuardState:
             while there is none).
         first_loss: the first finite loss observed.
         learned: the running loss level has fallen below ``LEARNED_LOSS_RATIO`` of the first loss.
+        start_loss: the median of the first ``START_LOSS_STEPS`` losses (``None`` until there are as many).
+        peak_loss_ratio: the highest running loss level so far, as a multiple of ``start_loss``.
         recent_clipped: whether each of the last ``STALL_EVERY`` steps was clipped.
         recent_applied_norms: each of the last ``STALL_EVERY`` steps' post-clip gradient norm.
     """
@@ -226,6 +237,8 @@ class LRGuardState:
     best_loss: float = math.inf
     first_loss: float | None = None
     learned: bool = False
+    start_loss: float | None = None
+    peak_loss_ratio: float = 0.0
     recent_clipped: deque[bool] = field(default_factory=_stall_window, metadata={"item": bool})
     recent_applied_norms: deque[float] = field(default_factory=_stall_window, metadata={"item": float})
 
@@ -427,9 +440,13 @@ class LRGuard(ScaledLR):
         s.losses.append(float(loss))
         if s.first_loss is None:
             s.first_loss = float(loss)
+        if s.start_loss is None and len(s.losses) == START_LOSS_STEPS:
+            s.start_loss = _median(s.losses)
         if len(s.losses) < RISE_LOSS_WINDOW:
             return False
         level_now = _median(list(s.losses)[-RISE_LOSS_WINDOW:])
+        if s.start_loss is not None and s.start_loss > 0.0:
+            s.peak_loss_ratio = max(s.peak_loss_ratio, level_now / s.start_loss)
         risen_loss = level_now > RISEN_LOSS_RATIO * s.best_loss > 0.0
         s.best_loss = min(s.best_loss, level_now)
         if s.first_loss > 0.0 and level_now < LEARNED_LOSS_RATIO * s.first_loss:
@@ -502,7 +519,9 @@ class LRGuard(ScaledLR):
         ``STALL_EVERY`` steps before; clipping bound at most half of the last ``STALL_EVERY`` steps; the step's
         gain (:meth:`stall_gain` of ``update_norm``) exceeds ``STALL_MIN_GAIN`` (the step size does not follow
         the gradient) or, when it does follow it, the run has not learned yet (its running loss level never fell
-        below ``LEARNED_LOSS_RATIO`` of its first loss); and ``max_reductions`` is not reached. Without
+        below ``LEARNED_LOSS_RATIO`` of its first loss) and its loss once rose above ``STALL_OVERSHOOT_RATIO``
+        times where it started (a run still on a plateau at its first loss has not started, it has not stalled);
+        and ``max_reductions`` is not reached. Without
         ``update_norm`` or an attached optimizer the gain is unknown and the other conditions decide alone (the
         engine always passes it).
         The norm channels' cooldown does not hold it back (each check compares a window that lies after the
@@ -524,6 +543,8 @@ class LRGuard(ScaledLR):
         gain = None if update_norm is None else self.stall_gain(update_norm)
         if gain is not None and gain <= STALL_MIN_GAIN and self._s.learned:
             return None  # the step follows the gradient of a run that has learned: clipping's case, not ours
+        if gain is not None and gain <= STALL_MIN_GAIN and not self._s.peak_loss_ratio > STALL_OVERSHOOT_RATIO:
+            return None  # plain steps on a loss that never rose above its start: a plateau, not a too-high LR
         if self._s.learned and not recent > RISEN_LOSS_RATIO * self._s.best_loss:
             return None  # a run that learned and sits near its best loss has converged, not stalled
         if self.max_reductions is not None and self._s.num_reductions >= self.max_reductions:
