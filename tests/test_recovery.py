@@ -337,7 +337,7 @@ def test_nonfinite_loss_fires_and_none_loss_disables_loss_checks() -> None:
 
 
 def test_runaway_needs_a_majority_of_recent_steps_and_spares_isolated_spikes() -> None:
-    trigger = RollbackTrigger()
+    trigger = RollbackTrigger(climb_steps=0)  # the runaway check alone (the loss-climb check fires a step sooner)
     rng = random.Random(0)
     base = [2.0 + 0.1 * rng.gauss(0, 1) for _ in range(50)]
     assert not any(d.rollback for d in _feed(trigger, base))

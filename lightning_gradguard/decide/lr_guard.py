@@ -357,6 +357,15 @@ class LRGuard(ScaledLR):
         """Restore what :meth:`state_dict` returned: keys it lacks keep a fresh guard's values, keys that
         :class:`LRGuardState` does not declare are ignored."""
         self._s, _ = state_from_dict(LRGuardState.fresh(self.patience), state_dict)
+        s = self._s
+        if "start_loss" not in state_dict and len(s.losses) < (s.losses.maxlen or 0):
+            # A state saved before the start was kept: its loss record still holds the run from its first step.
+            values = list(s.losses)
+            if len(values) >= START_LOSS_STEPS:
+                s.start_loss = _median(values[:START_LOSS_STEPS])
+            if s.start_loss is not None and s.start_loss > 0.0:
+                levels = [_median(values[i - RISE_LOSS_WINDOW : i]) for i in range(RISE_LOSS_WINDOW, len(values) + 1)]
+                s.peak_loss_ratio = max((level / s.start_loss for level in levels), default=0.0)
 
     # -------------------------------------------------------------- detection
 

@@ -38,6 +38,7 @@ from lightning_gradguard.decide.engine import Engine, StepOutcome
 from lightning_gradguard.events import GuardEvent
 from lightning_gradguard.recovery.snapshot import Snapshot, _BufferGuard
 from lightning_gradguard.recovery.trigger import (
+    LOSS_TRIGGERS,
     TRIGGERS,
     RecoveryError,
     RollbackDecision,
@@ -82,12 +83,12 @@ class Recovery:
       slots. A rollback restores the newest slot older than the first bad step; a slot whose restore
       was followed by another trigger before any new snapshot is not restored again.
     * **The remedy follows the cause.** A non-finite fault is restored without touching the LR; the LR
-      guard lowers the LR when a runaway loss fired, or when the same trigger fires again within
-      ``trigger.runaway_window`` steps of the previous rollback.
+      guard lowers the LR when a runaway loss fired, by its factor squared when a loss climb fired, or when
+      the same trigger fires again within ``trigger.runaway_window`` steps of the previous rollback.
     * **Never a crash a run would have survived.** Rollbacks that restore a snapshot from the run's
       first ``every_n_steps`` steps do not count against ``max_rollbacks``. When no slot is left to
       restore, or ``max_rollbacks`` is spent, recovery falls back to skipping and clipping (and, for a
-      runaway loss, one LR cut) and training goes on; it raises :class:`RecoveryError` only when the
+      runaway loss or a loss climb, one LR cut) and training goes on; it raises :class:`RecoveryError` only when the
       run cannot continue: the skip streak reached ``max_consecutive_skips`` after rollbacks were
       tried, or module buffers are non-finite with nothing to restore.
     * **Skipped steps leave no trace in buffers.** The persistent buffers are copied on the device
@@ -204,8 +205,10 @@ class Recovery:
         above the threshold (a loss can climb for a while before it crosses it); failing that, the
         oldest slot.
         """
-        if self._last_slot is not None and self._captures_since_rollback == 0:
-            self._failed.add(self._last_slot)  # restored, and trouble came back before any new snapshot
+        if self._last_slot is not None and self._captures_since_rollback == 0 and decision.trigger not in LOSS_TRIGGERS:
+            # Restored, and trouble came back before any new snapshot. A loss trigger's rollback cut the LR, so a
+            # new attempt from the same snapshot runs at a new LR: the snapshot has not failed.
+            self._failed.add(self._last_slot)
         first_bad = decision.step if decision.first_bad is None else decision.first_bad
         candidates = sorted(
             (
@@ -218,7 +221,7 @@ class Recovery:
         )
         if not candidates:
             return None
-        if decision.trigger == "loss_runaway":
+        if decision.trigger in LOSS_TRIGGERS:
             margin = self.trigger.runaway_steps
             proven = [i for i in candidates if (self.snapshots[i].step or 0) + margin <= first_bad]
             return proven[0] if proven else candidates[-1]
@@ -308,8 +311,14 @@ class Recovery:
             self.buffers.finite_now = finite
             self.buffers.save()
 
-    def _lower_lr(self, engines: Sequence[Engine]) -> tuple[float, float] | None:
-        scales = [e.lr_guard.force_reduction() for e in engines if e.lr_guard is not None]
+    def _lower_lr(self, engines: Sequence[Engine], trigger: str | None = None) -> tuple[float, float] | None:
+        """Cut the LR of every guarded optimizer by its guard's ``factor`` (squared after a loss climb: a loss that
+        tripled from the start within steps is an LR that is several times too high)."""
+        scales = [
+            e.lr_guard.force_reduction(e.lr_guard.factor ** (2 if trigger == "loss_climb" else 1))
+            for e in engines
+            if e.lr_guard is not None
+        ]
         return scales[0] if scales else None
 
     def _roll_back(
@@ -326,7 +335,7 @@ class Recovery:
             and last.trigger == decision.trigger
             and decision.step - last.step <= self.trigger.runaway_window
         )
-        cut = decision.trigger == "loss_runaway" or again
+        cut = decision.trigger in LOSS_TRIGGERS or again
         counted = restored_to >= self.every_n_steps
         record = self.trigger.record_rollback(decision, restored_to, counted=counted)
         self._last_slot = slot
@@ -338,7 +347,7 @@ class Recovery:
         lr_scale = engines[0].lr_guard.lr_scale if engines and engines[0].lr_guard is not None else 1.0
         before = after = lr_scale
         if cut:
-            scales = self._lower_lr(engines)
+            scales = self._lower_lr(engines, decision.trigger)
             if scales is not None:
                 before, after = scales
                 lr_text = f"LR scale {before:.4g} -> {after:.4g}"
@@ -380,8 +389,8 @@ class Recovery:
             else:
                 why = f"no snapshot from before step {decision.first_bad} left to restore"
             lr_text = ""
-            if decision.trigger == "loss_runaway":
-                scales = self._lower_lr(engines)
+            if decision.trigger in LOSS_TRIGGERS:
+                scales = self._lower_lr(engines, decision.trigger)
                 if scales is not None:
                     lr_text = f", LR scale {scales[0]:.4g} -> {scales[1]:.4g}"
             message = (
@@ -433,9 +442,16 @@ def _load_own_state(engine: Engine, state: Mapping[str, Any] | None) -> None:
         engine.policy.load_state_dict(dict(state["policy"]))
     if engine.lr_guard is not None and "lr_guard" in state:
         # The detector goes back to the snapshot; the LR scale does not: the cuts made since (by the
-        # detector or by earlier rollbacks) stay, and the rollback's own cut comes on top.
+        # detector or by earlier rollbacks) stay, and the rollback's own cut comes on top. Nor does the
+        # evidence that the loss once climbed far above its start: it is a fact about the run's LR, and the
+        # stall channel needs it to go on cutting a restored run that stalls short of learning.
         saved = dict(state["lr_guard"])
-        saved.update(lr_scale=engine.lr_guard.lr_scale, num_reductions=engine.lr_guard.num_reductions)
+        now = engine.lr_guard.state_dict()
+        saved.update(
+            lr_scale=now["lr_scale"],
+            num_reductions=now["num_reductions"],
+            peak_loss_ratio=max(float(saved.get("peak_loss_ratio", 0.0)), float(now["peak_loss_ratio"])),
+        )
         engine.lr_guard.load_state_dict(saved)
     if engine.diagnostics is not None and "diagnostics" in state:
         # The norm windows go back to the snapshot (the blown-up norms leave the baselines); the account
