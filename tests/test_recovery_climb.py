@@ -50,6 +50,10 @@ def test_a_loss_that_triples_from_where_the_run_started_fires_with_its_evidence(
     ("case", "losses"),
     [
         ("a plateau at the first loss", [0.5 + 0.05 * math.sin(i) for i in range(300)]),
+        (
+            "an early spike the run came back from (RMSprop at a high LR)",
+            [0.673, 26.5, 144.6, 26.6, 11.0, 5.04, 1.035, 1.23, 0.0, 3.08, 0.18, 5.7, 0.35, 0.0, 0.9, 0.02, 0.85],
+        ),
         ("a run that learned, then rose far above its start", [2.3] * 5 + [0.5] * 20 + [9.0] * 40),
         ("a negative loss (a log-likelihood)", [-1.0 - 0.1 * i for i in range(50)]),
         ("a climb after the first 100 losses", [2.3] * CLIMB_HORIZON + [9.0] * 30),
@@ -146,6 +150,9 @@ def test_the_digits_mlp_at_ten_times_its_lr_is_rolled_back_to_its_start_and_then
     assert rollbacks and rollbacks[0].evidence["trigger"] == "loss_climb"
     assert rollbacks[0].evidence["restored_to"] == 0 and rollbacks[0].evidence["counted"] == 0
     assert rollbacks[0].evidence["lr_scale_before"] == 1.0 and rollbacks[0].evidence["lr_scale"] == 0.25
+    # the LR guard keeps the climb as evidence that the run's loss overshot (the restored detector had not seen it)
+    assert guard.engine.lr_guard is not None
+    assert guard.engine.lr_guard.state_dict()["peak_loss_ratio"] >= rollbacks[0].evidence["climb"] > 3.0
     with torch.no_grad():
         final = sum(float(loss_fn(model, b)) for b in val) / len(val)
     assert final < 1.0  # chance is 2.30: the run learned

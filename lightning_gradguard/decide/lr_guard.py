@@ -648,6 +648,13 @@ class LRGuard(ScaledLR):
             loss_before=None if losses is None else losses[0],
         )
 
+    def observe_overshoot(self, ratio: float) -> None:
+        """Record that the loss rose to ``ratio`` times where the run started, seen by someone else (recovery's loss
+        triggers, whose rollback discards the steps that showed it): evidence for the stall channel that the run's
+        LR threw its loss up (see ``STALL_OVERSHOOT_RATIO``)."""
+        if math.isfinite(ratio):
+            self._s.peak_loss_ratio = max(self._s.peak_loss_ratio, float(ratio))
+
     def force_reduction(self, factor: float | None = None) -> tuple[float, float]:
         """Lower the LR scale now, whatever the detector says (GradGuard calls it after a rollback).
 

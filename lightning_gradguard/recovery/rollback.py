@@ -341,9 +341,12 @@ class Recovery:
         self._last_slot = slot
         self._captures_since_rollback = 0
         self._declined = False
+        overshoot = _overshoot(decision)
         for e in engines:
             _load_own_state(e, saved.get(str(e.index)))
             e.counters.consecutive_skips = 0
+            if overshoot is not None and e.lr_guard is not None:
+                e.lr_guard.observe_overshoot(overshoot)
         lr_scale = engines[0].lr_guard.lr_scale if engines and engines[0].lr_guard is not None else 1.0
         before = after = lr_scale
         if cut:
@@ -433,6 +436,17 @@ def _own_state(engine: Engine) -> dict[str, Any]:
     if engine.diagnostics is not None:
         state["diagnostics"] = engine.diagnostics.state_dict()
     return state
+
+
+def _overshoot(decision: RollbackDecision) -> float | None:
+    """How far a loss trigger saw the loss above its reference (the start for a climb, the running level for a
+    runaway); ``None`` for the other triggers."""
+    evidence = decision.evidence
+    if decision.trigger == "loss_climb":
+        return float(evidence.get("climb", math.nan))
+    if decision.trigger == "loss_runaway" and float(evidence.get("median", 0.0)) > 0.0:
+        return float(evidence.get("loss", math.nan)) / float(evidence["median"])
+    return None
 
 
 def _load_own_state(engine: Engine, state: Mapping[str, Any] | None) -> None:

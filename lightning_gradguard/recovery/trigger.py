@@ -365,8 +365,10 @@ class RollbackTrigger:
             s.climb.clear()
 
     def climb(self) -> float | None:
-        """The loss-climb median over where the run started; ``None`` while the check has no full window, once the
-        run has learned, or when the start is not positive."""
+        """How far the loss climbed from where the run started: the lower of the median of the last
+        ``climb_steps`` losses and the median of their newer half, over the first loss; ``None`` while the check
+        has no full window, once the run has learned, after ``CLIMB_HORIZON`` losses, or when the first loss is
+        not positive."""
         s = self._s
         if not self.climb_steps or s.learned or s.climb_seen > CLIMB_HORIZON:
             return None
@@ -375,7 +377,10 @@ class RollbackTrigger:
         start = max(s.start)
         if not start > 0.0:
             return None
-        return statistics.median(v for _, v in s.climb) / start
+        values = [v for _, v in s.climb]
+        # The lower of the window's median and its newer half's: a loss that is still up there now, not an early
+        # spike the run already came back from (an RMSprop classifier at a high LR: 0.67 -> 145 -> 1.0 in 6 steps).
+        return min(statistics.median(values), statistics.median(values[len(values) // 2 :])) / start
 
     # ---------------------------------------------------------------- decision
 
@@ -538,9 +543,10 @@ class RollbackTrigger:
             start = max(self._s.start)
             evidence.update(climb=climb, start=start)
             return "loss_climb", (
-                f"the loss climbed from where the run started: median of the last {self.climb_steps} losses "
-                f"{climb * start:.4g}, {climb:.3g}x the start {start:.4g} (climb_ratio={self.climb_ratio:g}), on a "
-                "run that has not learned yet"
+                f"the loss climbed from where the run started: the medians of the last {self.climb_steps} losses "
+                f"and of the last {self.climb_steps - self.climb_steps // 2} are at least {climb * start:.4g}, "
+                f"{climb:.3g}x the first loss {start:.4g} (climb_ratio={self.climb_ratio:g}), on a run that has not "
+                "learned yet"
             )
         return None, ""
 
@@ -567,10 +573,8 @@ class RollbackTrigger:
         self._s.other_streaks.clear()
         self._s.recent.clear()
         self._set_losses([(s, v) for s, v in self._s.losses if s <= restored_to])
-        kept = [(s, v) for s, v in self._s.climb if s <= restored_to]
-        self._s.climb.clear()
-        self._s.climb.extend(kept)
-        self._s.climb_seen = len(kept)
+        self._s.climb.clear()  # the attempt from the restored snapshot is watched from its own first loss
+        self._s.climb_seen = 0
         return record
 
     def _error_message(self, step: int, trigger: str, what: str) -> str:
