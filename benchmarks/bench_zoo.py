@@ -565,10 +565,11 @@ def run_one(name: str, seed: int, method: str, steps: int | None = None) -> dict
 # -------------------------------------------------------------------------------------------- caching
 @cache
 def _package_hash() -> str:
-    """Hash of every package source file, docstrings ignored."""
+    """Hash of every package source file (subpackages included), docstrings ignored."""
     h = hashlib.sha256()
-    for path in sorted((_ROOT / "lightning_gradguard").glob("*.py")):
-        h.update(path.name.encode())
+    package = _ROOT / "lightning_gradguard"
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode())
         h.update(_code(path.read_text(encoding="utf-8")))
     return h.hexdigest()
 

@@ -536,7 +536,12 @@ class Engine:
         ratios = {layer: list(values) for layer, values in self.update_ratios.items()}
         n = UPDATE_WINDOW  # a verdict needs a full window: early steps move small fresh weights fast
         slow = [v for v in not_learning_verdicts(step, ratios, min_observations=n) if not self._scheduled_down(v.layer)]
-        found = lr_too_high_verdicts(step, ratios, min_observations=n) + slow
+        fast = lr_too_high_verdicts(step, ratios, min_observations=n)
+        if fast and self.lr_guard is not None and self.lr_guard.loss_improving():
+            # A layer that moves fast while the training loss still falls is learning fast: a tanh MLP on a plateau
+            # moves its small output layer by 10 % per step at a sane SGD LR as it starts to learn.
+            fast = []
+        found = fast + slow
         now = {(v.layer, v.kind) for v in found}
         for key in list(self.update_episodes):
             if key not in now:

@@ -648,6 +648,12 @@ class LRGuard(ScaledLR):
             loss_before=None if losses is None else losses[0],
         )
 
+    def loss_improving(self) -> bool | None:
+        """Whether the training loss still improves: the median of the last quarter of up to ``LOSS_HORIZON`` recent
+        losses is below the median of the first quarter (the gate of :meth:`update`); ``None`` with too few losses."""
+        losses = self._loss_medians()
+        return None if losses is None else losses[1] < losses[0]
+
     def observe_overshoot(self, ratio: float) -> None:
         """Record that the loss rose to ``ratio`` times where the run started, seen by someone else (recovery's loss
         triggers, whose rollback discards the steps that showed it): evidence for the stall channel that the run's
