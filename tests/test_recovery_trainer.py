@@ -97,7 +97,8 @@ def test_too_high_lr_diverging_in_the_first_steps_recovers() -> None:
     assert gg.rollbacks_total >= 1
     first = next(m for m in messages if "rollback 1/3" in m)
     restored = int(re.search(r"restored step (\d+)", first).group(1))  # type: ignore[union-attr]
-    assert "losses above" in first and restored < 8  # the loss ran away from its level; an early snapshot
+    # the loss ran away from its level, or climbed from its start (whichever check saw it first); an early snapshot
+    assert ("losses above" in first or "the loss climbed from where the run started" in first) and restored < 8
     assert max(losses[:15]) > 20 * losses[0]  # it did diverge within its first steps
     final = sum(losses[-20:]) / 20
     assert final < 0.05  # the noise floor is 0.01

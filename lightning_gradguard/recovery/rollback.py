@@ -108,6 +108,7 @@ class Recovery:
         self.snapshots: list[Snapshot] = []
         self.buffers: _BufferGuard | None = None
         self._failed: set[int] = set()  # slots whose restore was followed by a trigger before any new snapshot
+        self._retried: set[int] = set()  # slots given a second attempt after a loss trigger (the LR was cut)
         self._last_slot: int | None = None
         self._captures_since_rollback = 0
         self._declined = False
@@ -154,6 +155,7 @@ class Recovery:
         self.buffers = _BufferGuard(model)
         self.buffers.save()
         self._failed.clear()
+        self._retried.clear()
         self._last_slot = None
         self._captures_since_rollback = 0
         self._declined = False
@@ -205,10 +207,15 @@ class Recovery:
         above the threshold (a loss can climb for a while before it crosses it); failing that, the
         oldest slot.
         """
-        if self._last_slot is not None and self._captures_since_rollback == 0 and decision.trigger not in LOSS_TRIGGERS:
-            # Restored, and trouble came back before any new snapshot. A loss trigger's rollback cut the LR, so a
-            # new attempt from the same snapshot runs at a new LR: the snapshot has not failed.
-            self._failed.add(self._last_slot)
+        if self._last_slot is not None and self._captures_since_rollback == 0:
+            # Restored, and trouble came back before any new snapshot: the snapshot failed. Once, a loss trigger
+            # gets a second attempt from it: the rollback before cut the LR, so the attempt ran at a new LR (a
+            # loss that ran away at 30x its LR can climb again at 15x). A third time is not an LR's doing (a
+            # poisoned stretch of data met after every restore).
+            if decision.trigger in LOSS_TRIGGERS and self._last_slot not in self._retried:
+                self._retried.add(self._last_slot)
+            else:
+                self._failed.add(self._last_slot)
         first_bad = decision.step if decision.first_bad is None else decision.first_bad
         candidates = sorted(
             (
@@ -301,6 +308,7 @@ class Recovery:
             with _scheduler_lrs(engines):
                 self.snapshots[slot].capture(step, extra={"engines": {str(e.index): _own_state(e) for e in engines}})
             self._failed.discard(slot)
+            self._retried.discard(slot)
             self._captures_since_rollback += 1
         self._save_buffers(not state_bad or repaired)
         return outcome, None
@@ -393,7 +401,7 @@ class Recovery:
                 why = f"no snapshot from before step {decision.first_bad} left to restore"
             lr_text = ""
             if decision.trigger in LOSS_TRIGGERS:
-                scales = self._lower_lr(engines, decision.trigger)
+                scales = self._lower_lr(engines)  # one cut by the factor: the loss went up, the cause is open
                 if scales is not None:
                     lr_text = f", LR scale {scales[0]:.4g} -> {scales[1]:.4g}"
             message = (

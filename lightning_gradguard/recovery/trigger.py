@@ -30,9 +30,9 @@ Trigger = Literal["nonfinite_grad", "nonfinite_loss", "loss_runaway", "loss_clim
 TRIGGERS: tuple[str, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_runaway", "loss_climb", "nonfinite_state")
 #: The triggers that are evidence of a too-high LR: their rollback lowers it.
 LOSS_TRIGGERS: tuple[str, ...] = ("loss_runaway", "loss_climb")
-#: The losses whose largest is where a run started (the loss-climb check compares with it: the largest, so that one
-#: lucky low batch among them does not make an ordinary loss look like a climb).
-START_LOSSES = 1
+#: The losses whose median is where a run started (the loss-climb check compares with it: a median, so that one lucky
+#: low batch among them does not make an ordinary loss look like a climb).
+START_LOSSES = 3
 #: A run has learned once its loss-climb median fell below this fraction of where it started; the check then
 #: stops (a run that learned and diverges later meets the runaway check).
 CLIMB_LEARNED_RATIO = 0.5
@@ -197,7 +197,7 @@ class RollbackTrigger:
       them within steps. Losses above the threshold never enter the window, so a blow-up cannot
       drag the level up;
     * ``"loss_climb"``: a run that has not learned yet climbed away from where it started: the median of
-      its last ``climb_steps`` finite losses is above ``climb_ratio`` times the largest of its first
+      its last ``climb_steps`` finite losses is above ``climb_ratio`` times the median of its first
       ``START_LOSSES`` (3). An LR that is too high from the first step raises the loss steadily rather than
       in a jump (a 10-layer tanh MLP at 10x its SGD LR: 2.9 to 16-30 within 20 steps), and the runaway
       check's level climbs with it. On the outcomes benchmark the 10-step median of such runs (the MLP at
@@ -366,15 +366,15 @@ class RollbackTrigger:
 
     def climb(self) -> float | None:
         """How far the loss climbed from where the run started: the lower of the median of the last
-        ``climb_steps`` losses and the median of their newer half, over the first loss; ``None`` while the check
-        has no full window, once the run has learned, after ``CLIMB_HORIZON`` losses, or when the first loss is
-        not positive."""
+        ``climb_steps`` losses and the median of their newer half, over where the run started (the median of its
+        first ``START_LOSSES`` losses); ``None`` while the check has no full window, once the run has learned, after
+        ``CLIMB_HORIZON`` losses, or when the start is not positive."""
         s = self._s
         if not self.climb_steps or s.learned or s.climb_seen > CLIMB_HORIZON:
             return None
         if len(s.start) < START_LOSSES or len(s.climb) < self.climb_steps:
             return None
-        start = max(s.start)
+        start = statistics.median(s.start)
         if not start > 0.0:
             return None
         values = [v for _, v in s.climb]
@@ -445,7 +445,9 @@ class RollbackTrigger:
         elif trigger == "nonfinite_loss":
             first_bad = step - self._s.nonfinite_loss_streak + 1
         elif trigger == "loss_climb":
-            first_bad = self._s.climb[0][0]
+            # the first loss of the window above where the run started (the steps of the start are good)
+            start = statistics.median(self._s.start)
+            first_bad = next((s for s, v in self._s.climb if v > start), self._s.climb[0][0])
         else:
             first_bad = min((s for s, above in self._s.recent if above), default=step)
         return self.fire(step, trigger, what, evidence, first_bad)
@@ -540,13 +542,13 @@ class RollbackTrigger:
             )
         climb = self.climb()
         if climb is not None and climb > self.climb_ratio:
-            start = max(self._s.start)
+            start = statistics.median(self._s.start)
             evidence.update(climb=climb, start=start)
             return "loss_climb", (
                 f"the loss climbed from where the run started: the medians of the last {self.climb_steps} losses "
                 f"and of the last {self.climb_steps - self.climb_steps // 2} are at least {climb * start:.4g}, "
-                f"{climb:.3g}x the first loss {start:.4g} (climb_ratio={self.climb_ratio:g}), on a run that has not "
-                "learned yet"
+                f"{climb:.3g}x where the run started, {start:.4g} (climb_ratio={self.climb_ratio:g}), on a run "
+                "that has not learned yet"
             )
         return None, ""
 
