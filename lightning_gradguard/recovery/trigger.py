@@ -197,7 +197,8 @@ class RollbackTrigger:
       them within steps. Losses above the threshold never enter the window, so a blow-up cannot
       drag the level up;
     * ``"loss_climb"``: a run that has not learned yet climbed away from where it started: the median of
-      its last ``climb_steps`` finite losses is above ``climb_ratio`` times the median of its first
+      its last ``climb_steps`` finite losses, and that of their newer half (so that an early spike the run
+      already came back from does not count), are above ``climb_ratio`` times the median of its first
       ``START_LOSSES`` (3). An LR that is too high from the first step raises the loss steadily rather than
       in a jump (a 10-layer tanh MLP at 10x its SGD LR: 2.9 to 16-30 within 20 steps), and the runaway
       check's level climbs with it. On the outcomes benchmark the 10-step median of such runs (the MLP at
