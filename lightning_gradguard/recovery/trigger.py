@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from lightning_gradguard._checks import check_int, is_number, python_scalar
 from lightning_gradguard._state import config_text, constructor_config
+from lightning_gradguard.decide.lr_guard import START_LOSS_STEPS
 from lightning_gradguard.errors import RecoveryError
 
 __all__ = ["TRIGGERS", "RecoveryError", "RollbackDecision", "RollbackRecord", "RollbackTrigger", "TriggerState"]
@@ -30,9 +31,6 @@ Trigger = Literal["nonfinite_grad", "nonfinite_loss", "loss_runaway", "loss_clim
 TRIGGERS: tuple[str, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_runaway", "loss_climb", "nonfinite_state")
 #: The triggers that are evidence of a too-high LR: their rollback lowers it.
 LOSS_TRIGGERS: tuple[str, ...] = ("loss_runaway", "loss_climb")
-#: The losses whose median is where a run started (the loss-climb check compares with it: a median, so that one lucky
-#: low batch among them does not make an ordinary loss look like a climb).
-START_LOSSES = 3
 #: A run has learned once its loss-climb median fell below this fraction of where it started; the check then
 #: stops (a run that learned and diverges later meets the runaway check).
 CLIMB_LEARNED_RATIO = 0.5
@@ -100,7 +98,7 @@ class TriggerState:
         nonfinite_streak: consecutive steps with non-finite gradients (optimizer 0).
         nonfinite_loss_streak: consecutive steps with a non-finite loss.
         other_streaks: the non-finite streaks of the other optimizers, by index.
-        start: the first ``START_LOSSES`` finite losses of the run (where it started).
+        start: the first ``START_LOSS_STEPS`` finite losses of the run (where it started).
         climb: ``(step, loss)`` of the last ``climb_steps`` finite losses (the loss-climb check).
         learned: the median of ``climb`` fell below ``CLIMB_LEARNED_RATIO`` of the start once (the check is off).
         climb_seen: finite losses observed since the run started or the last rollback (the check stops at
@@ -199,7 +197,7 @@ class RollbackTrigger:
     * ``"loss_climb"``: a run that has not learned yet climbed away from where it started: the median of
       its last ``climb_steps`` finite losses, and that of their newer half (so that an early spike the run
       already came back from does not count), are above ``climb_ratio`` times the median of its first
-      ``START_LOSSES`` (3). An LR that is too high from the first step raises the loss steadily rather than
+      ``START_LOSS_STEPS`` (3). An LR that is too high from the first step raises the loss steadily rather than
       in a jump (a 10-layer tanh MLP at 10x its SGD LR: 2.9 to 16-30 within 20 steps), and the runaway
       check's level climbs with it. On the outcomes benchmark the 10-step median of such runs (the MLP at
       10x and 30x, a tanh RNN at 30x) reached 6.4-11.5x the start; every other run and every configuration
@@ -351,29 +349,32 @@ class RollbackTrigger:
     def _runaway_count(self) -> int:
         return sum(1 for _, above in self._s.recent if above)
 
-    def _observe_climb(self, step: int, loss: float) -> None:
-        """Record a finite loss for the loss-climb check (and the start, from the first ones)."""
+    def _observe_climb(self, step: int, loss: float) -> float | None:
+        """Record a finite loss for the loss-climb check (and the start, from the first ones); returns :meth:`climb`
+        after it."""
         s = self._s
-        if len(s.start) < START_LOSSES:
+        if len(s.start) < START_LOSS_STEPS:
             s.start.append(loss)
         s.climb_seen += 1
         if s.learned:
-            return
+            return None
         s.climb.append((step, loss))
         ratio = self.climb()
         if ratio is not None and ratio < CLIMB_LEARNED_RATIO:
             s.learned = True
             s.climb.clear()
+            return None
+        return ratio
 
     def climb(self) -> float | None:
         """How far the loss climbed from where the run started: the lower of the median of the last
         ``climb_steps`` losses and the median of their newer half, over where the run started (the median of its
-        first ``START_LOSSES`` losses); ``None`` while the check has no full window, once the run has learned, after
+        first ``START_LOSS_STEPS`` losses); ``None`` while the check has no full window, once the run has learned, after
         ``CLIMB_HORIZON`` losses, or when the start is not positive."""
         s = self._s
         if not self.climb_steps or s.learned or s.climb_seen > CLIMB_HORIZON:
             return None
-        if len(s.start) < START_LOSSES or len(s.climb) < self.climb_steps:
+        if len(s.start) < START_LOSS_STEPS or len(s.climb) < self.climb_steps:
             return None
         start = statistics.median(s.start)
         if not start > 0.0:
@@ -412,9 +413,11 @@ class RollbackTrigger:
         self._s.nonfinite_loss_streak = 0 if loss_finite else self._s.nonfinite_loss_streak + 1
         above = False
         level: tuple[float, float, float] | None = None
+        if self.climb_steps and loss is not None and loss_finite:
+            climb = self._observe_climb(step, float(loss))
+        else:
+            climb = self.climb()  # no new loss: what the last one left
         if loss is not None and loss_finite:
-            if self.climb_steps:
-                self._observe_climb(step, float(loss))
             above = self._is_above(float(loss))
             if above:
                 level = self.level()  # the evidence: median, MAD, threshold
@@ -435,10 +438,9 @@ class RollbackTrigger:
         if above and level is not None:
             evidence.update(median=level[0], mad=level[1], threshold=level[2])
 
-        trigger, what = self._fired(loss, n_above, level, evidence)
+        trigger, what = self._fired(loss, n_above, level, climb, evidence)
         if trigger is None:
             healthy = loss_finite and not nonfinite and not skipped and n_above == 0 and not self._others_bad()
-            climb = self.climb()
             healthy = healthy and (climb is None or climb <= (1.0 + self.climb_ratio) / 2)
             return RollbackDecision(step=step, evidence=evidence, snapshot_ok=healthy)
         if trigger == "nonfinite_grad":
@@ -528,9 +530,11 @@ class RollbackTrigger:
         loss: float | None,
         n_above: int,
         level: tuple[float, float, float] | None,
+        climb: float | None,
         evidence: dict[str, float | int | str],
     ) -> tuple[Trigger | None, str]:
-        """The trigger that fires now (``None`` if none) and what it saw; a runaway adds its level to ``evidence``."""
+        """The trigger that fires now (``None`` if none) and what it saw (``climb``: :meth:`climb` now); a runaway or a
+        climb adds its figures to ``evidence``."""
         if 0 < self.nonfinite_steps <= self._s.nonfinite_streak:
             return "nonfinite_grad", f"non-finite gradients on {self._s.nonfinite_streak} consecutive steps"
         if 0 < self.nonfinite_loss_steps <= self._s.nonfinite_loss_streak:
@@ -541,7 +545,6 @@ class RollbackTrigger:
                 f"loss {_fmt(loss)}: {n_above} of the last {self.runaway_steps} losses above {level[2]:.4g} "
                 f"(running median {level[0]:.4g}, MAD {level[1]:.3g})"
             )
-        climb = self.climb()
         if climb is not None and climb > self.climb_ratio:
             start = statistics.median(self._s.start)
             evidence.update(climb=climb, start=start)
